@@ -1,0 +1,261 @@
+"""Every setting as a dataclass; YAML files plus `--section.field=value` command-line overrides.
+
+    cfg = load_config("examples/tiny/config.yaml", ["--student.num_layers=4", "--tensor-model-parallel-size", "2"])
+
+Unknown sections or fields and values of the wrong type raise `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mgsr_megatron.errors import UserError
+
+ARCHITECTURES = ("llama", "gpt2", "opt")
+
+
+@dataclass
+class ModelConfig:
+    """One GPTModel (teacher or student). `vocab_size` is the TRUE vocabulary size."""
+
+    arch: str = "llama"  # llama (also Mistral/Qwen2 without sliding window) | gpt2 | opt
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int | None = None  # default: 4*hidden (gpt2/opt), 8/3*hidden rounded to 64 (llama)
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups (llama); None = multi-head attention
+    kv_channels: int | None = None  # head dim; default hidden/heads
+    vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 128  # padded size is TP-independent (see models/builder.py)
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama-3 style scaling factor (None = off)
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False  # Qwen2
+    tie_embeddings: bool | None = None  # default per arch: gpt2/opt tied, llama untied
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    load: str | None = None  # checkpoint directory to load weights from (required for the teacher)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    seed: int = 1234
+    distributed_timeout_minutes: int = 10
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None  # JSONL or preprocessed prefix
+    valid_path: str | None = None
+    format: str = "auto"  # auto | dolly | alpaca | prompt_response | messages
+    tokenizer: str | None = None  # SentencePiece .model or HF tokenizer directory
+    prompt_template: str = "{instruction}\n\n{input}\n\n### Response:\n"
+    max_prompt_length: int = 256
+    max_length: int = 512
+    overlong_policy: str = "drop"  # drop | truncate
+    span_extractor: str = "phrase"  # phrase | nltk | window:N | word
+    valid_fraction: float = 0.05
+    split_seed: int = 1234
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class MGSRConfig:
+    w_sft: float = 1.0
+    w_dac: float = 1.0
+    w_span: float = 1.0
+    temperature: float = 1.0
+    # DAC-KL (method.md §2)
+    dac_mode: str = "learned"  # learned | fixed | off
+    band_norm: str = "tail_bucket"  # tail_bucket | renormalize
+    k_feat: int = 64
+    k_band: int = 256
+    rho: float = 0.8
+    kappa: float = 0.01
+    clipnet_hidden: int = 128
+    fixed_l: float = 0.0
+    fixed_u: float = 0.95
+    # span loss (method.md §3)
+    span_distance: str = "kl_normalised"  # kl_normalised | l1 | l2
+    # SCRG (method.md §1)
+    scrg_rounds: int = 1
+    scrg_divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    scrg_delta: float = 0.0
+    scrg_teacher_token: str = "greedy"  # greedy | sampled
+    max_new_tokens: int = 256
+    # data schedule
+    data_schedule: str = "off_policy"  # off_policy | on_policy | ground_truth | seqkd
+    replay_capacity: int = 1000
+    init_threshold: float = 0.0
+    loss_eps: float = 0.1
+    on_policy_lambda: float = 0.5
+    sft_on_generated: bool = False
+    loss_chunk_tokens: int = 1024
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True  # CUDA only; CPU uses a plain AdamW
+
+
+@dataclass
+class ScheduleConfig:
+    train_iters: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seq_length: int = 512
+    lr_warmup_iters: int = 10
+    lr_decay_style: str = "cosine"
+    eval_interval: int = 50
+    eval_iters: int = 10
+    max_nan_steps: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    save_interval: int = 100
+    resume: str = "none"  # none | auto | <path>
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, hidden_size=128))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mgsr: MGSRConfig = field(default_factory=MGSRConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Megatron-LM's familiar flags, mapped onto config keys.
+MEGATRON_FLAGS = {
+    "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
+    "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
+}
+
+
+def _coerce(value, annotation, key: str):
+    """Check `value` against a field annotation (int|None, float, str, bool); ints are valid floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise UserError(f"config key '{key}': expected true/false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise UserError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _section_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def apply_dict(cfg: Config, data: dict, source: str) -> None:
+    """Apply a nested mapping {section: {field: value}} to `cfg`, validating every key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections = _section_types(Config)
+    for section_name, values in data.items():
+        if section_name not in sections:
+            raise UserError(f"{source}: unknown config section '{section_name}' "
+                            f"(known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section '{section_name}' must be a mapping")
+        section = getattr(cfg, section_name)
+        fields = _section_types(type(section))
+        for name, value in values.items():
+            key = f"{section_name}.{name}"
+            if name not in fields:
+                raise UserError(f"{source}: unknown config key '{key}'")
+            setattr(section, name, _coerce(value, fields[name], f"{source}: {key}" if source else key))
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """['--a.b=1', '--c.d', 'x', '--tensor-model-parallel-size', '2'] -> {'a': {'b': 1}, 'c': {'d': 'x'}, ...}."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument '{arg}' (overrides look like --section.field=value)")
+        name, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"flag '{arg}' needs a value")
+            raw = argv[i + 1]
+            i += 1
+        i += 1
+        key = MEGATRON_FLAGS.get("--" + name, name)
+        if "." not in key:
+            raise UserError(f"unknown flag '--{name}' (overrides look like --section.field=value)")
+        section, _, fieldname = key.partition(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[fieldname] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        apply_dict(cfg, data, str(path))
+    if overrides:
+        apply_dict(cfg, parse_overrides(overrides), "command line")
+    return cfg

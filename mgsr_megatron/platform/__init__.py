@@ -1,0 +1,65 @@
+"""Device and backend choice, and the CPU adapter for Megatron-Core's hard-coded CUDA calls.
+
+Everything device-specific lives in this package: the rest of the code asks `device()` and
+`backend()` and never touches `torch.cuda` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgsr_megatron.platform import cpu
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend() -> str:
+    """Process-group backend: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def device() -> torch.device:
+    """The device this rank computes on (the current CUDA device, else the CPU)."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_local_device(local_rank: int) -> None:
+    """Bind this process to its GPU (no-op on CPU)."""
+    if cuda_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
+def activate() -> None:
+    """Make Megatron-Core usable on this machine: a no-op with CUDA, the CPU adapter without."""
+    if not cuda_available():
+        cpu.activate()
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Megatron's model-parallel RNG tracker seeding (CUDA generator on GPU, CPU generator otherwise)."""
+    from megatron.core import tensor_parallel
+
+    if cuda_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu.model_parallel_cpu_manual_seed(seed)
+
+
+def synchronize() -> None:
+    if cuda_available():
+        torch.cuda.synchronize()
+
+
+def max_memory_allocated() -> int:
+    """Peak bytes allocated on the accelerator (0 on CPU; the CPU peak comes from the OS)."""
+    if cuda_available():
+        return torch.cuda.max_memory_allocated()
+    return 0
+
+
+def bf16_supported() -> bool:
+    return cuda_available() and torch.cuda.is_bf16_supported()

@@ -1,0 +1,192 @@
+"""The one place that adapts Megatron-Core 0.16.1's hard-coded CUDA calls to the CPU.
+
+Megatron-Core assumes CUDA in ~570 places (`device="cuda"` in the pipeline schedules and masks,
+`torch.cuda.current_device()` for buffers, the CUDA RNG tracker, `torch.cuda.synchronize` in p2p
+and inference communication). Without CUDA, `activate()` installs three things, once per process:
+
+1. `CudaToCpuMode`, a `TorchFunctionMode` that rewrites any `device` argument naming CUDA to the
+   CPU and turns `Tensor.cuda()` into a no-op;
+2. no-op stubs for the `torch.cuda` calls that only manage devices and streams
+   (`current_device` answers "cpu" so `device=torch.cuda.current_device()` lands on the CPU);
+3. a CPU RNG tracker in place of `CudaRNGStatesTracker` (same names, same seeding rule).
+
+It is never active on a CUDA machine. `check_megatron_compat()` verifies the Megatron functions
+this module relies on still exist, so an upgrade fails loudly in the tests instead of silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+_MODE: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirects CUDA placement requests of Megatron-Core to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, _stream):
+        pass
+
+    def wait_event(self, _event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, _stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, _stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, _other):
+        return 0.0
+
+
+def _cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """Megatron's RNG tracker over the CPU generator: `fork(name)` swaps the CPU RNG state."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = _cpu_tracker_class()()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def model_parallel_cpu_manual_seed(seed: int) -> None:
+    """CPU twin of `model_parallel_cuda_manual_seed`: the same three named states and offsets."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    _install_rng_tracker()
+    tracker = mp_random._CUDA_RNG_STATE_TRACKER
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    torch.manual_seed(seed)
+    tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def _install_cuda_stubs() -> None:
+    stubs = {
+        "current_device": lambda: "cpu",
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "current_stream": lambda *a, **k: _NullStream(),
+        "default_stream": lambda *a, **k: _NullStream(),
+        "Stream": lambda *a, **k: _NullStream(),
+        "Event": _NullEvent,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "set_device": lambda *a, **k: None,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+        "manual_seed": lambda seed: None,
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+    }
+    for name, stub in stubs.items():
+        setattr(torch.cuda, name, stub)
+
+
+def check_megatron_compat() -> None:
+    """Fail loudly if Megatron-Core no longer has what this adapter replaces."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    required = ["CudaRNGStatesTracker", "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
+                "_MODEL_PARALLEL_RNG_TRACKER_NAME", "_DATA_PARALLEL_RNG_TRACKER_NAME",
+                "_EXPERT_PARALLEL_RNG_TRACKER_NAME", "get_cuda_rng_tracker"]
+    missing = [name for name in required if not hasattr(mp_random, name)]
+    if missing:
+        import megatron.core
+
+        raise RuntimeError(
+            f"mgsr_megatron.platform.cpu supports megatron-core 0.16.1; megatron-core "
+            f"{megatron.core.__version__} lacks {missing}: update the CPU adapter"
+        )
+
+
+def activate() -> None:
+    """Install the adapter (idempotent). Only called when CUDA is absent."""
+    global _ACTIVE, _MODE
+    if _ACTIVE:
+        return
+    assert not torch.cuda.is_available(), "the CPU adapter must not be used on a CUDA machine"
+    check_megatron_compat()
+    _install_cuda_stubs()
+    _install_rng_tracker()
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    _ACTIVE = True
+
+
+def is_active() -> bool:
+    return _ACTIVE

@@ -1,0 +1,233 @@
+"""Batched, KV-cached autoregressive generation for Megatron-Core GPTModels under TP and PP.
+
+    out = generate(model, [[5, 17, 3], [9, 2]], max_new_tokens=32, eos_id=2, vocab_size=250, seed=1)
+    out.tokens            [b, L] int64, right-padded with `pad_id` (default: eos_id)
+    out.prompt_lengths    [b]
+    out.response_lengths  [b]  generated tokens per row, the EOS included when one was produced
+
+The result is identical on every rank of the model's TP and PP groups (DP replicas generate for their
+own prompts; give them different seeds).
+
+How it works (megatron-core 0.16.1, `StaticInferenceContext`): the cache has ONE sequence offset for
+the whole batch, so rows move in lock-step, one position per forward pass. Position t of every row
+is either *fixed* (a prompt token, or in SCRG a kept/corrected token: `t < fixed_lengths[row]`) or
+*sampled*. The first pass prefills every position all rows know (`[cache_valid, min fixed)`), then
+each decode pass feeds one column; a row whose token at the next position is fixed gets it forced.
+A row is finished when its last response token is EOS or it has `max_new_tokens` response tokens;
+the loop stops when all rows are.
+
+Under PP the first stage embeds, hidden states [s, b, h] travel stage to stage (blocking p2p), and
+the last stage's sampled column is broadcast to every stage of the pipeline. Under TP the model
+returns decode-step logits gathered over the vocabulary (Megatron asserts this in inference mode),
+and every TP rank takes the same sample from the same logits (sampling.py).
+
+Noise of sampled tokens depends on (seed, absolute position, row, vocabulary id) only: regenerating
+with or without a reused cache gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.generation.sampling import sample
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # [b, L] int64, right-padded with pad_id
+    prompt_lengths: torch.Tensor  # [b] int64
+    response_lengths: torch.Tensor  # [b] int64 (EOS counted when produced)
+    # the student's KV cache after generation (SCRG regenerates from it); not part of the result
+    stepper: "PipelineStepper | None" = field(default=None, repr=False, compare=False)
+
+    def responses(self) -> list[list[int]]:
+        return [self.tokens[r, p:p + n].tolist()
+                for r, (p, n) in enumerate(zip(self.prompt_lengths.tolist(), self.response_lengths.tolist()))]
+
+
+@dataclass
+class SamplingOptions:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise UserError(f"generation temperature must be > 0 (got {self.temperature}); use greedy=True")
+        if self.top_k < 0:
+            raise UserError(f"generation top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"generation top_p must be in (0, 1], got {self.top_p}")
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers (they keep it in `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def context_limit(model) -> int:
+    """Positions the model can attend over (max_position_embeddings)."""
+    return int(_unwrap(model).max_sequence_length)
+
+
+def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_size: int) -> None:
+    """Bad input -> UserError naming the value and the limit, before any forward pass."""
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise UserError("generate: no prompts given (expected a non-empty list of token-id lists)")
+    limit = context_limit(model)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size:
+        raise UserError(f"generate: eos_id {eos_id!r} is outside the vocabulary [0, {vocab_size})")
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise UserError(f"generate: prompt {row} is empty (every prompt needs at least one token)")
+        if len(prompt) > limit:
+            raise UserError(f"generate: prompt {row} has {len(prompt)} tokens, longer than the model's "
+                            f"context of {limit} positions (max_position_embeddings)")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise UserError(f"generate: prompt {row} has token id {bad[0]!r} outside the vocabulary "
+                            f"[0, {vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > limit:
+        raise UserError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                        f"{longest + max_new_tokens} overflows the model's {limit} position embeddings "
+                        f"(max_position_embeddings); lower max_new_tokens to {limit - longest} or less")
+
+
+class PipelineStepper:
+    """One forward pass of new token columns through all stages, with the model's KV cache.
+
+    Owns the `StaticInferenceContext`. `forward(tokens[b, s], offset)` writes the cache at positions
+    [offset, offset + s) (earlier positions must already hold this batch's keys and values) and
+    returns, on the last stage, the gathered logits [b, V_padded] of the last column (None elsewhere).
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        from megatron.core import parallel_state
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model = model
+        self.gpt = _unwrap(model)
+        self.batch_size = batch_size
+        self.context = StaticInferenceContext(batch_size, max_length)
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+        self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+        self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        self.hidden = self.gpt.config.hidden_size
+        self.dtype = self.gpt.config.pipeline_dtype or self.gpt.config.params_dtype
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, offset: int) -> torch.Tensor | None:
+        b, s = tokens.shape
+        self.context.sequence_len_offset = offset
+        # Megatron switches its causal mask off once the offset is > 0 (and asserts sq == sk without
+        # a mask), so pass the causal mask over [cached + new] keys explicitly: True = masked.
+        query_pos = torch.arange(offset, offset + s, device=tokens.device).unsqueeze(-1)
+        key_pos = torch.arange(offset + s, device=tokens.device).unsqueeze(0)
+        mask = (key_pos > query_pos).view(1, 1, s, offset + s)
+        positions = torch.arange(offset, offset + s, device=tokens.device).unsqueeze(0).expand(b, s)
+        if not self.first:
+            received = torch.empty(s, b, self.hidden, dtype=self.dtype, device=tokens.device)
+            dist.recv(received, src=self.prev_rank, group=None)
+            self.gpt.set_input_tensor(received)
+        output = self.model(tokens if self.first else None, positions, mask,
+                            inference_context=self.context, runtime_gather_output=True)
+        self.context.increment_sequence_len_offset(s)
+        if not self.last:
+            dist.send(output.contiguous(), dst=self.next_rank)
+            return None
+        return output[:, -1, :]  # [b, V_padded] (only the last column is materialised)
+
+    def broadcast_column(self, column: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's int64 column [b] on every stage of this pipeline."""
+        if self.pp_size == 1:
+            return column
+        if column is None:
+            column = torch.empty(self.batch_size, dtype=torch.int64)
+        dist.broadcast(column, src=self.last_rank, group=self.pp_group)
+        return column
+
+
+def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+           fixed_lengths: torch.Tensor, cache_valid: int, *, max_new_tokens: int, eos_id: int,
+           vocab_size: int, options: SamplingOptions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
+    must hold this batch's keys/values for positions < cache_valid. Returns (tokens [b, L], response lengths)."""
+    b = tokens.shape[0]
+    end = prompt_lengths + max_new_tokens  # exclusive end position of each row's response
+    total = int(end.max())
+    buffer = torch.full((b, total), pad_id, dtype=torch.int64)
+    width = min(tokens.shape[1], total)
+    buffer[:, :width] = tokens[:, :width]
+    fixed_lengths = torch.minimum(fixed_lengths, end)
+    rows = torch.arange(b)
+    finished = torch.zeros(b, dtype=torch.bool)
+    lengths = torch.zeros(b, dtype=torch.int64)
+
+    def close_rows(position: int) -> None:
+        """Update finished/lengths after the tokens at `position` are settled."""
+        in_response = (position >= prompt_lengths) & ~finished
+        stop = in_response & ((buffer[:, position] == eos_id) | (position + 1 >= end))
+        lengths[stop] = position + 1 - prompt_lengths[stop]
+        finished[stop] = True
+
+    # rows whose fixed tokens already end in EOS / fill the budget are finished before any pass
+    start = int(fixed_lengths.min())
+    for position in range(int(prompt_lengths.min()), start):
+        close_rows(position)
+    position = start  # the next position to settle
+    offset = cache_valid
+    tp_noise = dict(vocab_size=vocab_size, greedy=options.greedy, temperature=options.temperature,
+                    top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    while position < total and not bool(finished.all()):
+        logits = stepper.forward(buffer[:, offset:position], offset)
+        offset = position
+        column = None
+        if logits is not None:
+            column = sample(logits, step=position, rows=rows, **tp_noise)
+        column = stepper.broadcast_column(column)
+        sampled = (position >= fixed_lengths) & ~finished
+        buffer[:, position] = torch.where(sampled, column, buffer[:, position])
+        buffer[finished, position] = pad_id
+        close_rows(position)
+        position += 1
+    # rows still open when the loop ended at `total` were closed by the budget in close_rows
+    return buffer[:, :position], lengths
+
+
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,
+             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, pad_id: int | None = None) -> GenerationOutput:
+    """Generate a response per prompt (see the module docstring). The model is put in eval mode."""
+    check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
+    options = SamplingOptions(greedy, temperature, top_k, top_p, seed)
+    options.check()
+    pad_id = eos_id if pad_id is None else pad_id
+    was_training = model.training
+    model.eval()
+    try:
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        tokens = torch.full((len(prompts), int(prompt_lengths.max())), pad_id, dtype=torch.int64)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+        stepper = PipelineStepper(model, len(prompts), int(prompt_lengths.max()) + max_new_tokens)
+        out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
+                                     max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
+                                     options=options, pad_id=pad_id)
+    finally:
+        model.train(was_training)
+    return GenerationOutput(out_tokens, prompt_lengths, lengths, stepper)

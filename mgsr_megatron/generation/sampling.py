@@ -1,0 +1,172 @@
+"""Token choice on vocab-parallel or gathered logits: greedy, temperature, top-k, top-p (Gumbel-max).
+
+Every function takes logits whose last dimension is a contiguous slice of the padded vocabulary
+starting at global id `vocab_start` (the whole padded vocabulary when `vocab_start=0` and
+`tp_group=None`: gathered logits). With a TP group the functions reduce over it and return the
+same result on every rank of the group, and the same result as on the gathered logits:
+
+    greedy    t = argmax_v l_v                              (ties: the smallest global id)
+    sampled   t = argmax_v ( l_v / T + g(seed, step, row, v) )       over the kept set
+
+where g = -log(-log u) is Gumbel noise with u drawn by a counter-based hash of
+(seed, step, row, GLOBAL vocabulary id): the noise at a vocabulary entry does not depend on which
+shard holds it, so the sample is identical at TP = 1, 2, 4 and between vocab-parallel and gathered
+logits. By the Gumbel-max trick, P(t = v) = softmax(l / T)_v restricted to the kept set.
+
+Kept set (HF's order: temperature, then top-k, then top-p; padded ids >= vocab_size never kept):
+    top-k     l_v >= the k-th largest logit (ties at the k-th value are all kept)
+    top-p     p = softmax(l / T over the top-k set); v kept iff sum_{u: p_u > p_v} p_u < top_p
+              (the smallest head of the distribution whose mass reaches top_p). Vocab-parallel this
+              is found by bisection on the probability threshold: one all-reduce of [rows] numbers
+              per iteration, never the vocabulary.
+Communication per call under TP: greedy/sampled one all-gather of (value, id) per row; top-k one
+all-gather of k values per row; top-p two all-reduces plus one per bisection step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_MASK32 = 0xFFFFFFFF
+TOP_P_BISECTION_STEPS = 52  # resolution 2^-52 of the top probability: below float32's spacing
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" finaliser) on int64 tensors holding values in [0, 2^32).
+
+    The products overflow int64 for large inputs; two's-complement wrap-around keeps the low 32 bits
+    exact, which is all the hash needs.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: int, step: int, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1) as float64, shape [len(rows), len(vocab_ids)], a pure function of its arguments.
+
+    `step` may also be a tensor of shape [rows] (one step per row, as in whole-sequence scoring).
+    """
+    rows = rows.to(torch.int64).unsqueeze(-1)
+    vocab_ids = vocab_ids.to(torch.int64).unsqueeze(0)
+    step = torch.as_tensor(step, dtype=torch.int64, device=rows.device)
+    if step.dim() == 1:
+        step = step.unsqueeze(-1)
+    h = _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64, device=rows.device) ^ 0x9E3779B9)
+    h = _mix32(h ^ (step & _MASK32))
+    h = _mix32(h ^ (rows & _MASK32))
+    h = _mix32(h ^ (vocab_ids & _MASK32))
+    # a second, independent word for 53 bits of resolution (float64 mantissa)
+    h2 = _mix32(h ^ 0x85EBCA6B)
+    bits53 = (h << 21) | (h2 >> 11)
+    return (bits53.to(torch.float64) + 0.5) / float(1 << 53)
+
+
+def gumbel_noise(seed: int, step, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(uniform_noise(seed, step, rows, vocab_ids)))
+
+
+def _tp_size(tp_group) -> int:
+    return 1 if tp_group is None else dist.get_world_size(tp_group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, tp_group) -> torch.Tensor:
+    if _tp_size(tp_group) > 1:
+        dist.all_reduce(tensor, op=op, group=tp_group)
+    return tensor
+
+
+def _all_gather_last(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """[..., n] per rank -> [..., n * TP] in rank order."""
+    if _tp_size(tp_group) == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(_tp_size(tp_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def mask_padded(scores: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """-inf at global ids >= vocab_size (out of place)."""
+    width = scores.shape[-1]
+    if vocab_start + width <= vocab_size:
+        return scores
+    ids = torch.arange(vocab_start, vocab_start + width, device=scores.device)
+    return scores.masked_fill(ids >= vocab_size, float("-inf"))
+
+
+def parallel_argmax(scores: torch.Tensor, vocab_start: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (max value, smallest global id reaching it) over the last dimension. [..., V/TP] -> [...]."""
+    local_value, local_index = scores.max(dim=-1)  # first occurrence of the max on this shard
+    global_index = local_index + vocab_start
+    if _tp_size(tp_group) == 1:
+        return local_value, global_index
+    values = _all_gather_last(local_value.unsqueeze(-1), tp_group)  # [..., TP], rank order = id order
+    indices = _all_gather_last(global_index.unsqueeze(-1), tp_group)
+    best_value, best_rank = values.max(dim=-1)  # first rank with the max: its ids are the smallest
+    return best_value, indices.gather(-1, best_rank.unsqueeze(-1)).squeeze(-1)
+
+
+def _top_k_filter(scores: torch.Tensor, top_k: int, tp_group) -> torch.Tensor:
+    """Keep entries >= the k-th largest value of the row (over all shards)."""
+    local_k = min(top_k, scores.shape[-1])
+    candidates = _all_gather_last(scores.topk(local_k, dim=-1).values, tp_group)
+    kth = candidates.topk(min(top_k, candidates.shape[-1]), dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float, tp_group) -> torch.Tensor:
+    """Keep v iff the mass of strictly more probable entries is < top_p (bisection, see module doc)."""
+    scores64 = scores.to(torch.float64)
+    row_max = _all_reduce(scores64.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, tp_group)
+    exp = torch.exp(scores64 - row_max)
+    probs = exp / _all_reduce(exp.sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, tp_group)
+    # invariant: mass(p > lo) >= top_p, mass(p > hi) < top_p. hi = top probability: mass above is 0.
+    lo = torch.zeros_like(row_max)
+    hi = _all_reduce(probs.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, tp_group)
+    for _ in range(TOP_P_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        mass = _all_reduce(torch.where(probs > mid, probs, 0.0).sum(dim=-1, keepdim=True),
+                           dist.ReduceOp.SUM, tp_group)
+        reaches = mass >= top_p
+        lo = torch.where(reaches, mid, lo)
+        hi = torch.where(reaches, hi, mid)
+    # every v with p_v >= hi has mass(> p_v) <= mass(> hi) < top_p: kept. Entries in (lo, hi) are
+    # closer together than float32 logits can express, so none is left undecided.
+    return scores.masked_fill(probs < hi, float("-inf"))
+
+
+def sample(logits: torch.Tensor, *, vocab_size: int, vocab_start: int = 0, tp_group=None,
+           greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           seed: int = 0, step=0, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row. logits [rows, V_slice] (any float dtype) -> global token ids [rows].
+
+    `step` (int, or a tensor [rows]) and `rows` (the row numbers, default 0..rows-1) index the noise;
+    the generator passes the absolute position of the token being sampled as `step`, so a sample
+    does not depend on how many forward passes (cache or not) led to it.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample expects logits [rows, vocab], got shape {tuple(logits.shape)}")
+    scores = mask_padded(logits.float(), vocab_size, vocab_start)
+    if greedy:
+        return parallel_argmax(scores, vocab_start, tp_group)[1]
+    scores = scores / temperature
+    if top_k > 0:
+        scores = _top_k_filter(scores, top_k, tp_group)
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p, tp_group)
+    if rows is None:
+        rows = torch.arange(scores.shape[0], device=scores.device)
+    vocab_ids = torch.arange(vocab_start, vocab_start + scores.shape[-1], device=scores.device)
+    perturbed = scores.to(torch.float64) + gumbel_noise(seed, step, rows, vocab_ids)
+    return parallel_argmax(perturbed, vocab_start, tp_group)[1]
+
+
+def tp_layout(tp_group=None) -> tuple[int, int]:
+    """(rank, size) of this process in the tensor-parallel group (0, 1 without a group)."""
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)

@@ -1,0 +1,225 @@
+"""SCRG: sequence correction and re-generation (method.md section 1).
+
+    out, stats = scrg(student, teacher, prompts, cfg=config.mgsr, eos_id=2, vocab_size=250, seed=step)
+
+    y <- student samples a response (temperature 1, top_p 1 unless told otherwise)
+    repeat cfg.scrg_rounds times:
+        no-grad forward of teacher and student over [x; y]        (vocab-parallel logits, last stage)
+        t_i = teacher token at response position i                 (argmax, or a Gumbel-max sample)
+        d_i = D(P_i, Q_i) at temperature cfg.temperature            (forward_kl | reverse_kl | jsd)
+        C   = { i in the response (up to and including its first EOS) : y_i != t_i }
+        j   = argmax_{i in C} d_i  (smallest i on ties); rows with C empty or d_j < delta are done
+        y   <- y_<j + t_j, then the student continues sampling from position j+1
+
+Rows are processed together, each with its own j. Regeneration reuses the student's KV cache of the
+first generation: the cache stays valid below min_row(j), rows with a larger j get their kept tokens
+forced (generator.decode). Noise: the first generation uses `seed`, the regeneration of round k the
+seed `round_seed(seed, k)`, the sampled teacher token `round_seed(seed, -k)`; every noise value also
+depends on (absolute position, row, vocabulary id), so cache reuse and a cold regeneration agree.
+
+Vocab-parallel divergences: with l^p, l^q the logit shards, one MAX and one SUM all-reduce per model
+give log P = l^p - logsumexp(l^p) on each shard; the per-position divergence is a local sum over the
+shard plus one SUM all-reduce. The teacher argmax is an all-gather of (value, id) per position.
+Entries with zero probability (padded vocabulary) contribute 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.generation.generator import (GenerationOutput, PipelineStepper, SamplingOptions,
+                                                check_request, decode, generate)
+from mgsr_megatron.generation.sampling import mask_padded, parallel_argmax, sample
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_TOKENS = ("greedy", "sampled")
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """A distinct 32-bit seed per SCRG round (deterministic, identical on every rank)."""
+    return (seed * 1_000_003 + round_index * 7_919 + 0x5BD1E995) & 0xFFFFFFFF
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, vocab_size: int, vocab_start: int, tp_group,
+                               temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(l / T) over the global (true) vocabulary, on this rank's shard. float32."""
+    scores = mask_padded(logits.float() / temperature, vocab_size, vocab_start)
+    row_max = scores.max(dim=-1, keepdim=True).values
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sum_exp, group=tp_group)
+    return scores - row_max - torch.log(sum_exp)
+
+
+def _xlogy_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b), 0 where a = 0."""
+    a = torch.exp(log_a)
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+
+
+def vocab_parallel_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str,
+                              tp_group) -> torch.Tensor:
+    """Per-position divergence [...] from log-prob shards [..., V/TP]."""
+    if kind == "forward_kl":
+        partial = _xlogy_ratio(teacher_logp, student_logp).sum(-1)
+    elif kind == "reverse_kl":
+        partial = _xlogy_ratio(student_logp, teacher_logp).sum(-1)
+    elif kind == "jsd":  # beta = 0.5: 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2
+        log_m = torch.logaddexp(teacher_logp, student_logp) - torch.log(torch.tensor(2.0))
+        partial = 0.5 * (_xlogy_ratio(teacher_logp, log_m) + _xlogy_ratio(student_logp, log_m)).sum(-1)
+    else:
+        raise UserError(f"mgsr.scrg_divergence '{kind}' is not one of {', '.join(DIVERGENCES)}")
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(partial, group=tp_group)
+    return partial
+
+
+def _score(model, tokens: torch.Tensor):
+    """Vocab-parallel logits [b, L, V/TP] on the last stage (None elsewhere), no grad."""
+    from mgsr_megatron.models.pipeline import forward_logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = forward_logits(model, [tokens])
+    finally:
+        model.train(was_training)
+    return None if outputs is None else outputs[0]
+
+
+def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape) -> torch.Tensor:
+    """Make the last stage's TP-rank-0 tensor the value on every rank of this model replica."""
+    from megatron.core import parallel_state
+
+    tp_group, _, tp = _tp()
+    if values is not None and tp > 1:
+        dist.broadcast(values, src=parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if values is None:
+            values = torch.empty(shape, dtype=torch.float64)
+        dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return values
+
+
+def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergence: str,
+           teacher_token: str, temperature: float, delta: float, seed: int) -> torch.Tensor:
+    """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
+    no mismatch (or d_j < delta); identical on every rank of the model replica."""
+    tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
+    b, total = tokens.shape
+    teacher_logits = _score(teacher, tokens)
+    student_logits = _score(student, tokens)
+    decision = None
+    if teacher_logits is not None:
+        tp_group, tp_rank, _ = _tp()
+        start = tp_rank * teacher_logits.shape[-1]
+        # logits at position i - 1 predict the token at position i
+        t_logits, s_logits = teacher_logits[:, :-1], student_logits[:, :-1]
+        positions = torch.arange(1, total).unsqueeze(0).expand(b, total - 1)
+        if teacher_token == "greedy":
+            teacher_tokens = parallel_argmax(mask_padded(t_logits.float(), vocab_size, start), start, tp_group)[1]
+        else:
+            rows = torch.arange(b).unsqueeze(-1).expand(b, total - 1)
+            teacher_tokens = sample(t_logits.reshape(b * (total - 1), -1), vocab_size=vocab_size,
+                                    vocab_start=start, tp_group=tp_group, temperature=temperature,
+                                    seed=seed, step=positions.reshape(-1), rows=rows.reshape(-1)).view(b, -1)
+        d = vocab_parallel_divergence(
+            vocab_parallel_log_softmax(t_logits, vocab_size, start, tp_group, temperature),
+            vocab_parallel_log_softmax(s_logits, vocab_size, start, tp_group, temperature), divergence, tp_group)
+        in_response = (positions >= prompt_lengths.unsqueeze(-1)) & \
+                      (positions < (prompt_lengths + lengths).unsqueeze(-1))
+        mismatched = in_response & (tokens[:, 1:] != teacher_tokens)
+        d_candidates = torch.where(mismatched, d.double(), float("-inf"))
+        best_d, best = d_candidates.max(dim=-1)  # first (smallest) position on ties
+        has = mismatched.any(-1) & ~(best_d < delta)
+        j = torch.where(has, best + 1, -1)
+        t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
+        decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
+    return _broadcast_from_last_stage_tp0(decision, (b, 3))
+
+
+def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_size: int, seed: int = 0,
+         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, reuse_cache: bool = True,
+         initial: GenerationOutput | None = None) -> tuple[GenerationOutput, dict]:
+    """Student sample + `cfg.scrg_rounds` correction rounds (cfg: MGSRConfig). See the module docstring.
+
+    Returns the corrected batch and per-row statistics (tensors of shape [b]):
+      corrected (bool), j (last corrected position, -1), d_j (its divergence, nan), teacher_token (-1),
+      rounds_used (how many rounds corrected the row); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
+    `temperature/top_k/top_p` are the student's sampling options (method: 1.0, 0, 1.0).
+    `initial` skips the first student generation (it must come from `generate` on this student with
+    the same prompts; used by tests and by callers who already sampled). `reuse_cache=False`
+    regenerates with a fresh cache (the reference for the cache-reuse test).
+    """
+    if cfg.scrg_divergence not in DIVERGENCES:
+        raise UserError(f"mgsr.scrg_divergence '{cfg.scrg_divergence}' is not one of {', '.join(DIVERGENCES)}")
+    if cfg.scrg_teacher_token not in TEACHER_TOKENS:
+        raise UserError(f"mgsr.scrg_teacher_token '{cfg.scrg_teacher_token}' is not one of "
+                        f"{', '.join(TEACHER_TOKENS)}")
+    if cfg.scrg_rounds < 0:
+        raise UserError(f"mgsr.scrg_rounds must be >= 0, got {cfg.scrg_rounds}")
+    max_new_tokens = cfg.max_new_tokens
+    check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
+    out = initial or generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                              vocab_size=vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed)
+    b = out.tokens.shape[0]
+    stats = {"corrected": torch.zeros(b, dtype=torch.bool), "j": torch.full((b,), -1, dtype=torch.int64),
+             "d_j": torch.full((b,), float("nan"), dtype=torch.float64),
+             "teacher_token": torch.full((b,), -1, dtype=torch.int64),
+             "rounds_used": torch.zeros(b, dtype=torch.int64), "per_round": []}
+    for round_index in range(1, cfg.scrg_rounds + 1):
+        decision = detect(teacher, student, out, vocab_size=vocab_size, divergence=cfg.scrg_divergence,
+                          teacher_token=cfg.scrg_teacher_token, temperature=cfg.temperature,
+                          delta=cfg.scrg_delta, seed=round_seed(seed, -round_index))
+        stats["per_round"].append(decision)
+        j, t_j = decision[:, 0].long(), decision[:, 1].long()
+        fix = j >= 0
+        if not bool(fix.any()):
+            break
+        stats["corrected"] |= fix
+        stats["j"] = torch.where(fix, j, stats["j"])
+        stats["d_j"] = torch.where(fix, decision[:, 2], stats["d_j"])
+        stats["teacher_token"] = torch.where(fix, t_j, stats["teacher_token"])
+        stats["rounds_used"] += fix.long()
+        out = regenerate(student, out, j, t_j, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                         vocab_size=vocab_size, reuse_cache=reuse_cache,
+                         options=SamplingOptions(False, temperature, top_k, top_p, round_seed(seed, round_index)))
+    return out, stats
+
+
+def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tensor, *, max_new_tokens: int,
+               eos_id: int, vocab_size: int, options: SamplingOptions, reuse_cache: bool = True,
+               pad_id: int | None = None) -> GenerationOutput:
+    """Rows with j >= 0: keep y_<j, put t_j at j, let the student continue. Other rows are unchanged."""
+    pad_id = eos_id if pad_id is None else pad_id
+    fix = j >= 0
+    tokens = out.tokens.clone()
+    rows = torch.nonzero(fix).squeeze(-1)
+    tokens[rows, j[rows]] = t_j[rows]
+    fixed_lengths = torch.where(fix, j + 1, out.prompt_lengths + out.response_lengths)
+    stepper, cache_valid = out.stepper, int(j[fix].min())
+    if not reuse_cache or stepper is None:
+        stepper = PipelineStepper(student, tokens.shape[0], int(out.prompt_lengths.max()) + max_new_tokens)
+        cache_valid = 0
+    was_training = student.training
+    student.eval()
+    try:
+        new_tokens, lengths = decode(stepper, tokens, out.prompt_lengths, fixed_lengths, cache_valid,
+                                     max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
+                                     options=options, pad_id=pad_id)
+    finally:
+        student.train(was_training)
+    return GenerationOutput(new_tokens, out.prompt_lengths, lengths, stepper)

@@ -1,0 +1,177 @@
+"""DAC-KL: KL on the teacher's semantically dense band, with bounds predicted by ClipNet (method.md §2).
+
+Per token, with P the teacher's and Q the student's distribution at the temperature:
+
+    sort P descending (global top-K, K = max(K_band, K_feat)): p_(1) >= p_(2) >= ...,  c_k = p_(1) + ... + p_(k)
+    phi    = [ log p_(1..K_feat) clamped at -20,  H(P),  c_K_feat ]
+    (a, b) = ClipNet(phi)            l = (1 - rho) sigmoid(a)       u = l + rho + (1 - l - rho) sigmoid(b)
+    m_k    = sigmoid((u - c_(k-1)) / kappa) * sigmoid((c_k - l) / kappa)          k = 1..K_band
+    tail_bucket:  KL(P~||Q~) = sum_k p_k m_k log(p_k / q_k) + P_t log(P_t / Q_t),
+                  P_t = 1 - sum_k p_k m_k,  Q_t = 1 - sum_k q_k m_k
+    renormalize:  P~ = p m / sum(p m), Q~ = q m / sum(q m):  KL = sum_k P~_k log(p_k / q_k) + log sum(q m) - log sum(p m)
+
+q_k is the student's probability at the teacher's k-th token id. Modes: `learned` (ClipNet), `fixed`
+(constant l, u), `off` (the full forward KL, handled by the objective).
+
+Vocab-parallel: the teacher's top-K comes from a local top-K, one all-gather of (value, id) packets and
+a merge; the student's logits at those ids from the owning ranks by one SUM all-reduce. Everything
+after that is a [n, K] computation REPLICATED on every TP rank: l, u, the band and the loss are
+bitwise identical across the TP group, hence so is ClipNet's gradient (no extra collective is
+needed to keep ClipNet in sync inside a TP group; the trainer all-reduces it over DP with the
+student's gradients). The student's gradient on its shard follows locally from w_k = dL/dlog q_k:
+dL/ds_v = sum_{k: id_k = v} w_k - q_v sum_k w_k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.losses.vocab_parallel import (Shard, gather_at_ids, global_topk, log_softmax_stats,
+                                                 scatter_add_at_ids)
+
+FEATURE_LOGP_FLOOR = -20.0
+BAND_NORMS = ("tail_bucket", "renormalize")
+DAC_MODES = ("learned", "fixed", "off")
+
+
+def _logit(x: float) -> float:
+    return math.log(x / (1.0 - x))
+
+
+class ClipNet(nn.Module):
+    """MLP (K_feat + 2 -> hidden -> 2, GELU) giving the raw band parameters (a, b) per token.
+
+    Parameters are drawn from a private generator seeded with `seed`, so every rank that builds
+    ClipNet with the same arguments holds identical parameters (the global RNG is not touched).
+    The output layer starts near zero with biases chosen so that, for the given `rho`, the initial
+    bounds are l ~ init_l and u ~ init_u (method.md: l ~ 0, u ~ 0.95).
+    """
+
+    def __init__(self, k_feat: int = 64, hidden: int = 128, seed: int = 1234, *, rho: float = 0.8,
+                 init_l: float = 1e-3, init_u: float = 0.95):
+        super().__init__()
+        if not 0.0 < init_l < 1.0 - rho < 1.0 or not init_l + rho < init_u < 1.0:
+            raise UserError(f"ClipNet: need 0 < init_l < 1 - rho and init_l + rho < init_u < 1 "
+                             f"(init_l={init_l}, rho={rho}, init_u={init_u})")
+        self.k_feat, self.hidden = k_feat, hidden
+        generator = torch.Generator().manual_seed(seed)
+        n_in = k_feat + 2
+        bound = 1.0 / math.sqrt(n_in)
+        self.fc1_weight = nn.Parameter(torch.empty(hidden, n_in).uniform_(-bound, bound, generator=generator))
+        self.fc1_bias = nn.Parameter(torch.empty(hidden).uniform_(-bound, bound, generator=generator))
+        self.fc2_weight = nn.Parameter(torch.empty(2, hidden).normal_(0.0, 0.01 / math.sqrt(hidden),
+                                                                      generator=generator))
+        self.fc2_bias = nn.Parameter(torch.tensor([_logit(init_l / (1.0 - rho)),
+                                                   _logit((init_u - init_l - rho) / (1.0 - init_l - rho))]))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = nn.functional.gelu(nn.functional.linear(features, self.fc1_weight, self.fc1_bias))
+        out = nn.functional.linear(hidden, self.fc2_weight, self.fc2_bias)
+        return out[..., 0], out[..., 1]
+
+
+def bounds(a: torch.Tensor, b: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(l, u) with u - l >= rho by construction."""
+    lower = (1.0 - rho) * torch.sigmoid(a)
+    upper = lower + rho + (1.0 - lower - rho) * torch.sigmoid(b)
+    return lower, upper
+
+
+def band_features(log_p_top: torch.Tensor, entropy: torch.Tensor, k_feat: int) -> torch.Tensor:
+    """phi = [log p_(1..K_feat) clamped, H(P), c_K_feat] from the sorted top log-probs."""
+    head = log_p_top[:, :k_feat]
+    kept = head.exp().sum(-1, keepdim=True)
+    return torch.cat([head.clamp(min=FEATURE_LOGP_FLOOR), entropy[:, None], kept], dim=-1)
+
+
+def band_kl(log_p: torch.Tensor, log_q: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, kappa: float,
+            band_norm: str):
+    """KL(P~||Q~) per row from the sorted band candidates [n, K_band]; returns (kl, band size, kept mass).
+
+    Band size = sum of the memberships of the candidates with p > 0 (padded ids never count).
+
+    Differentiable in log_q, lower and upper. Entries with p = 0 (padded ids) contribute nothing.
+    """
+    p = log_p.exp()
+    q = log_q.exp()
+    cum = p.cumsum(-1)
+    cum_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))
+    member = torch.sigmoid((upper[:, None] - cum_before) / kappa) * torch.sigmoid((cum - lower[:, None]) / kappa)
+    p_band = p * member
+    q_band = q * member
+    kept_p = p_band.sum(-1)
+    kept_q = q_band.sum(-1)
+    log_ratio = torch.where(p > 0, log_p - log_q, p.new_zeros(()))
+    head = (p_band * log_ratio).sum(-1)
+    tiny = torch.finfo(p.dtype).tiny
+    if band_norm == "tail_bucket":
+        tail_p = 1.0 - kept_p
+        tail_q = (1.0 - kept_q).clamp(min=tiny)
+        tail = torch.where(tail_p > 0, tail_p * (tail_p.clamp(min=tiny).log() - tail_q.log()), p.new_zeros(()))
+        kl = head + tail
+    else:
+        kl = head / kept_p + kept_q.clamp(min=tiny).log() - kept_p.log()
+    return kl, torch.where(p > 0, member, p.new_zeros(())).sum(-1), kept_p
+
+
+class DacInputs:
+    """The replicated [n, K] quantities of one chunk of rows (the only collectives DAC-KL needs)."""
+
+    def __init__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, k_top: int,
+                 shard: Shard):
+        s_t = teacher.float() / temperature
+        s_s = student.float() / temperature
+        (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
+        # Sort on the unscaled fp32 teacher logits: the order is the same for any temperature > 0 and
+        # the division cannot create ties.
+        top_raw, self.ids = global_topk(teacher.float(), k_top, shard)
+        self.log_p = top_raw / temperature - self.lse_t[:, None]
+        self.log_q = gather_at_ids(s_s, self.ids, shard) - self.lse_s[:, None]
+        self.s_s = s_s
+
+
+def dac_bounds(inputs: DacInputs, mode: str, clipnet: ClipNet | None, k_feat: int, rho: float,
+               fixed_l: float, fixed_u: float):
+    """(l, u) per row in float64. ClipNet runs on float64 copies of its parameters (a differentiable
+    cast): the gradient to l and u sums many terms of both signs over the band, and in float32 that
+    cancellation costs ~1e-4 relative accuracy in ClipNet's gradient. [n, K] work only, so it is cheap."""
+    n = inputs.log_p.shape[0]
+    if mode == "learned":
+        features = band_features(inputs.log_p.detach(), inputs.entropy, k_feat).double()
+        params = {name: p.double() for name, p in clipnet.named_parameters()}
+        a, b = torch.func.functional_call(clipnet, params, (features,))
+        return bounds(a, b, rho)
+    return inputs.log_p.new_full((n,), fixed_l, dtype=torch.float64), inputs.log_p.new_full((n,), fixed_u,
+                                                                                            dtype=torch.float64)
+
+
+def dac_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, kappa, band_norm, fixed_l, fixed_u,
+             temperature, shard, row_weight=None, params=()):
+    """DAC-KL of a chunk of rows. Without `row_weight`: (kl [n], l, u, band size, kept mass, lse_t, lse_s),
+    no autograd. With `row_weight` [n] (= d total / d kl_row): also the student's shard gradient and the
+    ClipNet parameter gradients of sum_rows row_weight * kl (recomputed here; used by backward)."""
+    inputs = DacInputs(student, teacher, temperature, max(k_band, k_feat if mode == "learned" else 0), shard)
+    log_p = inputs.log_p[:, :k_band].double()
+    if row_weight is None:
+        with torch.no_grad():
+            lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
+            kl, size, kept = band_kl(log_p, inputs.log_q[:, :k_band].double(), lower, upper, kappa, band_norm)
+        return (kl.float(), lower.float(), upper.float(), size.float(), kept.float(), inputs.lse_t,
+                inputs.lse_s)
+    log_q = inputs.log_q[:, :k_band].double().requires_grad_(True)
+    with torch.enable_grad():
+        lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
+        kl, _, _ = band_kl(log_p, log_q, lower, upper, kappa, band_norm)
+        total = (kl * row_weight.double()).sum()
+        grads = torch.autograd.grad(total, [log_q, *params], allow_unused=True)
+    weight = grads[0].float()  # dL/dlog q_k
+    q_local = (inputs.s_s - inputs.lse_s[:, None]).exp()
+    grad = q_local.mul_(-weight.sum(-1, keepdim=True))
+    scatter_add_at_ids(grad, inputs.ids[:, :k_band], weight, shard)
+    grad.div_(temperature)
+    param_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params)]
+    return grad, param_grads

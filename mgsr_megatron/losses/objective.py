@@ -1,0 +1,223 @@
+"""The MGSR objective: L = w_sft * L_SFT + w_dac * L_DAC-KL + w_span * L_span (method.md, top).
+
+Reduction (each term is a mean over its OWN mask, within this micro-batch):
+    L_SFT   = sum_i sft_mask_i * CE_i / sum_i sft_mask_i                 (0 when sft_mask is empty)
+    L_DAC   = sum_i kd_mask_i * KL(P~_i||Q~_i) / sum_i kd_mask_i          (dac_mode off: the full forward KL)
+    L_span  = sum over pairs (i, i+1) with span_pair_mask_i of D_i / number of pairs   (0 without pairs)
+Averaging over data-parallel ranks and micro-batches is the trainer's business.
+
+Memory: one autograd.Function runs the whole objective in chunks of `loss_chunk_tokens` rows. The
+forward keeps only per-row scalars; the backward recomputes each chunk (collectives included) and
+writes its gradient straight into the one [tokens, V/TP] gradient buffer, so the extra memory beyond
+that buffer is a few [chunk, V/TP] temporaries whatever the number of tokens. Terms whose weight is 0
+are not computed (reported as 0). Teacher logits may be bf16 (cast per chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgsr_megatron.config import MGSRConfig
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.losses import dac_kl as dac
+from mgsr_megatron.losses.divergences import divergence_rows, divergence_rows_grad
+from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
+from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
+from mgsr_megatron.losses.vocab_parallel import check_k, check_same_shape, chunks, comm_tag, shard_of
+
+STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass")
+
+
+def check_config(cfg: MGSRConfig, shard, clipnet) -> None:
+    """One-line errors for settings the losses cannot honour (names are the config keys)."""
+    if not cfg.temperature > 0:
+        raise UserError(f"mgsr.temperature={cfg.temperature} must be > 0")
+    if cfg.dac_mode not in dac.DAC_MODES:
+        raise UserError(f"mgsr.dac_mode={cfg.dac_mode!r} must be one of {', '.join(dac.DAC_MODES)}")
+    if cfg.band_norm not in dac.BAND_NORMS:
+        raise UserError(f"mgsr.band_norm={cfg.band_norm!r} must be one of {', '.join(dac.BAND_NORMS)}")
+    if cfg.span_distance not in SPAN_DISTANCES:
+        raise UserError(f"mgsr.span_distance={cfg.span_distance!r} must be one of {', '.join(SPAN_DISTANCES)}")
+    if cfg.loss_chunk_tokens < 1:
+        raise UserError(f"mgsr.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
+    if not cfg.kappa > 0:
+        raise UserError(f"mgsr.kappa={cfg.kappa} must be > 0")
+    if cfg.w_dac and cfg.dac_mode != "off":
+        check_k(cfg.k_band, "mgsr.k_band", shard)
+        if cfg.dac_mode == "learned":
+            check_k(cfg.k_feat, "mgsr.k_feat", shard)
+            if not 0.0 < cfg.rho < 1.0:
+                raise UserError(f"mgsr.rho={cfg.rho} must lie in (0, 1)")
+            if clipnet is None:
+                raise UserError("clipnet is None but mgsr.dac_mode='learned' needs a ClipNet")
+            if clipnet.k_feat != cfg.k_feat:
+                raise UserError(f"clipnet was built for k_feat={clipnet.k_feat} but mgsr.k_feat={cfg.k_feat}")
+        elif not 0.0 <= cfg.fixed_l < cfg.fixed_u <= 1.0:
+            raise UserError(f"mgsr.fixed_l={cfg.fixed_l}, mgsr.fixed_u={cfg.fixed_u}: need 0 <= l < u <= 1")
+
+
+def check_masks(shape, labels, sft_mask, kd_mask, span_pair_mask, vocab: int) -> None:
+    """Shapes, an empty response mask, spans outside the response or past the sequence, bad labels."""
+    for name, mask in (("labels", labels), ("sft_mask", sft_mask), ("kd_mask", kd_mask),
+                       ("span_pair_mask", span_pair_mask)):
+        if mask is None:
+            raise UserError(f"{name} is required")
+        if tuple(mask.shape) != tuple(shape):
+            raise UserError(f"{name} has shape {tuple(mask.shape)} but the logits are {tuple(shape)} x V/TP")
+    if labels.is_floating_point():
+        raise UserError(f"labels must be integer token ids, got {labels.dtype}")
+    if not bool((kd_mask > 0).any()):
+        raise UserError("kd_mask has no valid token (no response position in this micro-batch)")
+    if bool((sft_mask < 0).any()) or bool((kd_mask < 0).any()):
+        raise UserError("sft_mask and kd_mask must be non-negative weights")
+    bad_label = (sft_mask > 0) & ((labels < 0) | (labels >= vocab))
+    if bool(bad_label.any()):
+        where = bad_label.nonzero()[0].tolist()
+        raise UserError(f"labels at position {where} (an sft_mask position) is {labels[tuple(where)].item()}, "
+                        f"outside the vocabulary [0, {vocab})")
+    pairs = span_pair_mask.bool()
+    if bool(pairs[..., -1].any()):
+        where = pairs[..., -1].nonzero()[0].tolist()
+        raise UserError(f"span_pair_mask is True at the last position of row {where} (a span runs past the "
+                        f"end of the sequence)")
+    response = kd_mask > 0
+    outside = pairs[..., :-1] & ~(response[..., :-1] & response[..., 1:])
+    if bool(outside.any()):
+        where = outside.nonzero()[0].tolist()
+        raise UserError(f"span_pair_mask pairs position {where} with the next one, but kd_mask is 0 at one of "
+                        f"them: a span leaves the response")
+
+
+class _MGSRObjective(torch.autograd.Function):
+    """Chunked forward and recomputing backward of all three terms (see the module docstring).
+
+    Inputs: student/teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first (LongTensor of pair starts);
+    counts [3]; plan (settings); clipnet; *params (ClipNet's, for the gradient). Outputs: the three term
+    means [3] (differentiable) and the statistics [6] = (mean l, mean u, band size, kept mass, nonfinite,
+    unused).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, sft_w, kd_w, pair_first, counts, plan, clipnet, *params):
+        sums = student.new_zeros(3, dtype=torch.float32)
+        stats = student.new_zeros(6, dtype=torch.float32)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
+        for start, end in chunks(student.shape[0], plan["chunk"]):
+            rows_s, rows_t = student[start:end], teacher[start:end]
+            if plan["w_sft"]:
+                ce = sft_rows(rows_s, labels[start:end], plan["megatron"])
+                sums[0] += (ce * sft_w[start:end]).sum()
+                nonfinite |= ~torch.isfinite(ce).all()
+            if plan["w_dac"]:
+                with comm_tag("dac_kl"):
+                    kl, lse_t, lse_s, extra = _dac_forward(rows_s, rows_t, plan, clipnet)
+                weight = kd_w[start:end]
+                sums[1] += (kl * weight).sum()
+                stats[:4] += torch.stack([(x * weight).sum() for x in extra])
+                nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_s).all())
+            if plan["w_span"]:
+                first = pair_first[(pair_first >= start) & (pair_first < end)]
+                if first.numel():
+                    with comm_tag("span"):
+                        value = span_pairs(student, teacher, first, plan["span_distance"], plan["temperature"],
+                                           plan["shard"])
+                    sums[2] += value.sum()
+                    nonfinite |= ~torch.isfinite(value).all()
+        stats[:4] /= counts[1]
+        stats[4] = nonfinite.float()
+        ctx.save_for_backward(student, teacher, labels, sft_w, kd_w, pair_first, counts)
+        ctx.plan, ctx.clipnet, ctx.n_params = plan, clipnet, len(params)
+        ctx.mark_non_differentiable(stats)
+        return torch.where(counts > 0, sums / counts.clamp(min=1), sums.new_zeros(())), stats
+
+    @staticmethod
+    def backward(ctx, grad_terms, _grad_stats):
+        student, teacher, labels, sft_w, kd_w, pair_first, counts = ctx.saved_tensors
+        plan, clipnet = ctx.plan, ctx.clipnet
+        params = list(clipnet.parameters())[:ctx.n_params] if ctx.n_params else []
+        coef = torch.where(counts > 0, grad_terms.float() / counts.clamp(min=1), grad_terms.new_zeros(()).float())
+        grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+        param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        for start, end in chunks(student.shape[0], plan["chunk"]):
+            rows_s, rows_t, grad_rows = student[start:end], teacher[start:end], grad[start:end]
+            if plan["w_sft"] and counts[0] > 0:
+                grad_rows += sft_rows_grad(rows_s, labels[start:end], sft_w[start:end] * coef[0], plan["megatron"])
+            if plan["w_dac"]:
+                row_weight = kd_w[start:end] * coef[1]
+                if plan["dac_mode"] == "off":
+                    _, state = divergence_rows(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
+                                               plan["shard"])
+                    grad_rows += divergence_rows_grad(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
+                                                      state, row_weight)
+                else:
+                    chunk_grad, chunk_param_grads = dac.dac_rows(rows_s, rows_t, clipnet=clipnet,
+                                                                 row_weight=row_weight, params=params,
+                                                                 **_dac_settings(plan))
+                    grad_rows += chunk_grad
+                    for total, part in zip(param_grads, chunk_param_grads):
+                        total += part
+            if plan["w_span"] and counts[2] > 0:
+                first = pair_first[(pair_first >= start) & (pair_first < end)]
+                if first.numel():
+                    span_pairs_grad(student, teacher, first, plan["span_distance"], plan["temperature"],
+                                    plan["shard"], coef[2].expand(first.shape[0]), grad)
+        grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
+        return (grad_student, None, None, None, None, None, None, None, None,
+                *[g.to(p.dtype) for g, p in zip(param_grads, params)])
+
+
+def _dac_settings(plan) -> dict:
+    return {key: plan[key] for key in ("mode", "k_feat", "k_band", "rho", "kappa", "band_norm", "fixed_l",
+                                       "fixed_u", "temperature", "shard")}
+
+
+def _dac_forward(rows_s, rows_t, plan, clipnet):
+    """(kl [n], lse_t, lse_s, [l, u, band size, kept mass]) of one chunk, without autograd."""
+    if plan["dac_mode"] == "off":
+        kl, (lse_t, lse_s, _, _) = divergence_rows(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
+                                                   plan["shard"])
+        ones = torch.ones_like(kl)
+        return kl, lse_t, lse_s, [ones * 0.0, ones, ones * plan["shard"].vocab, ones]
+    kl, lower, upper, size, kept, lse_t, lse_s = dac.dac_rows(rows_s, rows_t, clipnet=clipnet,
+                                                              **_dac_settings(plan))
+    return kl, lse_t, lse_s, [lower, upper, size, kept]
+
+
+def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels: torch.Tensor,
+                   sft_mask: torch.Tensor, kd_mask: torch.Tensor, span_pair_mask: torch.Tensor,
+                   clipnet: dac.ClipNet | None, cfg: MGSRConfig, tp_group=None):
+    """The MGSR loss of one micro-batch and its metrics.
+
+    student_logits, teacher_logits: vocab-parallel shards [b, s, V/TP] (teacher may be bf16), padded
+    vocabulary columns already -inf. labels [b, s] global next-token ids; sft_mask / kd_mask [b, s]
+    weights of the SFT and DAC-KL positions; span_pair_mask [b, s] bool, True at i when (i, i+1) lie in
+    the same span. Returns (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u,
+    band_size, kept_mass (0-dim tensors), rows_without_sft ([b] bool), nonfinite (bool: NaN/Inf in the
+    logits the terms read; the loss and gradients are then meaningless and the step should be skipped).
+    """
+    check_same_shape(student_logits, teacher_logits)
+    shard = shard_of(student_logits.shape[-1], tp_group)
+    check_config(cfg, shard, clipnet)
+    check_masks(student_logits.shape[:-1], labels, sft_mask, kd_mask, span_pair_mask, shard.vocab)
+    weights = {"w_sft": float(cfg.w_sft), "w_dac": float(cfg.w_dac), "w_span": float(cfg.w_span)}
+    plan = {**weights, "chunk": int(cfg.loss_chunk_tokens), "shard": shard, "temperature": float(cfg.temperature),
+            "dac_mode": cfg.dac_mode, "mode": cfg.dac_mode, "k_feat": cfg.k_feat, "k_band": cfg.k_band,
+            "rho": cfg.rho, "kappa": cfg.kappa, "band_norm": cfg.band_norm, "fixed_l": cfg.fixed_l,
+            "fixed_u": cfg.fixed_u, "span_distance": cfg.span_distance,
+            "megatron": megatron_tp_active(shard) if cfg.w_sft else False}
+    vocab_local = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab_local)
+    teacher = teacher_logits.detach().reshape(-1, vocab_local)
+    sft_w = sft_mask.reshape(-1).float()
+    kd_w = kd_mask.reshape(-1).float()
+    pair_first = span_pair_mask.reshape(-1).bool().nonzero()[:, 0]
+    counts = torch.stack([sft_w.sum(), kd_w.sum(), sft_w.new_tensor(float(pair_first.numel()))])
+    params = list(clipnet.parameters()) if (cfg.w_dac and cfg.dac_mode == "learned") else []
+    terms, stats = _MGSRObjective.apply(student, teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts,
+                                        plan, clipnet, *params)
+    loss = weights["w_sft"] * terms[0] + weights["w_dac"] * terms[1] + weights["w_span"] * terms[2]
+    metrics = {"loss": loss.detach(), "sft": terms[0].detach(), "dac_kl": terms[1].detach(),
+               "span": terms[2].detach(), **{name: stats[i] for i, name in enumerate(STAT_NAMES)},
+               "rows_without_sft": (sft_mask.reshape(sft_mask.shape[0], -1) > 0).sum(-1) == 0,
+               "nonfinite": bool(stats[4] > 0)}
+    return loss, metrics

@@ -1,0 +1,73 @@
+"""Span correlation consistency (method.md §3), exact for vocab-parallel logits.
+
+For a pair of adjacent positions (i, i+1) inside a span, the correlation is the element-wise product
+r = P_i * P_(i+1) (teacher) and r' = Q_i * Q_(i+1) (student), at the temperature.
+
+    kl_normalised (default)  r^ = r / sum_v r  = softmax((z_i + z_(i+1)) / T): the normalised product is
+                             the softmax of the summed logits, so KL(r^_t || r^_s) is the forward KL of
+                             the "pair logits" z_i + z_(i+1); its gradient (r^_s - r^_t) / T goes to both
+                             positions. 3 batched all-reduces per chunk ([pairs, 2] each), no backward
+                             communication.
+    l1                       sum_v |r_t - r_s|          (the paper-literal raw products)
+    l2                       sum_v (r_t - r_s)^2        (squared Euclidean distance; project choice)
+
+For l1/l2 with g = dD/dr_s (sign(r_s - r_t), resp. 2 (r_s - r_t)) and C = sum_v g_v r_s,v:
+dD/ds_i = g r_s - Q_i C and dD/ds_(i+1) = g r_s - Q_(i+1) C (C is summed in the forward all-reduce).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgsr_megatron.losses.divergences import divergence_rows, divergence_rows_grad
+from mgsr_megatron.losses.vocab_parallel import Shard, all_reduce, log_softmax_stats
+
+SPAN_DISTANCES = ("kl_normalised", "l1", "l2")
+
+
+def _pair_logits(rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    return rows.index_select(0, first).float() + rows.index_select(0, first + 1).float()
+
+
+def _raw_products(student, teacher, first, temperature, shard):
+    second = first + 1
+    s_t = teacher.index_select(0, torch.cat([first, second])).float() / temperature
+    s_s = student.index_select(0, torch.cat([first, second])).float() / temperature
+    (lse_t, lse_s), _ = log_softmax_stats([s_t, s_s], shard)
+    n = first.shape[0]
+    log_p = s_t - lse_t[:, None]
+    log_q = s_s - lse_s[:, None]
+    r_t = (log_p[:n] + log_p[n:]).exp()
+    r_s = (log_q[:n] + log_q[n:]).exp()
+    return r_t, r_s, log_q[:n].exp(), log_q[n:].exp()
+
+
+def span_pairs(student, teacher, first, distance, temperature, shard: Shard):
+    """Distance per pair for pairs (first, first+1) of rows of the flattened [tokens, V/TP] logits."""
+    if distance == "kl_normalised":
+        value, _ = divergence_rows(_pair_logits(student, first), _pair_logits(teacher, first), "forward_kl",
+                                   temperature, 0.0, 0.0, shard)
+        return value
+    r_t, r_s, _, _ = _raw_products(student, teacher, first, temperature, shard)
+    local = (r_t - r_s).abs().sum(-1) if distance == "l1" else (r_t - r_s).square().sum(-1)
+    return all_reduce(local, shard)
+
+
+def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard, pair_weight, grad_out):
+    """Add d(sum_pairs pair_weight * distance)/d student into `grad_out` (rows first and first+1)."""
+    if distance == "kl_normalised":
+        pair_s, pair_t = _pair_logits(student, first), _pair_logits(teacher, first)
+        _, state = divergence_rows(pair_s, pair_t, "forward_kl", temperature, 0.0, 0.0, shard)
+        grad = divergence_rows_grad(pair_s, pair_t, "forward_kl", temperature, 0.0, 0.0, state, pair_weight)
+        grad_first = grad_second = grad
+    else:
+        r_t, r_s, q_first, q_second = _raw_products(student, teacher, first, temperature, shard)
+        g = torch.sign(r_s - r_t) if distance == "l1" else 2.0 * (r_s - r_t)
+        g_r = g * r_s
+        scalar = all_reduce(g_r.sum(-1), shard)[:, None]
+        scale = pair_weight[:, None] / temperature
+        grad_first = (g_r - q_first * scalar) * scale
+        grad_second = (g_r - q_second * scalar) * scale
+    grad_out.index_add_(0, first, grad_first.to(grad_out.dtype))
+    grad_out.index_add_(0, first + 1, grad_second.to(grad_out.dtype))
+    return grad_out

@@ -1,0 +1,246 @@
+"""Vocab-parallel building blocks shared by every loss in this package.
+
+Each tensor-parallel (TP) rank holds a contiguous shard of V/TP vocabulary columns; global id
+`offset + j` lives at local column j of rank `offset // (V/TP)`. The losses never differentiate
+through a collective: every loss is a `torch.autograd.Function` whose forward runs the collectives
+on detached statistics, and whose backward is computed locally on each shard from per-row
+quantities that are identical on every rank (the pattern of Megatron's `_VocabParallelCrossEntropy`).
+That is why no gradient can be lost in a differentiable all-reduce, and why the backward of most
+losses needs no communication at all.
+
+Row statistics used everywhere, for a row x of scaled logits:
+    m   = max_v x_v                                 (all-reduce MAX; a shift only, never differentiated)
+    S   = sum_v exp(x_v - m)                        (all-reduce SUM)
+    lse = m + log S,      log softmax(x)_v = x_v - lse
+    H   = log S - sum_v exp(x_v - m) (x_v - m) / S   (entropy; same all-reduce as S)
+Columns that hold -inf (padded vocabulary) give exp(.) = 0 and are excluded from every product, so
+they produce finite values and exactly zero gradient.
+
+Every collective goes through `all_reduce` / `all_gather`, which count the payload bytes when a
+`count_communication()` block is active (used by tools/bench_losses.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mgsr_megatron.errors import UserError
+
+# Global ids travel inside float32 packets next to the top-K values; float32 holds integers exactly
+# up to 2**24, far above any real vocabulary. Larger vocabularies fall back to float64 packets.
+_FLOAT32_EXACT_IDS = 2 ** 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Process group and shard layout.
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's logits columns sit in the global vocabulary."""
+
+    group: object | None  # the TP process group, None for a single process
+    world: int  # TP size
+    rank: int  # this rank's index inside the TP group
+    local_vocab: int  # columns held here (V/TP, padding included)
+
+    @property
+    def offset(self) -> int:
+        return self.rank * self.local_vocab
+
+    @property
+    def vocab(self) -> int:
+        return self.local_vocab * self.world
+
+
+def resolve_tp_group(tp_group=None):
+    """The explicit group, else Megatron's TP group when parallel_state is initialised, else None."""
+    if tp_group is not None:
+        return tp_group
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def shard_of(local_vocab: int, tp_group=None) -> Shard:
+    group = resolve_tp_group(tp_group)
+    if group is None:
+        return Shard(None, 1, 0, local_vocab)
+    return Shard(group, dist.get_world_size(group), dist.get_rank(group), local_vocab)
+
+
+# --------------------------------------------------------------------------------------------------
+# Instrumented collectives.
+
+class CommCounter:
+    """Payload bytes and calls of the collectives issued inside `count_communication()`.
+
+    all-reduce: the reduced tensor's size; all-gather: the gathered (output) size. Per rank.
+    """
+
+    def __init__(self):
+        self.active = 0
+        self.bytes = 0
+        self.calls = 0
+        self.by_tag: dict[str, int] = {}
+        self.tag = "other"
+
+    def add(self, nbytes: int) -> None:
+        if self.active:
+            self.bytes += nbytes
+            self.calls += 1
+            self.by_tag[self.tag] = self.by_tag.get(self.tag, 0) + nbytes
+
+
+COMM = CommCounter()
+
+
+@contextlib.contextmanager
+def count_communication():
+    """Reset and enable the byte counter for the block: `with count_communication() as c: ...; c.bytes`."""
+    COMM.active += 1
+    COMM.bytes, COMM.calls, COMM.by_tag = 0, 0, {}
+    try:
+        yield COMM
+    finally:
+        COMM.active -= 1
+
+
+@contextlib.contextmanager
+def comm_tag(tag: str):
+    """Attribute the collectives of the block to `tag` in `COMM.by_tag`."""
+    previous, COMM.tag = COMM.tag, tag
+    try:
+        yield
+    finally:
+        COMM.tag = previous
+
+
+def all_reduce(tensor: torch.Tensor, shard: Shard, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the TP group (no-op for one rank). Not differentiable on purpose."""
+    if shard.world > 1:
+        COMM.add(tensor.numel() * tensor.element_size())
+        dist.all_reduce(tensor, op=op, group=shard.group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """[world, *tensor.shape] stack of every rank's tensor, in TP-rank order."""
+    if shard.world == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(shard.world)]
+    COMM.add(tensor.numel() * tensor.element_size() * shard.world)
+    dist.all_gather(parts, tensor.contiguous(), group=shard.group)
+    return torch.stack(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row statistics.
+
+def _xlogx_free(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weights * values with 0 wherever weights is 0 (so 0 * -inf = 0, the convention of every KL)."""
+    return torch.where(weights > 0, weights * values, weights.new_zeros(()))
+
+
+def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[int, ...] = ()):
+    """Global log-sum-exp of each [n, V/TP] tensor in `rows` (2 all-reduces for all of them together).
+
+    Returns (lse list, entropy list aligned with `entropy_of`). A row that is all -inf gets lse = -inf,
+    a row with NaN or +inf gets NaN; callers report those through their nonfinite flags.
+    """
+    maxes = torch.stack([x.max(dim=-1).values for x in rows], dim=-1)
+    all_reduce(maxes, shard, dist.ReduceOp.MAX)
+    shift = maxes.masked_fill(maxes == float("-inf"), 0.0)
+    partials = []
+    for i, x in enumerate(rows):
+        centred = x - shift[:, i, None]
+        exps = centred.exp()
+        partials.append(exps.sum(dim=-1))
+        if i in entropy_of:
+            partials.append(_xlogx_free(exps, centred).sum(dim=-1))
+    sums = torch.stack(partials, dim=-1)
+    all_reduce(sums, shard)
+    lse, entropy, column = [], [], 0
+    for i in range(len(rows)):
+        log_sum = sums[:, column].log()
+        lse.append(shift[:, i] + log_sum)
+        if i in entropy_of:
+            entropy.append(log_sum - sums[:, column + 1] / sums[:, column])
+            column += 1
+        column += 1
+    return lse, entropy
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-K, gather and scatter at global vocabulary ids.
+
+def global_topk(rows: torch.Tensor, k: int, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of every row over the WHOLE vocabulary, sorted descending.
+
+    Local top-min(k, V/TP), one all-gather of (value, global id) packets, merge. Communication per row:
+    2 * min(k, V/TP) * TP numbers, independent of V. Ties are broken arbitrarily (any order is a valid
+    sort); tied tokens have equal teacher probability.
+    """
+    local_k = min(k, shard.local_vocab)
+    values, local_ids = rows.topk(local_k, dim=-1, sorted=True)
+    if shard.world == 1:
+        return values, local_ids
+    packet_dtype = torch.float32 if shard.vocab < _FLOAT32_EXACT_IDS else torch.float64
+    packet = torch.stack([values.to(packet_dtype), (local_ids + shard.offset).to(packet_dtype)], dim=-1)
+    gathered = all_gather(packet, shard)  # [world, n, local_k, 2]
+    gathered = gathered.permute(1, 0, 2, 3).reshape(rows.shape[0], shard.world * local_k, 2)
+    merged_values, position = gathered[..., 0].topk(k, dim=-1, sorted=True)
+    merged_ids = gathered[..., 1].gather(-1, position).long()
+    return merged_values.to(rows.dtype), merged_ids
+
+
+def _local_columns(ids: torch.Tensor, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    local = ids - shard.offset
+    owned = (local >= 0) & (local < shard.local_vocab)
+    return local.clamp(0, shard.local_vocab - 1), owned
+
+
+def gather_at_ids(rows: torch.Tensor, ids: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """rows[:, ids] for global ids: the owning rank contributes the value, the others 0; one SUM all-reduce."""
+    local, owned = _local_columns(ids, shard)
+    picked = rows.gather(-1, local)
+    picked = torch.where(owned, picked, picked.new_zeros(()))
+    return all_reduce(picked, shard)
+
+
+def scatter_add_at_ids(out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """out[:, ids] += weights for the ids this rank owns (local; no communication)."""
+    local, owned = _local_columns(ids, shard)
+    return out.scatter_add_(-1, local, torch.where(owned, weights, weights.new_zeros(())))
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks shared by the losses.
+
+def check_same_shape(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise UserError(f"teacher_logits shard has shape {tuple(teacher.shape)} but student_logits shard has "
+                        f"shape {tuple(student.shape)}; both must be [..., V/TP] shards of the same vocabulary")
+    if student.dim() < 2:
+        raise UserError(f"student_logits must be [tokens, V/TP] or [b, s, V/TP], got shape {tuple(student.shape)}")
+    if not student.is_floating_point() or not teacher.is_floating_point():
+        raise UserError(f"logits must be floating point (student {student.dtype}, teacher {teacher.dtype})")
+
+
+def check_k(k: int, name: str, shard: Shard) -> None:
+    if k < 1:
+        raise UserError(f"{name}={k} must be at least 1")
+    if k > shard.vocab:
+        raise UserError(f"{name}={k} is larger than the vocabulary ({shard.vocab} columns = "
+                        f"{shard.local_vocab} per shard x TP={shard.world})")
+
+
+def chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)

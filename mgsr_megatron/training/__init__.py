@@ -1,0 +1,1 @@
+"""The distillation trainer: loop, optimizer, checkpointing, metrics."""

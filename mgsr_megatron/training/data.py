@@ -1,0 +1,82 @@
+"""What the trainer reads: ground-truth micro-batches, prompts for on-policy generation, and batches
+built from generated responses — all shaped for the loss (sft_mask / kd_mask / span pairs).
+
+Ground-truth rows get SFT and distillation on their response tokens. Generated (SCRG or replayed) rows
+get distillation only (method.md §4; `mgsr.sft_on_generated` adds SFT). Rows without a response in the
+preprocessed data are prompts only: they feed generation but never a ground-truth batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mgsr_megatron.config import Config
+from mgsr_megatron.data.collate import collate
+from mgsr_megatron.data.indexed import InstructionDataset, Sample
+from mgsr_megatron.data.sampler import DistributedResumableSampler
+from mgsr_megatron.data.spans import get_span_extractor, spans_for_ids
+from mgsr_megatron.data.tokenizer import load_tokenizer
+from mgsr_megatron.errors import UserError
+
+
+class _IndexedSampler:
+    """A resumable sampler over a subset of a dataset's indices."""
+
+    def __init__(self, indices: np.ndarray, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+        self.indices = indices
+        self.sampler = DistributedResumableSampler(len(indices), micro_batch_size, dp_rank, dp_size, seed)
+
+    def next(self) -> list[int]:
+        return [int(self.indices[i]) for i in next(self.sampler)]
+
+
+class TrainingData:
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int):
+        if not cfg.data.train_path:
+            raise UserError("data.train_path is not set (a prefix written by tools/preprocess_data.py)")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size != cfg.student.vocab_size:
+            raise UserError(f"tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but "
+                            f"student.vocab_size={cfg.student.vocab_size}")
+        self.dataset = InstructionDataset(cfg.data.train_path, self.tokenizer)
+        self.eos_id, self.pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id
+        self.seq_length = cfg.schedule.seq_length
+        self.extractor = get_span_extractor(cfg.data.span_extractor)
+        labelled = np.nonzero(self.dataset.tokens.sequence_lengths[1::2])[0]  # rows with a response
+        mbs, seed = cfg.schedule.micro_batch_size, cfg.parallel.seed
+        self.ground_truth = _IndexedSampler(labelled, mbs, dp_rank, dp_size, seed)
+        self.prompts = _IndexedSampler(np.arange(len(self.dataset)), mbs, dp_rank, dp_size, seed + 1)
+
+    def _finish(self, batch: dict, generated: bool) -> dict:
+        sft_on = (not generated) or self.cfg.mgsr.sft_on_generated
+        batch["kd_mask"] = batch["loss_mask"]
+        batch["sft_mask"] = batch["loss_mask"] if sft_on else batch["loss_mask"] * 0
+        return batch
+
+    def next_micro_batches(self, count: int) -> list[dict]:
+        return [self._finish(collate([self.dataset[i] for i in self.ground_truth.next()], self.pad_id,
+                                     self.seq_length), generated=False) for _ in range(count)]
+
+    def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
+        return [[self.dataset[i].prompt_ids.tolist() for i in self.prompts.next()] for _ in range(count)]
+
+    def collate_generated(self, samples: list[tuple[list[int], list[int]]], count: int) -> list[dict]:
+        """(prompt ids, response ids) pairs -> `count` micro-batches; spans are extracted online."""
+        rows = []
+        for prompt, response in samples:
+            room = self.seq_length - len(prompt)
+            response = list(response)[:room]
+            rows.append(Sample(np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64),
+                               spans_for_ids(self.extractor, self.tokenizer, response)))
+        size = len(rows) // count
+        return [self._finish(collate(rows[k * size:(k + 1) * size], self.pad_id, self.seq_length), generated=True)
+                for k in range(count)]
+
+    def state_dict(self) -> dict:
+        return {"ground_truth": self.ground_truth.sampler.state_dict(),
+                "prompts": self.prompts.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ground_truth.sampler.load_state_dict(state["ground_truth"])
+        self.prompts.sampler.load_state_dict(state["prompts"])

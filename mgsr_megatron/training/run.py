@@ -1,0 +1,86 @@
+"""`mgsr train`: set up, resume, loop with metrics / evaluation / checkpoints, stop on preemption."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mgsr_megatron import parallel
+from mgsr_megatron.config import Config
+from mgsr_megatron.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from mgsr_megatron.training.data import TrainingData
+from mgsr_megatron.training.metrics import MetricsLogger
+from mgsr_megatron.training.trainer import EXIT_PREEMPTED, PreemptionFlag, Trainer
+
+
+def check_generation_fits(cfg: Config) -> None:
+    from mgsr_megatron.errors import UserError
+
+    if cfg.mgsr.data_schedule != "ground_truth":
+        needed = cfg.data.max_prompt_length + cfg.mgsr.max_new_tokens
+        if needed > cfg.schedule.seq_length:
+            raise UserError(f"data.max_prompt_length + mgsr.max_new_tokens = {needed} exceeds "
+                            f"schedule.seq_length={cfg.schedule.seq_length}: generated rows would not fit")
+
+
+def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
+    """Distributed start-up, data and models (validation happens before any weights are loaded)."""
+    from megatron.core import parallel_state
+
+    check_generation_fits(cfg)
+    parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes)
+    uses_teacher = Trainer.needs_teacher(cfg) if uses_teacher is None else uses_teacher
+    models = {"student": cfg.student, **({"teacher": cfg.teacher} if uses_teacher else {})}
+    parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
+                                       cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed, models)
+    data = TrainingData(cfg, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    return Trainer(cfg, data, uses_teacher=uses_teacher)
+
+
+def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> int:
+    """Run training to `schedule.train_iters`. Returns the process exit code (0, or EXIT_PREEMPTED)."""
+    trainer = build_trainer(cfg, uses_teacher)
+    resume_dir = find_resume(cfg)
+    if resume_dir is not None:
+        load_checkpoint(trainer, resume_dir)
+    rank0 = dist.get_rank() == 0
+    log = MetricsLogger(cfg.logging.output_dir, cfg.schedule.train_iters, cfg.logging.log_interval, rank0,
+                        cfg.logging.tensorboard, cfg.logging.progress_bar, start_step=trainer.step)
+    if rank0 and resume_dir is not None:
+        log.write_line(trainer.step, "resume", {"from": str(resume_dir)})
+    preemption = PreemptionFlag()
+    save_dir = cfg.checkpoint.save
+    exit_code = 0
+    while trainer.step < cfg.schedule.train_iters:
+        metrics = trainer.train_step()
+        log.log(trainer.step, metrics)
+        if evaluate_fn is not None and cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0:
+            log.log(trainer.step, evaluate_fn(trainer), kind="eval")
+        periodic = save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
+        if preemption.any_rank():
+            if save_dir:
+                save_checkpoint(trainer, save_dir)
+            if rank0:
+                log.write_line(trainer.step, "preempted", {"checkpoint": str(save_dir), "exit_code": EXIT_PREEMPTED})
+            exit_code = EXIT_PREEMPTED
+            break
+        if periodic:
+            save_checkpoint(trainer, save_dir)
+    else:
+        if save_dir and trainer.step % max(cfg.checkpoint.save_interval, 1) != 0:
+            save_checkpoint(trainer, save_dir)
+    if rank0:
+        Path(cfg.logging.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.logging.output_dir) / "train_summary.json").write_text(
+            json.dumps({"step": trainer.step, "exit_code": exit_code, "skipped_steps": trainer.skipped_steps}))
+    log.close()
+    return exit_code
+
+
+def main(cfg: Config) -> None:
+    code = train(cfg)
+    parallel.destroy()
+    sys.exit(code)

@@ -1,0 +1,264 @@
+"""The MGSR training loop.
+
+One iteration (design.md §1):
+  1. the data schedule picks ground truth, fresh SCRG samples or replay (same decision on every rank);
+  2. the teacher runs forward-only through the pipeline; its vocab-parallel logits stay on the last stage;
+  3. the student runs Megatron's forward-backward schedule over the micro-batches; the loss on the last
+     stage is w_sft*SFT + w_dac*DAC-KL + w_span*span against the kept teacher logits;
+  4. gradients are synchronised (DP average, tied embeddings), clipped by the global norm, and AdamW
+     steps the student and the ClipNet; the LR follows warm-up + cosine.
+
+The loss of a step is the mean of the micro-batch losses over all micro-batches of all DP ranks, each
+micro-batch loss being a mean over its own tokens, so TP/PP/DP layouts give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mgsr_megatron import platform
+from mgsr_megatron.config import Config
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
+from mgsr_megatron.models.builder import check_same_vocab
+from mgsr_megatron.models.pipeline import forward_logits
+from mgsr_megatron.training import optimizer as optim
+
+# The exit code of a run stopped by SIGTERM/SIGUSR1 after its checkpoint was written (SLURM requeue).
+EXIT_PREEMPTED = 143 - 128 + 100  # 115: distinct from errors (1, 2) and from a kill (137, 143)
+METRIC_KEYS = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "band_size", "kept_mass")
+
+
+@dataclass
+class StepBatch:
+    """The micro-batches of one step on this DP rank, plus where they came from."""
+
+    micro_batches: list[dict]
+    source: str  # ground_truth | generate | replay
+    stats: dict = field(default_factory=dict)
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def validate_batch_layout(cfg: Config, dp_size: int) -> int:
+    """Number of micro-batches per step on each DP rank; clear errors for impossible settings."""
+    sched = cfg.schedule
+    per_step = sched.micro_batch_size * dp_size
+    if sched.global_batch_size % per_step:
+        raise UserError(f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+                        f"micro_batch_size*DP = {sched.micro_batch_size}*{dp_size} = {per_step}")
+    for name, model in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if sched.seq_length > model.max_position_embeddings:
+            raise UserError(f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings="
+                            f"{model.max_position_embeddings}")
+    return sched.global_batch_size // per_step
+
+
+class Trainer:
+    @staticmethod
+    def needs_teacher(cfg: Config) -> bool:
+        return bool(cfg.mgsr.w_dac or cfg.mgsr.w_span or cfg.mgsr.data_schedule != "ground_truth")
+
+    def __init__(self, cfg: Config, data, uses_teacher: bool | None = None):
+        """Needs Megatron's parallel_state set up (training/run.py does it). `data` is a
+        training/data.py TrainingData (or anything with its methods)."""
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        self.data = data
+        check_same_vocab(cfg.teacher, cfg.student)
+        self.uses_teacher = self.needs_teacher(cfg) if uses_teacher is None else uses_teacher
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.num_micro = validate_batch_layout(cfg, self.dp_size)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.student = build_model(cfg.student)
+        if cfg.student.load:
+            from mgsr_megatron.models.checkpoint import load_model
+
+            load_model(self.student, cfg.student.load)
+        self.teacher = self._load_teacher() if self.uses_teacher else None
+        self.clipnet = self._build_clipnet()
+        self.optimizer = optim.build_optimizer(self.student, cfg.optimizer)
+        self.clipnet_optimizer = optim.build_optimizer(self.clipnet, cfg.optimizer)
+        self.schedule = self._build_schedule() if self.uses_teacher else None
+        self.step = 0
+        self.nan_steps_in_row = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _load_teacher(self):
+        from mgsr_megatron.models.checkpoint import load_model
+
+        if not self.cfg.teacher.load:
+            raise UserError("teacher.load is not set: distillation needs the teacher's checkpoint directory")
+        teacher = build_teacher(self.cfg.teacher)
+        init_fingerprint = [p.detach().clone() for p in teacher.parameters()]
+        load_model(teacher, self.cfg.teacher.load)
+        unchanged = all(torch.equal(a, p) for a, p in zip(init_fingerprint, teacher.parameters()))
+        flag = torch.tensor([1.0 if unchanged else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 1.0:
+            raise UserError(f"teacher checkpoint {self.cfg.teacher.load} left every weight at its random "
+                            f"initialisation: refusing to distill from an untrained teacher")
+        teacher.eval()
+        return teacher
+
+    def _build_clipnet(self):
+        from mgsr_megatron.losses import ClipNet
+
+        m = self.cfg.mgsr
+        return ClipNet(k_feat=m.k_feat, hidden=m.clipnet_hidden, seed=self.cfg.parallel.seed, rho=m.rho)
+
+    def _build_schedule(self):
+        from mgsr_megatron.data.schedule import DataSchedule
+
+        return DataSchedule(self.cfg.mgsr, seed=self.cfg.parallel.seed)
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _tp_rank_masked(self, logits: torch.Tensor) -> torch.Tensor:
+        return mask_padded_logits(logits, self.cfg.student.vocab_size, self.tp_rank)
+
+    def next_batch(self) -> StepBatch:
+        decision = self.schedule.decide(self.step, self.cfg.schedule.train_iters) if self.uses_teacher \
+            else "ground_truth"
+        if decision == "replay" and len(self.schedule.buffer) == 0:
+            decision = "generate"
+        if decision == "ground_truth":
+            return StepBatch(self.data.next_micro_batches(self.num_micro), "ground_truth")
+        if decision == "replay":
+            samples = self.schedule.buffer.sample(self.num_micro * self.cfg.schedule.micro_batch_size)
+            return StepBatch(self.data.collate_generated(samples, self.num_micro), "replay")
+        return self._generate_batch()
+
+    def _generate_batch(self) -> StepBatch:
+        from mgsr_megatron.generation import scrg
+
+        source_batches = self.data.next_prompt_micro_batches(self.num_micro)
+        prompts = [p for mb in source_batches for p in mb]
+        seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 1009 + self.dp_rank) % (2 ** 31)
+        out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, eos_id=self.data.eos_id,
+                          vocab_size=self.cfg.student.vocab_size, seed=seed)
+        self.student.train()
+        samples = [(prompt, response) for prompt, response in zip(prompts, out.responses())]
+        self.schedule.buffer.push(samples)
+        corrected = stats["corrected"]
+        j = stats["j"][corrected]
+        batch_stats = {"scrg_corrected": float(corrected.float().mean()),
+                       "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
+        return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
+
+    # ------------------------------------------------------------------------------------------ step
+    def _teacher_logits(self, micro_batches: list[dict]):
+        if self.teacher is None:
+            return None
+        return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
+
+    def _forward_backward(self, micro_batches: list[dict], teacher_logits) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from mgsr_megatron.losses import mgsr_objective
+
+        cfg = self.cfg
+        batches = iter(enumerate(micro_batches))
+
+        def forward_step(_iterator, model):
+            index, mb = next(batches)
+            output = model(mb["tokens"], mb["position_ids"], None)
+
+            def loss_func(student_logits):
+                student_logits = self._tp_rank_masked(student_logits)
+                if teacher_logits is not None:
+                    teacher = self._tp_rank_masked(teacher_logits[index])
+                else:  # SFT-only run: the KD terms are off, the objective still needs a tensor
+                    teacher = student_logits.detach()
+                loss, metrics = mgsr_objective(
+                    student_logits, teacher, labels=mb["labels"], sft_mask=mb["sft_mask"],
+                    kd_mask=mb["kd_mask"], span_pair_mask=mb["span_pair_mask"], clipnet=self.clipnet,
+                    cfg=cfg.mgsr, tp_group=self.tp_group)
+                reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(())
+                                        for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
+                return loss, {"metrics": reported}
+
+            return output, loss_func
+
+        b, s = micro_batches[0]["tokens"].shape
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=None, model=[self.student],
+            num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
+
+    def _reduce_metrics(self, outputs: list[dict]) -> dict:
+        """Mean over micro-batches and DP ranks, sent from the last stage to every rank."""
+        from megatron.core import parallel_state
+
+        values = torch.zeros(len(METRIC_KEYS) + 1, device=platform.device())
+        if self.last_stage and outputs:
+            values = torch.stack([o["metrics"] for o in outputs]).mean(0).to(values.device)
+            values[-1] = torch.stack([o["metrics"][-1] for o in outputs]).max()
+        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        nonfinite = values[-1:].clone()
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= self.dp_size
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        metrics = dict(zip(METRIC_KEYS, values[:-1].tolist()))
+        metrics["nonfinite"] = bool(nonfinite.item() > 0)
+        return metrics
+
+    def train_step(self) -> dict:
+        start = time.time()
+        lr = optim.learning_rate(self.step, self.cfg.optimizer, self.cfg.schedule)
+        for group in self.optimizer.param_groups + self.clipnet_optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.next_batch()
+        self.student.train()
+        teacher_logits = self._teacher_logits(batch.micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clipnet_optimizer.zero_grad(set_to_none=True)
+        outputs = self._forward_backward(batch.micro_batches, teacher_logits)
+        metrics = self._reduce_metrics(outputs)
+        grad_norm = float("nan")
+        if metrics["nonfinite"] or not math.isfinite(metrics["loss"]):
+            self.nan_steps_in_row += 1
+            self.skipped_steps += 1
+            if self.nan_steps_in_row > self.cfg.schedule.max_nan_steps:
+                raise UserError(f"loss was NaN/Inf in {self.nan_steps_in_row} steps in a row (limit "
+                                f"schedule.max_nan_steps={self.cfg.schedule.max_nan_steps}); stopping")
+        else:
+            self.nan_steps_in_row = 0
+            optim.sync_gradients(self.student, self.clipnet)
+            grad_norm = optim.clip_gradients(self.student, self.clipnet, self.cfg.optimizer.clip_grad)
+            self.optimizer.step()
+            self.clipnet_optimizer.step()
+        self.step += 1
+        tokens = sum(int(mb["loss_mask"].numel()) for mb in batch.micro_batches) * self.dp_size
+        elapsed = time.time() - start
+        metrics.update(batch.stats, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                       tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed, source=batch.source,
+                       skipped_steps=self.skipped_steps)
+        if platform.cuda_available():
+            metrics["mem_gib"] = platform.max_memory_allocated() / 2 ** 30
+        return metrics

@@ -127,10 +127,11 @@ class DacInputs:
         s_s = student.float() / temperature
         (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
         # Sort on the unscaled fp32 teacher logits: the order is the same for any temperature > 0 and
-        # the division cannot create ties.
+        # the division cannot create ties. The [n, K] log-probs are formed in float64 (cheap, and the
+        # band edges amplify their rounding by 1/kappa).
         top_raw, self.ids = global_topk(teacher.float(), k_top, shard)
-        self.log_p = top_raw / temperature - self.lse_t[:, None]
-        self.log_q = gather_at_ids(s_s, self.ids, shard) - self.lse_s[:, None]
+        self.log_p = top_raw.double() / temperature - self.lse_t[:, None]
+        self.log_q = gather_at_ids(student.float(), self.ids, shard).double() / temperature - self.lse_s[:, None]
         self.s_s = s_s
 
 
@@ -141,7 +142,7 @@ def dac_bounds(inputs: DacInputs, mode: str, clipnet: ClipNet | None, k_feat: in
     cancellation costs ~1e-4 relative accuracy in ClipNet's gradient. [n, K] work only, so it is cheap."""
     n = inputs.log_p.shape[0]
     if mode == "learned":
-        features = band_features(inputs.log_p.detach(), inputs.entropy, k_feat).double()
+        features = band_features(inputs.log_p.detach(), inputs.entropy, k_feat)
         params = {name: p.double() for name, p in clipnet.named_parameters()}
         a, b = torch.func.functional_call(clipnet, params, (features,))
         return bounds(a, b, rho)
@@ -155,21 +156,21 @@ def dac_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, kappa, ban
     no autograd. With `row_weight` [n] (= d total / d kl_row): also the student's shard gradient and the
     ClipNet parameter gradients of sum_rows row_weight * kl (recomputed here; used by backward)."""
     inputs = DacInputs(student, teacher, temperature, max(k_band, k_feat if mode == "learned" else 0), shard)
-    log_p = inputs.log_p[:, :k_band].double()
+    log_p = inputs.log_p[:, :k_band]
     if row_weight is None:
         with torch.no_grad():
             lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
-            kl, size, kept = band_kl(log_p, inputs.log_q[:, :k_band].double(), lower, upper, kappa, band_norm)
+            kl, size, kept = band_kl(log_p, inputs.log_q[:, :k_band], lower, upper, kappa, band_norm)
         return (kl.float(), lower.float(), upper.float(), size.float(), kept.float(), inputs.lse_t,
                 inputs.lse_s)
-    log_q = inputs.log_q[:, :k_band].double().requires_grad_(True)
+    log_q = inputs.log_q[:, :k_band].clone().requires_grad_(True)
     with torch.enable_grad():
         lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
         kl, _, _ = band_kl(log_p, log_q, lower, upper, kappa, band_norm)
         total = (kl * row_weight.double()).sum()
         grads = torch.autograd.grad(total, [log_q, *params], allow_unused=True)
     weight = grads[0].float()  # dL/dlog q_k
-    q_local = (inputs.s_s - inputs.lse_s[:, None]).exp()
+    q_local = (inputs.s_s - inputs.lse_s.float()[:, None]).exp()
     grad = q_local.mul_(-weight.sum(-1, keepdim=True))
     scatter_add_at_ids(grad, inputs.ids[:, :k_band], weight, shard)
     grad.div_(temperature)

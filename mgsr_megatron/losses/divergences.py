@@ -99,6 +99,7 @@ def divergence_rows(student, teacher, kind, temperature, beta, alpha, shard: Sha
     s_t = teacher.float() / temperature
     s_s = student.float() / temperature
     (lse_t, lse_s), _ = log_softmax_stats([s_t, s_s], shard)
+    lse_t, lse_s = lse_t.float(), lse_s.float()
     value, scalar, _ = _terms(s_t, s_s, lse_t, lse_s, kind, beta, alpha)
     packed = torch.stack([value, scalar if scalar is not None else torch.zeros_like(value)], dim=-1)
     all_reduce(packed, shard)

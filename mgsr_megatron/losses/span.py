@@ -35,8 +35,8 @@ def _raw_products(student, teacher, first, temperature, shard):
     s_s = student.index_select(0, torch.cat([first, second])).float() / temperature
     (lse_t, lse_s), _ = log_softmax_stats([s_t, s_s], shard)
     n = first.shape[0]
-    log_p = s_t - lse_t[:, None]
-    log_q = s_s - lse_s[:, None]
+    log_p = s_t - lse_t.float()[:, None]
+    log_q = s_s - lse_s.float()[:, None]
     r_t = (log_p[:n] + log_p[n:]).exp()
     r_s = (log_q[:n] + log_q[n:]).exp()
     return r_t, r_s, log_q[:n].exp(), log_q[n:].exp()

@@ -151,8 +151,10 @@ def _xlogx_free(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[int, ...] = ()):
     """Global log-sum-exp of each [n, V/TP] tensor in `rows` (2 all-reduces for all of them together).
 
-    Returns (lse list, entropy list aligned with `entropy_of`). A row that is all -inf gets lse = -inf,
-    a row with NaN or +inf gets NaN; callers report those through their nonfinite flags.
+    Returns (lse list, entropy list aligned with `entropy_of`), float64 [n] each: the sums are
+    accumulated in float64, so the statistics carry no rounding of their own (a float32 lse of
+    magnitude ~5 is only good to ~3e-7, which DAC-KL's band edges amplify by 1/kappa). A row that is
+    all -inf gets lse = -inf, a row with NaN or +inf gets NaN; callers report those as nonfinite.
     """
     maxes = torch.stack([x.max(dim=-1).values for x in rows], dim=-1)
     all_reduce(maxes, shard, dist.ReduceOp.MAX)
@@ -161,15 +163,15 @@ def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[
     for i, x in enumerate(rows):
         centred = x - shift[:, i, None]
         exps = centred.exp()
-        partials.append(exps.sum(dim=-1))
+        partials.append(exps.sum(dim=-1, dtype=torch.float64))
         if i in entropy_of:
-            partials.append(_xlogx_free(exps, centred).sum(dim=-1))
+            partials.append(_xlogx_free(exps, centred).sum(dim=-1, dtype=torch.float64))
     sums = torch.stack(partials, dim=-1)
     all_reduce(sums, shard)
     lse, entropy, column = [], [], 0
     for i in range(len(rows)):
         log_sum = sums[:, column].log()
-        lse.append(shift[:, i] + log_sum)
+        lse.append(shift[:, i].double() + log_sum)
         if i in entropy_of:
             entropy.append(log_sum - sums[:, column + 1] / sums[:, column])
             column += 1

@@ -134,9 +134,10 @@ def _top_p_filter(scores: torch.Tensor, top_p: float, tp_group) -> torch.Tensor:
         reaches = mass >= top_p
         lo = torch.where(reaches, mid, lo)
         hi = torch.where(reaches, hi, mid)
-    # every v with p_v >= hi has mass(> p_v) <= mass(> hi) < top_p: kept. Entries in (lo, hi) are
-    # closer together than float32 logits can express, so none is left undecided.
-    return scores.masked_fill(probs < hi, float("-inf"))
+    # {t : mass(p > t) < top_p} = [p*, inf) where p* is the probability of the last kept entry, so
+    # lo < p* <= hi. Keep p_v > lo: exact unless another entry lies in (lo, p*), i.e. within 2^-52 of
+    # the top probability below p* -- closer than float32 logits can put two entries.
+    return scores.masked_fill(probs <= lo, float("-inf"))
 
 
 def sample(logits: torch.Tensor, *, vocab_size: int, vocab_start: int = 0, tp_group=None,

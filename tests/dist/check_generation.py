@@ -195,7 +195,8 @@ def sampler_identical_tp124_and_dense():
              dict(greedy=False, temperature=1.0, top_k=0, top_p=1.0),
              dict(greedy=False, temperature=0.7, top_k=5, top_p=1.0),
              dict(greedy=False, temperature=1.3, top_k=0, top_p=0.6),
-             dict(greedy=False, temperature=1.0, top_k=40, top_p=0.9)]
+             dict(greedy=False, temperature=1.0, top_k=40, top_p=0.9),
+             dict(greedy=False, temperature=4.0, top_k=0, top_p=0.5)]
     for seed in (0, 11):
         for mode in modes:
             expected = [ref_sample(logits[r].numpy(), seed=seed, step=9, row=r, **mode) for r in range(6)]
@@ -300,3 +301,23 @@ def scrg_matches_dense_reference():
             if False in results:
                 assert results[True] == results[False], f"{where}: cache reuse differs from regeneration"
             _same_on_all_ranks(results[True], where)
+
+
+@dist_check(world_size=4)
+def schedule_same_decision_on_every_rank():
+    from mgsr_megatron.data.schedule import DataSchedule
+
+    parallel.initialize_model_parallel(1, 1)
+    rank = dist.get_rank()
+    for kind in ("off_policy", "on_policy"):
+        schedule = DataSchedule(kind, seed=77, capacity=6, init_threshold=0.3)
+        decisions = []
+        for step in range(60):
+            kind_now = schedule.decide(step, 60)
+            decisions.append(kind_now)
+            if kind_now == "generate":
+                schedule.push([(rank, step)] * 2)  # each rank its own samples, the same number
+            if step % 10 == 9:  # every rank reports the same (data-parallel averaged) loss
+                schedule.report_validation_loss([1.0, 1.2, 1.1, 1.5, 1.7, 1.6][step // 10])
+        assert "generate" in decisions and (kind == "on_policy" or "replay" in decisions), decisions
+        _same_on_all_ranks((decisions, schedule.threshold), f"{kind} schedule")

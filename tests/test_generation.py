@@ -1,0 +1,155 @@
+"""Single-process tests of sampling, the KV-cached generator and SCRG (TP1/PP1, a world of one).
+
+The multi-rank layouts (TP=2/4, PP=2, TP2xPP2) are in tests/dist/check_generation.py; both compare
+against the same independent dense reference defined there.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mgsr_megatron.config import MGSRConfig
+from mgsr_megatron.errors import UserError
+from mgsr_megatron.generation import generate, sample, scrg
+from mgsr_megatron.generation.sampling import uniform_noise
+from tests.dist.check_generation import (PADDED, PROMPTS, VOCAB, _dense, _sharp_full_state, _tiny, ref_generate,
+                                         ref_gumbel, ref_sample, ref_scrg)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from mgsr_megatron import parallel
+
+    parallel.init_distributed()
+    student_cfg = _tiny("llama", num_layers=2)
+    teacher_cfg = _tiny("llama", num_layers=2, hidden_size=96, ffn_hidden_size=128)
+    student = _dense(student_cfg, _sharp_full_state(student_cfg, seed=31, scale=6.0))
+    teacher = _dense(teacher_cfg, _sharp_full_state(teacher_cfg, seed=41, scale=25.0))
+    return student, teacher
+
+
+def test_noise_matches_spec_and_is_uniform():
+    rows = torch.arange(3)
+    ids = torch.arange(PADDED)
+    u = uniform_noise(123, 17, rows, ids)
+    for r in range(3):
+        expected = np.exp(-np.exp(-ref_gumbel(123, 17, r, PADDED)))  # back from Gumbel to uniform
+        np.testing.assert_allclose(u[r].numpy(), expected, rtol=1e-12)
+    big = uniform_noise(5, 0, torch.arange(64), torch.arange(4096)).flatten()
+    assert 0 < big.min() and big.max() < 1
+    assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    # the value at a global id is the same whichever slice of ids is asked for
+    assert torch.equal(uniform_noise(5, 3, rows, torch.arange(128, 256)), uniform_noise(5, 3, rows, ids)[:, 128:])
+    assert not torch.equal(uniform_noise(5, 3, rows, ids), uniform_noise(5, 4, rows, ids))
+
+
+@pytest.mark.parametrize("mode", [dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0),
+                                  dict(greedy=False, temperature=1.0, top_k=0, top_p=1.0),
+                                  dict(greedy=False, temperature=0.5, top_k=3, top_p=1.0),
+                                  dict(greedy=False, temperature=1.0, top_k=0, top_p=0.3),
+                                  dict(greedy=False, temperature=2.0, top_k=50, top_p=0.95)])
+def test_sampler_matches_dense_reference(mode):
+    logits = torch.randn(16, PADDED, generator=torch.Generator().manual_seed(1)) * 2
+    logits[:, VOCAB:] = 100.0  # padded entries would win every time if they were not masked
+    for seed in range(4):
+        got = sample(logits, vocab_size=VOCAB, seed=seed, step=seed + 2, **mode)
+        expected = [ref_sample(logits[r].numpy(), seed=seed, step=seed + 2, row=r, **mode) for r in range(16)]
+        assert got.tolist() == expected
+        assert (got < VOCAB).all()
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0] + [-5.0] * (PADDED - 4)])
+    seen_k = {int(sample(logits, vocab_size=VOCAB, top_k=2, seed=s)) for s in range(200)}
+    assert seen_k == {0, 1}
+    probs = torch.softmax(logits[0, :VOCAB], -1)
+    top_p = float(probs[0] + probs[1] / 2)  # needs tokens 0 and 1 to reach it, never token 2
+    seen_p = {int(sample(logits, vocab_size=VOCAB, top_p=top_p, seed=s)) for s in range(200)}
+    assert seen_p == {0, 1}
+
+
+def test_sampling_frequencies_follow_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5] + [-30.0] * (PADDED - 4)])
+    draws = torch.stack([sample(logits, vocab_size=VOCAB, seed=0, step=s) for s in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=4)[:4].double() / 4000
+    np.testing.assert_allclose(freq.numpy(), torch.softmax(logits[0, :4].double(), -1).numpy(), atol=0.025)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "top_p"])
+def test_generate_matches_full_recompute_reference(models, mode):
+    student, _ = models
+    opts = {"greedy": dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0),
+            "sampled": dict(greedy=False, temperature=1.0, top_k=0, top_p=1.0),
+            "top_p": dict(greedy=False, temperature=0.7, top_k=0, top_p=0.8)}[mode]
+    plain = ref_generate(student, PROMPTS, max_new_tokens=7, eos_id=249, seed=2, **opts)
+    eos = plain[0][1]  # early EOS in row 0
+    expected = ref_generate(student, PROMPTS, max_new_tokens=7, eos_id=eos, seed=2, **opts)
+    out = generate(student, PROMPTS, max_new_tokens=7, eos_id=eos, vocab_size=VOCAB, seed=2, **opts)
+    assert out.responses() == expected
+    ends = [len(p) + len(r) for p, r in zip(PROMPTS, expected)]
+    assert out.response_lengths[0] <= 2 and out.tokens.shape == (3, max(ends))
+    # padding after a row's end is pad_id (= eos by default)
+    row0_end = len(PROMPTS[0]) + int(out.response_lengths[0])
+    assert (out.tokens[0, row0_end:] == eos).all()
+
+
+def test_scrg_matches_reference_and_cache_reuse(models):
+    student, teacher = models
+    cfg = MGSRConfig(max_new_tokens=6, scrg_rounds=2)
+    responses, rounds = ref_scrg(student, teacher, PROMPTS, cfg, eos_id=3, seed=8)
+    reused, stats = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=3, vocab_size=VOCAB, seed=8)
+    cold, _ = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=3, vocab_size=VOCAB, seed=8, reuse_cache=False)
+    assert reused.responses() == responses == cold.responses()
+    assert torch.equal(reused.tokens, cold.tokens)
+    for decision, ref_round in zip(stats["per_round"], rounds):
+        assert [tuple(int(v) for v in d[:2]) if d[0] >= 0 else None for d in decision.tolist()] == \
+               [r[:2] if r else None for r in ref_round]
+    last = {row: d for ref_round in rounds for row, d in enumerate(ref_round) if d}
+    assert stats["corrected"].tolist() == [row in last for row in range(3)]
+    assert stats["j"].tolist() == [last[row][0] if row in last else -1 for row in range(3)]
+
+
+def test_scrg_zero_rounds_is_plain_sampling(models):
+    student, teacher = models
+    out, stats = scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=5, scrg_rounds=0), eos_id=3,
+                      vocab_size=VOCAB, seed=4)
+    plain = generate(student, PROMPTS, max_new_tokens=5, eos_id=3, vocab_size=VOCAB, seed=4)
+    assert torch.equal(out.tokens, plain.tokens) and not stats["corrected"].any()
+
+
+def test_scrg_large_delta_corrects_nothing(models):
+    student, teacher = models
+    out, stats = scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=5, scrg_delta=1e9), eos_id=3,
+                      vocab_size=VOCAB, seed=4)
+    plain = generate(student, PROMPTS, max_new_tokens=5, eos_id=3, vocab_size=VOCAB, seed=4)
+    assert torch.equal(out.tokens, plain.tokens) and stats["j"].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("prompts,kwargs,message", [
+    ([[1] * 41], dict(max_new_tokens=1), "41 tokens, longer than the model's context of 40"),
+    ([[1] * 30], dict(max_new_tokens=11), "30 tokens) + max_new_tokens (11) = 41 overflows the model's 40"),
+    ([[1, 2]], dict(max_new_tokens=4, eos_id=250), "eos_id 250 is outside the vocabulary [0, 250)"),
+    ([[1, 2]], dict(max_new_tokens=4, eos_id=-1), "eos_id -1 is outside the vocabulary"),
+    ([[1, 2], []], dict(max_new_tokens=4), "prompt 1 is empty"),
+    ([], dict(max_new_tokens=4), "no prompts given"),
+    ([[1, 300]], dict(max_new_tokens=4), "token id 300 outside the vocabulary [0, 250)"),
+    ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    ([[1, 2]], dict(max_new_tokens=3, temperature=0.0), "temperature must be > 0"),
+    ([[1, 2]], dict(max_new_tokens=3, top_p=0.0), "top_p must be in (0, 1]"),
+])
+def test_bad_input_is_reported_before_generation(models, prompts, kwargs, message):
+    student, _ = models
+    kwargs = {"eos_id": 3, **kwargs}
+    with pytest.raises(UserError) as err:
+        generate(student, prompts, vocab_size=VOCAB, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_scrg_bad_options(models):
+    student, teacher = models
+    for field, value in (("scrg_divergence", "tvd"), ("scrg_teacher_token", "beam"), ("scrg_rounds", -1)):
+        with pytest.raises(UserError, match=field):
+            scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=4, **{field: value}), eos_id=3,
+                 vocab_size=VOCAB)
+    with pytest.raises(UserError, match="overflows"):
+        scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=39), eos_id=3, vocab_size=VOCAB)

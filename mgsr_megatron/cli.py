@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML config (default: the embedded tiny config)")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes (tensor parallel size)")
+    demo.add_argument("--ablation", action="store_true", help="also train the component ablation")
+    demo.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
     return parser
 
 

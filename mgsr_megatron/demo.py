@@ -1,77 +1,228 @@
-"""`mgsr demo`: the main job on the embedded default.
+"""`mgsr demo`: the main job on the embedded default, on 2 CPU cores with no downloads.
 
-Current stage (foundation): builds the tiny teacher and student under TP=2 with two local processes
-and runs one parallel forward of each, checking the vocab-parallel logits against the gathered
-single-process computation. The trainer turns this into the full MGSR pipeline.
+  1. (one process) build the embedded instruction corpus, train a SentencePiece tokenizer on it and
+     preprocess it into Megatron indexed files: all rows for the teacher; for the students a small
+     labelled subset plus the remaining rows as prompts without responses;
+  2. (torchrun, 2 processes) train the teacher (data parallel), then two students from the same init
+     with the same number of steps: plain SFT on the labelled subset (the baseline) and full MGSR
+     (SFT + DAC-KL + span + SCRG samples on all prompts) under TP=2, loading the teacher's checkpoint
+     re-sharded to TP=2;
+  3. evaluate teacher and students on held-out prompts (ROUGE-L, exact match; overall and per task
+     family; mean and spread over seeds), print a table, write `demo_report.json` and a plot.
+
+With `--ablation` it also trains the paper's component ablation (SFT, KD with forward KL, + DAC-KL,
++ span, + SCRG = MGSR) with the same data and steps.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+from mgsr_megatron.config import Config, ModelConfig, apply_dict, parse_overrides
 
-from mgsr_megatron.config import Config, ModelConfig, load_config
+DEMO_TEMPLATE = "{instruction}\n"
 
 
-def default_config() -> Config:
+def default_config(output_dir: Path) -> Config:
+    """The embedded default: sizes measured to fit the 10-minute budget on 2 cores."""
     cfg = Config()
     cfg.teacher = ModelConfig(arch="llama", num_layers=4, hidden_size=256, num_attention_heads=4,
-                              vocab_size=512, max_position_embeddings=128)
+                              vocab_size=512, max_position_embeddings=64)
     cfg.student = ModelConfig(arch="llama", num_layers=2, hidden_size=128, num_attention_heads=4,
-                              vocab_size=512, max_position_embeddings=128)
+                              vocab_size=512, max_position_embeddings=64)
     cfg.parallel.tensor_model_parallel_size = 2
+    data = output_dir / "data"
+    cfg.data.tokenizer = str(data / "tokenizer.model")
+    cfg.data.train_path = str(data / "student.train")
+    cfg.data.format = "prompt_response"
+    cfg.data.prompt_template = DEMO_TEMPLATE
+    cfg.data.max_prompt_length = 24
+    cfg.data.max_length = 40
+    cfg.schedule.seq_length = 40
+    cfg.schedule.micro_batch_size = 16
+    cfg.schedule.global_batch_size = 32
+    cfg.schedule.train_iters = 300
+    cfg.schedule.lr_warmup_iters = 20
+    cfg.schedule.eval_interval = 0
+    cfg.optimizer.lr = 3e-3
+    cfg.optimizer.min_lr = 3e-4
+    cfg.optimizer.weight_decay = 0.0
+    cfg.mgsr.max_new_tokens = 16
+    cfg.mgsr.data_schedule = "on_policy"
+    cfg.mgsr.on_policy_lambda = 0.5
+    cfg.mgsr.k_band = 64
+    cfg.mgsr.k_feat = 32
+    cfg.logging.progress_bar = True
+    cfg.logging.log_interval = 50
+    cfg.logging.tensorboard = True
+    cfg.checkpoint.save_interval = 0
+    cfg.checkpoint.keep_last = 1
     return cfg
+
+
+DEMO_SETTINGS = {"teacher_iters": 600, "labelled_fraction": 0.1, "n_train": 4000, "n_eval": 240,
+                 "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16}
+
+
+# ----------------------------------------------------------------------------------------- step 1
+def prepare_data(out: Path, settings: dict) -> None:
+    """Corpus, tokenizer and indexed files (single process; skipped when already complete)."""
+    from mgsr_megatron.config import DataConfig
+    from mgsr_megatron.data.demo_corpus import write_demo_corpus
+    from mgsr_megatron.data.preprocess import preprocess
+
+    data = out / "data"
+    if (data / "student.train.json").is_file() and (data / "teacher.train.json").is_file():
+        return
+    paths = write_demo_corpus(data / "corpus", n_train=settings["n_train"], n_eval=settings["n_eval"],
+                              labelled_fraction=settings["labelled_fraction"])
+    _train_tokenizer(paths["train"], data / "tokenizer.model")
+    data_cfg = DataConfig(format="prompt_response", prompt_template=DEMO_TEMPLATE, max_prompt_length=24,
+                          max_length=40, valid_fraction=0.0)
+    tokenizer = str(data / "tokenizer.model")
+    preprocess([paths["train"]], str(data / "teacher"), tokenizer, data_cfg, workers=1, progress=False)
+    preprocess([paths["train_labelled"], paths["train_prompts"]], str(data / "student"), tokenizer, data_cfg,
+               workers=1, progress=False, prompts_only=True)
+
+
+def _train_tokenizer(corpus: Path, model_path: Path) -> None:
+    import subprocess
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "train_tokenizer.py"
+    subprocess.run([sys.executable, str(tool), "--input", str(corpus), "--output", str(model_path),
+                    "--vocab-size", "512"], check=True, stdout=subprocess.DEVNULL)
+
+
+# ----------------------------------------------------------------------------------------- step 2/3
+def _variant(base: Config, out: Path, name: str, **mgsr) -> Config:
+    cfg = copy.deepcopy(base)
+    for key, value in mgsr.items():
+        setattr(cfg.mgsr, key, value)
+    cfg.logging.output_dir = str(out / name)
+    cfg.checkpoint.save = str(out / name / "checkpoints")
+    return cfg
+
+
+def student_variants(base: Config, out: Path, ablation: bool) -> dict[str, Config]:
+    sft_only = dict(w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
+    variants = {"sft_student": _variant(base, out, "sft_student", **sft_only),
+                "mgsr_student": _variant(base, out, "mgsr_student")}
+    if ablation:
+        variants.update({
+            "kd_forward_kl": _variant(base, out, "kd_forward_kl", dac_mode="off", w_span=0.0,
+                                      data_schedule="ground_truth"),
+            "kd_dac_kl": _variant(base, out, "kd_dac_kl", w_span=0.0, data_schedule="ground_truth"),
+            "kd_dac_kl_span": _variant(base, out, "kd_dac_kl_span", data_schedule="ground_truth"),
+        })
+    return variants
+
+
+def _params(model) -> int:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    count = torch.tensor(float(sum(p.numel() for p in model.parameters())))
+    dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return int(count.item())
+
+
+def _train_and_evaluate(cfg: Config, eval_items, tokenizer, settings: dict, uses_teacher=None) -> dict:
+    from mgsr_megatron.evaluation.evaluate import evaluate
+    from mgsr_megatron.training.run import train
+
+    start = time.time()
+    _, trainer = train(cfg, uses_teacher=uses_teacher)
+    seconds = time.time() - start
+    result = evaluate(trainer.student, eval_items, tokenizer, vocab_size=cfg.student.vocab_size,
+                      max_new_tokens=settings["eval_max_new_tokens"], seeds=settings["eval_seeds"])
+    result.update(params=_params(trainer.student), train_seconds=round(seconds, 1), steps=cfg.schedule.train_iters)
+    return result
+
+
+def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dict:
+    import torch.distributed as dist
+
+    from mgsr_megatron import parallel
+    from mgsr_megatron.data.indexed import InstructionDataset, PromptDataset
+    from mgsr_megatron.data.tokenizer import load_tokenizer
+
+    started = time.time()
+    parallel.init_distributed()
+    rank0 = dist.get_rank() == 0
+    tokenizer = load_tokenizer(base.data.tokenizer)
+    eval_items = PromptDataset.from_jsonl(out / "data" / "corpus" / "eval.jsonl", tokenizer, base.data)
+
+    teacher_cfg = _variant(base, out, "teacher", w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
+    teacher_cfg.student = copy.deepcopy(base.teacher)  # the teacher is trained as a "student" of SFT
+    teacher_cfg.data.train_path = str(out / "data" / "teacher.train")
+    teacher_cfg.parallel.tensor_model_parallel_size = 1  # data parallel: the fastest layout on 2 cores
+    teacher_cfg.schedule.train_iters = settings["teacher_iters"]
+    report = {"teacher": _train_and_evaluate(teacher_cfg, eval_items, tokenizer, settings, uses_teacher=False)}
+    teacher_dir = Path(teacher_cfg.checkpoint.save)
+
+    base = copy.deepcopy(base)
+    base.teacher.load = str(teacher_dir)
+    for name, cfg in student_variants(base, out, ablation).items():
+        report[name] = _train_and_evaluate(cfg, eval_items, tokenizer, settings)
+    report["seconds"] = round(time.time() - started, 1)
+    report["layout"] = {"teacher": "DP=2", "students": f"TP={base.parallel.tensor_model_parallel_size}"}
+    report["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    if ablation:
+        report["ablation"] = {name: {k: report[name][k] for k in ("rouge_l", "exact_match", "rouge_l_std")}
+                              for name in ("sft_student", "kd_forward_kl", "kd_dac_kl", "kd_dac_kl_span",
+                                           "mgsr_student")}
+    if rank0:
+        write_report(report, out)
+    parallel.destroy()
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    families = sorted(k.split("/", 1)[1] for k in report["teacher"] if k.startswith("rouge_l/"))
+    models = [k for k in report if isinstance(report[k], dict) and "rouge_l" in report[k]]
+    lines = [f"{'model':<16}{'params':>10}{'ROUGE-L':>10}{'+-':>6}{'EM':>8}{'+-':>6}{'train s':>9}  "
+             + "  ".join(f"{f[:10]:>10}" for f in families)]
+    for name in models:
+        r = report[name]
+        lines.append(f"{name:<16}{r['params']:>10,}{r['rouge_l']:>10.1f}{r['rouge_l_std']:>6.1f}"
+                     f"{r['exact_match']:>8.1f}{r['exact_match_std']:>6.1f}{r['train_seconds']:>9.0f}  "
+                     + "  ".join(f"{r['rouge_l/' + f]:>10.1f}" for f in families))
+    table = "\n".join(lines)
+    print("\n" + table + f"\n(ROUGE-L per family in the right columns; mean and spread over "
+          f"{report['teacher']['seeds']} seeds; total {report['seconds']:.0f} s)")
+    (out / "demo_table.txt").write_text(table + "\n")
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    try:
+        from mgsr_megatron.plotting import plot_runs
+
+        plot_runs({name: out / name / "metrics.jsonl" for name in models if name != "teacher"},
+                  out / "demo_curves.png")
+    except ImportError:
+        pass
+    print(f"wrote {out / 'demo_report.json'}")
 
 
 def run_demo(args, overrides: list[str]) -> None:
     from mgsr_megatron import launch
 
-    if not launch.already_distributed() and args.nproc > 1:
-        sys.exit(launch.relaunch_local(args.nproc, args.argv))
-    cfg = load_config(args.config, overrides) if args.config else default_config()
-    if overrides and not args.config:
-        from mgsr_megatron.config import apply_dict, parse_overrides
-
-        apply_dict(cfg, parse_overrides(overrides), "command line")
-    _forward_demo(cfg, Path(args.output_dir))
-
-
-def _forward_demo(cfg: Config, output_dir: Path) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from mgsr_megatron import parallel
-    from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
-    from mgsr_megatron.models.pipeline import forward_logits
-
-    start = time.time()
-    parallel.init_distributed()
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    parallel.initialize_model_parallel(tp, pp, cfg.parallel.seed,
-                                       models={"teacher": cfg.teacher, "student": cfg.student})
-    rank = dist.get_rank()
-    report = {"world_size": dist.get_world_size(), "tp": tp, "pp": pp}
-    tokens = torch.randint(0, cfg.student.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    for name, model_cfg, builder in (("teacher", cfg.teacher, build_teacher), ("student", cfg.student, build_model)):
-        model = builder(model_cfg)
-        params = torch.tensor(sum(p.numel() for p in model.parameters()), dtype=torch.long)
-        dist.all_reduce(params, group=parallel_state.get_model_parallel_group())
-        outputs = forward_logits(model, [tokens])
-        entry = {"params": int(params)}
-        if outputs is not None:
-            logits = mask_padded_logits(outputs[0], model_cfg.vocab_size,
-                                        parallel_state.get_tensor_model_parallel_rank())
-            entry["logits_shard_shape"] = list(logits.shape)
-            entry["mean_logit_local"] = float(logits[torch.isfinite(logits)].mean())
-        report[name] = entry
-    report["seconds"] = round(time.time() - start, 2)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
-        print(f"wrote {output_dir / 'demo_report.json'}")
-    parallel.destroy()
+    out = Path(args.output_dir).resolve()
+    settings = dict(DEMO_SETTINGS)
+    if args.quick:
+        settings.update(teacher_iters=60, n_train=600, n_eval=36, eval_seeds=(10,), labelled_fraction=0.25)
+    if not launch.already_distributed():
+        prepare_data(out, settings)
+        if args.nproc > 1:
+            sys.exit(launch.relaunch_local(args.nproc, args.argv))
+    base = default_config(out)
+    if args.quick:
+        base.schedule.train_iters = 30
+    if overrides:
+        apply_dict(base, parse_overrides(overrides), "command line")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run_pipeline(base, out, settings, args.ablation)

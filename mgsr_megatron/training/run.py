@@ -40,8 +40,9 @@ def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
     return Trainer(cfg, data, uses_teacher=uses_teacher)
 
 
-def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> int:
-    """Run training to `schedule.train_iters`. Returns the process exit code (0, or EXIT_PREEMPTED)."""
+def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tuple[int, Trainer]:
+    """Run training to `schedule.train_iters`. Returns the exit code (0, or EXIT_PREEMPTED after the
+    preemption checkpoint) and the trainer."""
     trainer = build_trainer(cfg, uses_teacher)
     resume_dir = find_resume(cfg)
     if resume_dir is not None:
@@ -54,6 +55,7 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> in
     preemption = PreemptionFlag()
     save_dir = cfg.checkpoint.save
     exit_code = 0
+    saved_step = trainer.step if resume_dir is not None else -1
     while trainer.step < cfg.schedule.train_iters:
         metrics = trainer.train_step()
         log.log(trainer.step, metrics)
@@ -63,24 +65,25 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> in
         if preemption.any_rank():
             if save_dir:
                 save_checkpoint(trainer, save_dir)
+                saved_step = trainer.step
             if rank0:
                 log.write_line(trainer.step, "preempted", {"checkpoint": str(save_dir), "exit_code": EXIT_PREEMPTED})
             exit_code = EXIT_PREEMPTED
             break
         if periodic:
             save_checkpoint(trainer, save_dir)
-    else:
-        if save_dir and trainer.step % max(cfg.checkpoint.save_interval, 1) != 0:
-            save_checkpoint(trainer, save_dir)
+            saved_step = trainer.step
+    if save_dir and saved_step != trainer.step:  # the final state is always saved
+        save_checkpoint(trainer, save_dir)
     if rank0:
         Path(cfg.logging.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.output_dir) / "train_summary.json").write_text(
             json.dumps({"step": trainer.step, "exit_code": exit_code, "skipped_steps": trainer.skipped_steps}))
     log.close()
-    return exit_code
+    return exit_code, trainer
 
 
 def main(cfg: Config) -> None:
-    code = train(cfg)
+    code, _ = train(cfg)
     parallel.destroy()
     sys.exit(code)

@@ -137,7 +137,7 @@ class Trainer:
     def _build_schedule(self):
         from mgsr_megatron.data.schedule import DataSchedule
 
-        return DataSchedule(self.cfg.mgsr, seed=self.cfg.parallel.seed)
+        return DataSchedule.from_config(self.cfg.mgsr, seed=self.cfg.parallel.seed)
 
     # ------------------------------------------------------------------------------------------ batches
     def _tp_rank_masked(self, logits: torch.Tensor) -> torch.Tensor:
@@ -146,30 +146,33 @@ class Trainer:
     def next_batch(self) -> StepBatch:
         decision = self.schedule.decide(self.step, self.cfg.schedule.train_iters) if self.uses_teacher \
             else "ground_truth"
-        if decision == "replay" and len(self.schedule.buffer) == 0:
-            decision = "generate"
         if decision == "ground_truth":
             return StepBatch(self.data.next_micro_batches(self.num_micro), "ground_truth")
         if decision == "replay":
-            samples = self.schedule.buffer.sample(self.num_micro * self.cfg.schedule.micro_batch_size)
+            samples = self.schedule.replay(self.num_micro * self.cfg.schedule.micro_batch_size, self.step)
             return StepBatch(self.data.collate_generated(samples, self.num_micro), "replay")
         return self._generate_batch()
 
     def _generate_batch(self) -> StepBatch:
-        from mgsr_megatron.generation import scrg
+        """Fresh responses for this rank's prompts: SCRG by the student, or the teacher's (SeqKD)."""
+        from mgsr_megatron.generation import generate, scrg
 
         source_batches = self.data.next_prompt_micro_batches(self.num_micro)
         prompts = [p for mb in source_batches for p in mb]
         seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 1009 + self.dp_rank) % (2 ** 31)
-        out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, eos_id=self.data.eos_id,
-                          vocab_size=self.cfg.student.vocab_size, seed=seed)
+        options = dict(eos_id=self.data.eos_id, vocab_size=self.cfg.student.vocab_size, seed=seed)
+        batch_stats = {}
+        if self.schedule.use_scrg:
+            out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, **options)
+            corrected = stats["corrected"]
+            j = stats["j"][corrected]
+            batch_stats = {"scrg_corrected": float(corrected.float().mean()),
+                           "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
+        else:
+            out = generate(self.teacher, prompts, max_new_tokens=self.cfg.mgsr.max_new_tokens, **options)
         self.student.train()
         samples = [(prompt, response) for prompt, response in zip(prompts, out.responses())]
-        self.schedule.buffer.push(samples)
-        corrected = stats["corrected"]
-        j = stats["j"][corrected]
-        batch_stats = {"scrg_corrected": float(corrected.float().mean()),
-                       "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
+        self.schedule.push(samples)
         return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
 
     # ------------------------------------------------------------------------------------------ step

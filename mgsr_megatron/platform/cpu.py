@@ -48,6 +48,10 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
+    # a class, not a lambda: libraries annotate with `torch.cuda.Stream | None` (transformers 5)
+    def __init__(self, *args, **kwargs):
+        pass
+
     def synchronize(self):
         pass
 
@@ -142,7 +146,7 @@ def _install_cuda_stubs() -> None:
         "empty_cache": lambda: None,
         "current_stream": lambda *a, **k: _NullStream(),
         "default_stream": lambda *a, **k: _NullStream(),
-        "Stream": lambda *a, **k: _NullStream(),
+        "Stream": _NullStream,
         "Event": _NullEvent,
         "stream": lambda *a, **k: contextlib.nullcontext(),
         "set_device": lambda *a, **k: None,

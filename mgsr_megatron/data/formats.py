@@ -10,8 +10,8 @@ Every format is mapped to (instruction, input, response):
                      instruction, followed by "assistant:".
 
 The prompt is `template.format(instruction=..., input=...)`, where a blank-line-separated block of the
-template whose placeholders all render empty is dropped (so Alpaca rows without `input` do not get an
-empty paragraph). Optional per-row keys kept as metadata: `family` (task family, for per-family
+template, or else a single line, whose placeholders all render empty is dropped (so Alpaca rows without
+`input` do not get an empty paragraph or line). Optional per-row keys kept as metadata: `family` (task family, for per-family
 evaluation) and `references` (extra reference answers for evaluation).
 
 Bad lines raise `UserError` naming file and line; with `skip_bad_lines=True` they are counted instead.
@@ -54,7 +54,7 @@ def detect_format(row: dict) -> str | None:
         return "messages"
     if "instruction" in row and "context" in row:
         return "dolly"
-    if "instruction" in row and ("output" in row or "input" in row):
+    if "output" in row or ("instruction" in row and "input" in row):
         return "alpaca"
     if "prompt" in row:
         return "prompt_response"
@@ -64,19 +64,25 @@ def detect_format(row: dict) -> str | None:
 
 
 def render_prompt(template: str, instruction: str, input_text: str = "") -> str:
-    blocks = template.split("\n\n")
+    """Fill the template; a blank-line-separated block, or else a single line, whose placeholders all
+    render empty is dropped (Alpaca rows without `input` get no empty paragraph or line)."""
     values = {"instruction": instruction, "input": input_text}
-    kept = []
-    for block in blocks:
-        names = re.findall(r"{(\w+)}", block)
+
+    def is_empty(part: str) -> bool:
+        names = re.findall(r"{(\w+)}", part)
         unknown = [n for n in names if n not in values]
         if unknown:
             raise UserError(f"data.prompt_template: unknown placeholder '{{{unknown[0]}}}' "
                             f"(use {{instruction}} and {{input}})")
-        if names and all(not values[n] for n in names):
+        return bool(names) and all(not values[n] for n in names)
+
+    blocks = []
+    for block in template.split("\n\n"):
+        if is_empty(block):
             continue
-        kept.append(block.format(**values))
-    return "\n\n".join(kept)
+        lines = [line for line in block.split("\n") if not is_empty(line)]
+        blocks.append("\n".join(lines).format(**values))
+    return "\n\n".join(blocks)
 
 
 def _text_field(row: dict, name: str, where: str, required: bool = True) -> str | None:
@@ -164,7 +170,7 @@ def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instructio
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
+                    row = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
                 example = parse_row(row, fmt, template, where, prompts_only)

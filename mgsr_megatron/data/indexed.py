@@ -48,14 +48,18 @@ def token_dtype(vocab_size: int):
 
 def _open_indexed(prefix: str, expected_bytes: int | None):
     """Open a Megatron IndexedDataset, turning its asserts into one-line errors and checking sizes."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
             raise UserError(f"preprocessed data file missing: {path}")
+    with open(idx_path, "rb") as stream:
+        if stream.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
+            raise UserError(f"{idx_path}: not a valid Megatron index file (bad header)")
     try:
-        dataset = IndexedDataset(prefix, mmap=True)
+        # numpy cannot mmap an empty file (a split without any span has an empty spans .bin)
+        dataset = IndexedDataset(prefix, mmap=os.path.getsize(bin_path) > 0)
     except (AssertionError, ValueError, struct.error) as exc:
         raise UserError(f"{idx_path}: not a valid Megatron index file ({str(exc) or type(exc).__name__})") from None
     index = dataset.index

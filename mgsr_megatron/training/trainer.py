@@ -154,25 +154,33 @@ class Trainer:
         return self._generate_batch()
 
     def _generate_batch(self) -> StepBatch:
-        """Fresh responses for this rank's prompts: SCRG by the student, or the teacher's (SeqKD)."""
+        """Fresh responses for this rank's prompts: SCRG by the student, or the teacher's (SeqKD).
+
+        Generation runs per micro-batch with a seed of (step, GLOBAL micro-batch index): micro-batch k of
+        DP rank r holds the samples of global micro-batch k*DP + r (data/sampler.py), so every TP/PP/DP
+        layout samples the same tokens for the same prompts.
+        """
         from mgsr_megatron.generation import generate, scrg
 
-        source_batches = self.data.next_prompt_micro_batches(self.num_micro)
-        prompts = [p for mb in source_batches for p in mb]
-        seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 1009 + self.dp_rank) % (2 ** 31)
-        options = dict(eos_id=self.data.eos_id, vocab_size=self.cfg.student.vocab_size, seed=seed)
-        batch_stats = {}
-        if self.schedule.use_scrg:
-            out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, **options)
-            corrected = stats["corrected"]
-            j = stats["j"][corrected]
-            batch_stats = {"scrg_corrected": float(corrected.float().mean()),
-                           "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
-        else:
-            out = generate(self.teacher, prompts, max_new_tokens=self.cfg.mgsr.max_new_tokens, **options)
+        samples, corrected, positions = [], [], []
+        for k, prompts in enumerate(self.data.next_prompt_micro_batches(self.num_micro)):
+            global_index = k * self.dp_size + self.dp_rank
+            seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 10_007 + global_index) % (2 ** 31)
+            options = dict(eos_id=self.data.eos_id, vocab_size=self.cfg.student.vocab_size, seed=seed)
+            if self.schedule.use_scrg:
+                out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, **options)
+                corrected.append(stats["corrected"])
+                positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
+            else:
+                out = generate(self.teacher, prompts, max_new_tokens=self.cfg.mgsr.max_new_tokens, **options)
+            samples += list(zip(prompts, out.responses()))
         self.student.train()
-        samples = [(prompt, response) for prompt, response in zip(prompts, out.responses())]
         self.schedule.push(samples)
+        batch_stats = {}
+        if corrected:
+            j = torch.cat(positions)
+            batch_stats = {"scrg_corrected": float(torch.cat(corrected).float().mean()),
+                           "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
         return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
 
     # ------------------------------------------------------------------------------------------ step

@@ -1,6 +1,7 @@
 """Tokenizers, instruction JSONL formats and span priors (single process, no Megatron)."""
 
 import json
+import re
 
 import pytest
 
@@ -225,3 +226,24 @@ def test_bad_extractor_specs():
         get_span_extractor("chunky")
     with pytest.raises(UserError, match="'window:1' needs a window of at least 2"):
         get_span_extractor("window:1")
+
+
+def test_train_tokenizer_tool(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_tokenizer_tool",
+                                                  Path(__file__).parent.parent / "tools" / "train_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    corpus = write_lines(tmp_path / "c.jsonl", [{"prompt": s, "response": s.upper()} for s in CORPUS] +
+                         [{"messages": [{"role": "user", "content": "zebra quartz"}]}])
+    assert tool.main(["--input", str(corpus), "--output", str(tmp_path / "t.model"), "--vocab-size", "120"]) == 0
+    assert re.search(r"vocab_size 120, hash \w{16}, 401 sentences", capsys.readouterr().out)
+    tok = load_tokenizer(tmp_path / "t.model")
+    assert tok.decode(tok.encode("zebra quartz")) == "zebra quartz"
+    assert len(tok.encode("42")) == 3  # split digits: "▁", "4", "2"
+    bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "x"}, b"{oops"])
+    assert tool.main(["--input", str(bad), "--output", str(tmp_path / "u.model")]) == 2
+    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert not (tmp_path / "u.model").exists()

@@ -1,4 +1,4 @@
-"""Command line: `mgsr {demo,train,eval,generate,plan} ...`; identical under torchrun, srun, mpirun.
+"""Command line: `mgsr {demo,train,eval,generate,plan} ...`; identical under torchrun, srun and mpirun.
 
 Config overrides are `--section.field=value` (or Megatron's `--tensor-model-parallel-size N`).
 Bad input ends the program with one line `mgsr: error: ...` and exit code 2.
@@ -14,27 +14,93 @@ from mgsr_megatron.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def _train(args, overrides):
+    from mgsr_megatron.config import load_config
+    from mgsr_megatron.training.run import main
+
+    cfg = load_config(args.config, overrides)
+    if args.resume is not None:
+        cfg.checkpoint.resume = args.resume
+    main(cfg)
+
+
+def _generate(args, overrides):
+    from mgsr_megatron.inference import generate_file
+
+    generate_file(args, overrides)
+
+
+def _eval(args, overrides):
+    from mgsr_megatron.inference import evaluate_file
+
+    evaluate_file(args, overrides)
+
+
 def _demo(args, overrides):
     from mgsr_megatron.demo import run_demo
 
     run_demo(args, overrides)
 
 
-COMMANDS = {
-    "demo": (_demo, "run the embedded end-to-end demo (the main job)"),
-}
+def _plan(args, overrides):
+    from mgsr_megatron.planner import run_plan
+
+    run_plan(args, overrides)
+
+
+def _add_model_source(parser):
+    parser.add_argument("--load", required=True, help="checkpoint directory (converted, or a run's checkpoints/)")
+    parser.add_argument("--tokenizer", help="tokenizer (default: the checkpoint's tokenizer/ or data.tokenizer)")
+    parser.add_argument("--config", help="YAML config for parallel layout and data settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mgsr", description="MGSR LLM distillation on Megatron-Core")
+    parser = argparse.ArgumentParser(
+        prog="mgsr", description="MGSR LLM distillation on Megatron-Core. Any further "
+        "--section.field=value flag overrides the config (e.g. --student.num_layers=4); Megatron's "
+        "--tensor-model-parallel-size / --pipeline-model-parallel-size are accepted too.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help=COMMANDS["demo"][1])
-    demo.add_argument("--config", help="YAML config (default: the embedded tiny config)")
+
+    demo = sub.add_parser("demo", help="the embedded end-to-end demo (the main job)")
+    demo.add_argument("--config", help="YAML overrides of the embedded demo config")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes (tensor parallel size)")
     demo.add_argument("--ablation", action="store_true", help="also train the component ablation")
-    demo.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
+    demo.add_argument("--quick", action="store_true", help="a short smoke version (tiny corpus, few steps)")
+
+    train = sub.add_parser("train", help="distill a student (MGSR) or train with SFT")
+    train.add_argument("--config", required=True, help="YAML config file")
+    train.add_argument("--resume", help="none | auto | a checkpoint directory (= --checkpoint.resume)")
+
+    generate = sub.add_parser("generate", help="generate responses for a JSONL file of prompts")
+    _add_model_source(generate)
+    generate.add_argument("--prompts", required=True, help="JSONL with 'prompt' (text) or 'prompt_ids' per line")
+    generate.add_argument("--output", required=True, help="JSONL to write (each input line + output_ids/output)")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--greedy", action="store_true")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=16)
+
+    evaluate = sub.add_parser("eval", help="ROUGE-L / exact match of a checkpoint on a JSONL evaluation set")
+    _add_model_source(evaluate)
+    evaluate.add_argument("--data", required=True, help="JSONL with prompts and reference responses")
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
+    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--output", help="JSONL file to append the result to")
+
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a config on a cluster")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--nodes", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, required=True)
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
     return parser
+
+
+COMMANDS = {"demo": _demo, "train": _train, "generate": _generate, "eval": _eval, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     args.argv = argv  # for commands that re-launch themselves under torchrun
     try:
-        COMMANDS[args.command][0](args, overrides)
+        COMMANDS[args.command](args, overrides)
     except UserError as exc:
         print(f"mgsr: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

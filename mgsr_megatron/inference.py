@@ -1,0 +1,146 @@
+"""`mgsr generate` and `mgsr eval`: a checkpoint at any TP/PP, prompts from JSONL, results to JSONL.
+
+    mgsr generate --load CKPT --prompts IN.jsonl --output OUT.jsonl [--greedy | --temperature T --top-p P
+                  --seed S] --max-new-tokens N [--tensor-model-parallel-size 2]
+    mgsr eval --load CKPT --data EVAL.jsonl [--seeds 10 20 30 40 50]
+
+Input lines hold `prompt` (text; the data.prompt_template is NOT applied: the text is the prompt) or
+`prompt_ids` (token ids). Output lines are the input lines plus `output_ids` and `output` (text, when
+a tokenizer is known). Rows are split over data-parallel replicas and written by rank 0 in input order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mgsr_megatron import parallel
+from mgsr_megatron.config import load_config
+from mgsr_megatron.errors import UserError
+
+
+def load_for_inference(args, overrides):
+    """(cfg, model, model_cfg, tokenizer or None) with the model loaded at the configured layout."""
+    from mgsr_megatron.models import build_model
+    from mgsr_megatron.models.checkpoint import TOKENIZER_DIR, load_model, read_model_config, resolve_checkpoint
+
+    cfg = load_config(args.config, overrides)
+    directory = resolve_checkpoint(args.load)
+    model_cfg = read_model_config(directory)
+    tokenizer_path = args.tokenizer or (directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir()
+                                        else cfg.data.tokenizer)
+    tokenizer = None
+    if tokenizer_path:
+        from mgsr_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    parallel.init_distributed()
+    parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
+                                       cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed,
+                                       {"model": model_cfg})
+    model = build_model(model_cfg)
+    load_model(model, directory)
+    model.eval()
+    return cfg, model, model_cfg, tokenizer
+
+
+def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list[int]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}")
+    rows, prompts = [], []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object")
+            if "prompt_ids" in row:
+                ids = row["prompt_ids"]
+                if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                    raise UserError(f"{path}:{number}: 'prompt_ids' must be a list of integers")
+            elif "prompt" in row:
+                if tokenizer is None:
+                    raise UserError(f"{path}:{number}: text 'prompt' needs a tokenizer (--tokenizer)")
+                ids = tokenizer.encode(row["prompt"])
+            else:
+                raise UserError(f"{path}:{number}: missing field 'prompt' (text) or 'prompt_ids'")
+            if not ids:
+                raise UserError(f"{path}:{number}: empty prompt")
+            rows.append(row)
+            prompts.append(ids)
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows, prompts
+
+
+def _my_rows(count: int) -> list[int]:
+    from megatron.core import parallel_state
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return [i for i in range(count) if i % dp_size == dp_rank]
+
+
+def _gather_dp(local: list) -> list:
+    from megatron.core import parallel_state
+
+    parts = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(parts, local, group=parallel_state.get_data_parallel_group())
+    return [item for part in parts for item in part]
+
+
+def generate_file(args, overrides) -> None:
+    from mgsr_megatron.generation import generate
+
+    _, model, model_cfg, tokenizer = load_for_inference(args, overrides)
+    rows, prompts = read_prompt_file(args.prompts, tokenizer)
+    eos_id = tokenizer.eos_id if tokenizer is not None else model_cfg.vocab_size - 1
+    mine = _my_rows(len(rows))
+    results = []
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start:start + args.batch_size]
+        out = generate(model, [prompts[i] for i in chunk], max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+                       vocab_size=model_cfg.vocab_size, greedy=args.greedy, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed * 1_000_003 + chunk[0])
+        results += list(zip(chunk, out.responses()))
+    results = dict(_gather_dp(results))
+    if dist.get_rank() == 0:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".partial")
+        with open(tmp, "w", encoding="utf-8") as stream:
+            for i, row in enumerate(rows):
+                ids = results[i]
+                record = {**row, "output_ids": ids}
+                if tokenizer is not None:
+                    record["output"] = tokenizer.decode([t for t in ids if t != eos_id])
+                stream.write(json.dumps(record) + "\n")
+        tmp.replace(output)
+        print(f"wrote {len(rows)} generations to {output}")
+    parallel.destroy()
+
+
+def evaluate_file(args, overrides) -> None:
+    from mgsr_megatron.data.indexed import PromptDataset
+    from mgsr_megatron.evaluation.evaluate import evaluate
+
+    cfg, model, model_cfg, tokenizer = load_for_inference(args, overrides)
+    if tokenizer is None:
+        raise UserError("evaluation needs a tokenizer (--tokenizer, data.tokenizer or CKPT/tokenizer/)")
+    items = PromptDataset.from_jsonl(args.data, tokenizer, cfg.data)
+    result = evaluate(model, items, tokenizer, vocab_size=model_cfg.vocab_size,
+                      max_new_tokens=args.max_new_tokens, seeds=tuple(args.seeds), batch_size=args.batch_size)
+    result["checkpoint"] = str(args.load)
+    if dist.get_rank() == 0:
+        line = json.dumps(result)
+        print(line)
+        if args.output:
+            with open(args.output, "a", encoding="utf-8") as stream:
+                stream.write(line + "\n")
+    parallel.destroy()

@@ -247,3 +247,25 @@ def test_train_tokenizer_tool(tmp_path, capsys):
     assert tool.main(["--input", str(bad), "--output", str(tmp_path / "u.model")]) == 2
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "u.model").exists()
+
+
+def test_phrase_spans_with_a_byte_level_hf_tokenizer(tmp_path):
+    """GPT-2 style byte-level BPE: pieces carry their leading space ("Ġfox") in their offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "bl").mkdir()
+    tokenizer.save(str(tmp_path / "bl" / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "bl")
+    assert tok.eos_id == 0
+    extractor = get_span_extractor("phrase")
+    for text, phrases in [("the quick brown fox jumps over the lazy dog", ["quick brown fox jumps", "lazy dog"]),
+                          ("a café serves naïve bread", ["café serves naïve bread"])]:
+        ids, offsets = tok.encode_with_offsets(text)
+        ranges = extractor(text, offsets)
+        assert [tok.decode(ids[a:b]).strip() for a, b in ranges] == phrases
+        assert spans_for_ids(extractor, tok, ids + [tok.eos_id]) == ranges

@@ -31,7 +31,7 @@ from torch import nn
 
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses.vocab_parallel import (Shard, gather_at_ids, global_topk, log_softmax_stats,
-                                                 scatter_add_at_ids)
+                                                 scaled_rows, scatter_add_at_ids)
 
 FEATURE_LOGP_FLOOR = -20.0
 BAND_NORMS = ("tail_bucket", "renormalize")
@@ -118,61 +118,65 @@ def band_kl(log_p: torch.Tensor, log_q: torch.Tensor, lower: torch.Tensor, upper
     return kl, torch.where(p > 0, member, p.new_zeros(())).sum(-1), kept_p
 
 
-class DacInputs:
-    """The replicated [n, K] quantities of one chunk of rows (the only collectives DAC-KL needs)."""
+class DacState:
+    """The replicated [n, K] quantities of one chunk of rows, kept from the forward for the backward
+    (about 20 bytes per candidate token and row: ~5 KB per token at K=256, ~1-4% of a logits row)."""
 
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, k_top: int,
                  shard: Shard):
-        s_t = teacher.float() / temperature
-        s_s = student.float() / temperature
+        s_t = scaled_rows(teacher, temperature)
+        s_s = scaled_rows(student, temperature)
         (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
-        # Sort on the unscaled fp32 teacher logits: the order is the same for any temperature > 0 and
-        # the division cannot create ties. The [n, K] log-probs are formed in float64 (cheap, and the
-        # band edges amplify their rounding by 1/kappa).
-        top_raw, self.ids = global_topk(teacher.float(), k_top, shard)
+        # The packets carry the raw teacher logits: their float64 division by the temperature below is
+        # exact, where s_t's float32 rounding would move the band edges (amplified by 1/kappa).
+        top_raw, ids = global_topk(s_t, k_top, shard, report=teacher)
+        del s_t, s_s
+        self.ids = ids.int() if shard.vocab < 2 ** 31 else ids
         self.log_p = top_raw.double() / temperature - self.lse_t[:, None]
-        self.log_q = gather_at_ids(student.float(), self.ids, shard).double() / temperature - self.lse_s[:, None]
-        self.s_s = s_s
+        self.log_q = gather_at_ids(student.float(), ids, shard).double() / temperature - self.lse_s[:, None]
 
 
-def dac_bounds(inputs: DacInputs, mode: str, clipnet: ClipNet | None, k_feat: int, rho: float,
+def dac_bounds(state: DacState, mode: str, clipnet: ClipNet | None, k_feat: int, rho: float,
                fixed_l: float, fixed_u: float):
     """(l, u) per row in float64. ClipNet runs on float64 copies of its parameters (a differentiable
     cast): the gradient to l and u sums many terms of both signs over the band, and in float32 that
     cancellation costs ~1e-4 relative accuracy in ClipNet's gradient. [n, K] work only, so it is cheap."""
-    n = inputs.log_p.shape[0]
+    n = state.log_p.shape[0]
     if mode == "learned":
-        features = band_features(inputs.log_p.detach(), inputs.entropy, k_feat)
+        features = band_features(state.log_p, state.entropy, k_feat)
         params = {name: p.double() for name, p in clipnet.named_parameters()}
         a, b = torch.func.functional_call(clipnet, params, (features,))
         return bounds(a, b, rho)
-    return inputs.log_p.new_full((n,), fixed_l, dtype=torch.float64), inputs.log_p.new_full((n,), fixed_u,
-                                                                                            dtype=torch.float64)
+    return (state.log_p.new_full((n,), fixed_l, dtype=torch.float64),
+            state.log_p.new_full((n,), fixed_u, dtype=torch.float64))
 
 
-def dac_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, kappa, band_norm, fixed_l, fixed_u,
-             temperature, shard, row_weight=None, params=()):
-    """DAC-KL of a chunk of rows. Without `row_weight`: (kl [n], l, u, band size, kept mass, lse_t, lse_s),
-    no autograd. With `row_weight` [n] (= d total / d kl_row): also the student's shard gradient and the
-    ClipNet parameter gradients of sum_rows row_weight * kl (recomputed here; used by backward)."""
-    inputs = DacInputs(student, teacher, temperature, max(k_band, k_feat if mode == "learned" else 0), shard)
-    log_p = inputs.log_p[:, :k_band]
-    if row_weight is None:
-        with torch.no_grad():
-            lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
-            kl, size, kept = band_kl(log_p, inputs.log_q[:, :k_band], lower, upper, kappa, band_norm)
-        return (kl.float(), lower.float(), upper.float(), size.float(), kept.float(), inputs.lse_t,
-                inputs.lse_s)
-    log_q = inputs.log_q[:, :k_band].clone().requires_grad_(True)
+def dac_forward_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, kappa, band_norm, fixed_l, fixed_u,
+                     temperature, shard):
+    """DAC-KL of a chunk of rows, no autograd: (kl [n], l, u, band size, kept mass, lse_t, lse_s, state)."""
+    state = DacState(student, teacher, temperature, max(k_band, k_feat if mode == "learned" else 0), shard)
+    with torch.no_grad():
+        lower, upper = dac_bounds(state, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
+        kl, size, kept = band_kl(state.log_p[:, :k_band], state.log_q[:, :k_band], lower, upper, kappa, band_norm)
+    return kl.float(), lower.float(), upper.float(), size.float(), kept.float(), state.lse_t, state.lse_s, state
+
+
+def dac_backward_rows(student, state: DacState, row_weight, *, mode, clipnet, params, k_feat, k_band, rho, kappa,
+                      band_norm, fixed_l, fixed_u, temperature, shard):
+    """The student's shard gradient and ClipNet's parameter gradients of sum_rows row_weight * kl.
+
+    Only the [n, K] part is recomputed (with autograd); no communication. Returns (grad [n, V/TP], grads).
+    """
+    log_q = state.log_q[:, :k_band].clone().requires_grad_(True)
     with torch.enable_grad():
-        lower, upper = dac_bounds(inputs, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
-        kl, _, _ = band_kl(log_p, log_q, lower, upper, kappa, band_norm)
+        lower, upper = dac_bounds(state, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
+        kl, _, _ = band_kl(state.log_p[:, :k_band], log_q, lower, upper, kappa, band_norm)
         total = (kl * row_weight.double()).sum()
         grads = torch.autograd.grad(total, [log_q, *params], allow_unused=True)
     weight = grads[0].float()  # dL/dlog q_k
-    q_local = (inputs.s_s - inputs.lse_s.float()[:, None]).exp()
-    grad = q_local.mul_(-weight.sum(-1, keepdim=True))
-    scatter_add_at_ids(grad, inputs.ids[:, :k_band], weight, shard)
+    grad = scaled_rows(student, temperature)
+    grad.sub_(state.lse_s.float()[:, None]).exp_().mul_(-weight.sum(-1, keepdim=True))  # -q_v sum_k w_k
+    scatter_add_at_ids(grad, state.ids[:, :k_band].long(), weight, shard)
     grad.div_(temperature)
     param_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params)]
     return grad, param_grads

@@ -140,6 +140,23 @@ def divergence_rows_grad(student, teacher, kind, temperature, beta, alpha, state
     return grad * (grad_rows[:, None] / temperature)
 
 
+def forward_kl_owned(s_t: torch.Tensor, s_s: torch.Tensor, shard: Shard):
+    """KL(p||q) per row of two scaled float32 tensors the caller owns (from `scaled_rows`: no -inf); both
+    are overwritten. The lean path of the objective (dac_mode off, span). Returns (value, (lse_t, lse_s))."""
+    (lse_t, lse_s), _ = log_softmax_stats([s_t, s_s], shard)
+    log_p = s_t.sub_(lse_t.float()[:, None])
+    p = log_p.exp()
+    partial = p.mul_(log_p.sub_(s_s.sub_(lse_s.float()[:, None]))).sum(-1)
+    return all_reduce(partial, shard), (lse_t, lse_s)
+
+
+def forward_kl_owned_grad(s_t: torch.Tensor, s_s: torch.Tensor, lse, row_scale: torch.Tensor) -> torch.Tensor:
+    """(q - p) * row_scale[:, None], built in s_s's memory (both inputs overwritten; no communication)."""
+    lse_t, lse_s = lse
+    p = s_t.sub_(lse_t.float()[:, None]).exp_()
+    return s_s.sub_(lse_s.float()[:, None]).exp_().sub_(p).mul_(row_scale[:, None])
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     """Per-row divergence of [n, V/TP] shards, computed and differentiated CHUNK_TOKENS rows at a time."""
 

@@ -20,10 +20,10 @@ import torch
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses import dac_kl as dac
-from mgsr_megatron.losses.divergences import divergence_rows, divergence_rows_grad
+from mgsr_megatron.losses.divergences import forward_kl_owned, forward_kl_owned_grad
 from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
 from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
-from mgsr_megatron.losses.vocab_parallel import check_k, check_same_shape, chunks, comm_tag, shard_of
+from mgsr_megatron.losses.vocab_parallel import check_k, check_same_shape, chunks, comm_tag, scaled_rows, shard_of
 
 STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass")
 
@@ -89,29 +89,42 @@ def check_masks(shape, labels, sft_mask, kd_mask, span_pair_mask, vocab: int) ->
 
 
 class _MGSRObjective(torch.autograd.Function):
-    """Chunked forward and recomputing backward of all three terms (see the module docstring).
+    """Chunked forward and backward of all three terms (see the module docstring).
 
     Inputs: student/teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first (LongTensor of pair starts);
     counts [3]; plan (settings); clipnet; *params (ClipNet's, for the gradient). Outputs: the three term
-    means [3] (differentiable) and the statistics [6] = (mean l, mean u, band size, kept mass, nonfinite,
-    unused).
+    means [3] (differentiable) and the statistics [5] = (mean l, mean u, band size, kept mass, nonfinite).
+    The forward keeps, per chunk, what the backward cannot cheaply recompute: per-row log-sum-exps and
+    DAC-KL's [rows, K] band candidates; the backward rebuilds the [chunk, V/TP] tensors from the logits.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, labels, sft_w, kd_w, pair_first, counts, plan, clipnet, *params):
         sums = student.new_zeros(3, dtype=torch.float32)
-        stats = student.new_zeros(6, dtype=torch.float32)
+        stats = student.new_zeros(5, dtype=torch.float32)
         nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
+        shard, temperature = plan["shard"], plan["temperature"]
+        saved = []
         for start, end in chunks(student.shape[0], plan["chunk"]):
             rows_s, rows_t = student[start:end], teacher[start:end]
+            state = {}
             if plan["w_sft"]:
                 ce = sft_rows(rows_s, labels[start:end], plan["megatron"])
                 sums[0] += (ce * sft_w[start:end]).sum()
                 nonfinite |= ~torch.isfinite(ce).all()
             if plan["w_dac"]:
-                with comm_tag("dac_kl"):
-                    kl, lse_t, lse_s, extra = _dac_forward(rows_s, rows_t, plan, clipnet)
                 weight = kd_w[start:end]
+                with comm_tag("dac_kl"):
+                    if plan["dac_mode"] == "off":
+                        kl, state["dac"] = forward_kl_owned(scaled_rows(rows_t, temperature),
+                                                            scaled_rows(rows_s, temperature), shard)
+                        lse_t, lse_s = state["dac"]
+                        extra = [torch.zeros_like(kl), torch.ones_like(kl), torch.full_like(kl, shard.vocab),
+                                 torch.ones_like(kl)]
+                    else:
+                        kl, low, up, size, kept, lse_t, lse_s, state["dac"] = dac.dac_forward_rows(
+                            rows_s, rows_t, clipnet=clipnet, **_dac_settings(plan))
+                        extra = [low, up, size, kept]
                 sums[1] += (kl * weight).sum()
                 stats[:4] += torch.stack([(x * weight).sum() for x in extra])
                 nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_s).all())
@@ -119,48 +132,48 @@ class _MGSRObjective(torch.autograd.Function):
                 first = pair_first[(pair_first >= start) & (pair_first < end)]
                 if first.numel():
                     with comm_tag("span"):
-                        value = span_pairs(student, teacher, first, plan["span_distance"], plan["temperature"],
-                                           plan["shard"])
+                        value, state["span"] = span_pairs(student, teacher, first, plan["span_distance"],
+                                                          temperature, shard)
                     sums[2] += value.sum()
                     nonfinite |= ~torch.isfinite(value).all()
+            saved.append(state)
         stats[:4] /= counts[1]
         stats[4] = nonfinite.float()
         ctx.save_for_backward(student, teacher, labels, sft_w, kd_w, pair_first, counts)
-        ctx.plan, ctx.clipnet, ctx.n_params = plan, clipnet, len(params)
+        ctx.plan, ctx.clipnet, ctx.n_params, ctx.chunk_states = plan, clipnet, len(params), saved
         ctx.mark_non_differentiable(stats)
         return torch.where(counts > 0, sums / counts.clamp(min=1), sums.new_zeros(())), stats
 
     @staticmethod
     def backward(ctx, grad_terms, _grad_stats):
         student, teacher, labels, sft_w, kd_w, pair_first, counts = ctx.saved_tensors
-        plan, clipnet = ctx.plan, ctx.clipnet
+        plan, clipnet, shard, temperature = ctx.plan, ctx.clipnet, ctx.plan["shard"], ctx.plan["temperature"]
         params = list(clipnet.parameters())[:ctx.n_params] if ctx.n_params else []
         coef = torch.where(counts > 0, grad_terms.float() / counts.clamp(min=1), grad_terms.new_zeros(()).float())
         grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
         param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        for start, end in chunks(student.shape[0], plan["chunk"]):
+        for (start, end), state in zip(chunks(student.shape[0], plan["chunk"]), ctx.chunk_states):
             rows_s, rows_t, grad_rows = student[start:end], teacher[start:end], grad[start:end]
             if plan["w_sft"] and counts[0] > 0:
                 grad_rows += sft_rows_grad(rows_s, labels[start:end], sft_w[start:end] * coef[0], plan["megatron"])
             if plan["w_dac"]:
                 row_weight = kd_w[start:end] * coef[1]
                 if plan["dac_mode"] == "off":
-                    _, state = divergence_rows(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
-                                               plan["shard"])
-                    grad_rows += divergence_rows_grad(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
-                                                      state, row_weight)
+                    grad_rows += forward_kl_owned_grad(scaled_rows(rows_t, temperature),
+                                                       scaled_rows(rows_s, temperature), state["dac"],
+                                                       row_weight / temperature)
                 else:
-                    chunk_grad, chunk_param_grads = dac.dac_rows(rows_s, rows_t, clipnet=clipnet,
-                                                                 row_weight=row_weight, params=params,
-                                                                 **_dac_settings(plan))
+                    chunk_grad, chunk_param_grads = dac.dac_backward_rows(
+                        rows_s, state["dac"], row_weight, clipnet=clipnet, params=params, **_dac_settings(plan))
                     grad_rows += chunk_grad
                     for total, part in zip(param_grads, chunk_param_grads):
                         total += part
-            if plan["w_span"] and counts[2] > 0:
+            if "span" in state and counts[2] > 0:
                 first = pair_first[(pair_first >= start) & (pair_first < end)]
-                if first.numel():
-                    span_pairs_grad(student, teacher, first, plan["span_distance"], plan["temperature"],
-                                    plan["shard"], coef[2].expand(first.shape[0]), grad)
+                with comm_tag("span"):
+                    span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
+                                    coef[2].expand(first.shape[0]), grad, state["span"])
+        ctx.chunk_states = None
         grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
         return (grad_student, None, None, None, None, None, None, None, None,
                 *[g.to(p.dtype) for g, p in zip(param_grads, params)])
@@ -169,18 +182,6 @@ class _MGSRObjective(torch.autograd.Function):
 def _dac_settings(plan) -> dict:
     return {key: plan[key] for key in ("mode", "k_feat", "k_band", "rho", "kappa", "band_norm", "fixed_l",
                                        "fixed_u", "temperature", "shard")}
-
-
-def _dac_forward(rows_s, rows_t, plan, clipnet):
-    """(kl [n], lse_t, lse_s, [l, u, band size, kept mass]) of one chunk, without autograd."""
-    if plan["dac_mode"] == "off":
-        kl, (lse_t, lse_s, _, _) = divergence_rows(rows_s, rows_t, "forward_kl", plan["temperature"], 0.0, 0.0,
-                                                   plan["shard"])
-        ones = torch.ones_like(kl)
-        return kl, lse_t, lse_s, [ones * 0.0, ones, ones * plan["shard"].vocab, ones]
-    kl, lower, upper, size, kept, lse_t, lse_s = dac.dac_rows(rows_s, rows_t, clipnet=clipnet,
-                                                              **_dac_settings(plan))
-    return kl, lse_t, lse_s, [lower, upper, size, kept]
 
 
 def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels: torch.Tensor,

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import torch
 
-from mgsr_megatron.losses.divergences import divergence_rows, divergence_rows_grad
-from mgsr_megatron.losses.vocab_parallel import Shard, all_reduce, log_softmax_stats
+from mgsr_megatron.losses.divergences import forward_kl_owned, forward_kl_owned_grad
+from mgsr_megatron.losses.vocab_parallel import NEG_LARGE, Shard, all_reduce, log_softmax_stats
 
 SPAN_DISTANCES = ("kl_normalised", "l1", "l2")
 
 
-def _pair_logits(rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    return rows.index_select(0, first).float() + rows.index_select(0, first + 1).float()
+def pair_rows(rows: torch.Tensor, first: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(z_first + z_(first+1)) / T as a fresh float32 tensor, -inf replaced by NEG_LARGE."""
+    out = rows.index_select(0, first).float()
+    out += rows.index_select(0, first + 1)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out.clamp_(min=NEG_LARGE)
 
 
 def _raw_products(student, teacher, first, temperature, shard):
@@ -43,23 +48,21 @@ def _raw_products(student, teacher, first, temperature, shard):
 
 
 def span_pairs(student, teacher, first, distance, temperature, shard: Shard):
-    """Distance per pair for pairs (first, first+1) of rows of the flattened [tokens, V/TP] logits."""
+    """Distance per pair for pairs (first, first+1) of rows of the flattened [tokens, V/TP] logits, and the
+    per-pair state the backward reuses (the pair log-sum-exps for kl_normalised)."""
     if distance == "kl_normalised":
-        value, _ = divergence_rows(_pair_logits(student, first), _pair_logits(teacher, first), "forward_kl",
-                                   temperature, 0.0, 0.0, shard)
-        return value
+        return forward_kl_owned(pair_rows(teacher, first, temperature), pair_rows(student, first, temperature),
+                                shard)
     r_t, r_s, _, _ = _raw_products(student, teacher, first, temperature, shard)
     local = (r_t - r_s).abs().sum(-1) if distance == "l1" else (r_t - r_s).square().sum(-1)
-    return all_reduce(local, shard)
+    return all_reduce(local, shard), None
 
 
-def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard, pair_weight, grad_out):
+def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard, pair_weight, grad_out, state):
     """Add d(sum_pairs pair_weight * distance)/d student into `grad_out` (rows first and first+1)."""
     if distance == "kl_normalised":
-        pair_s, pair_t = _pair_logits(student, first), _pair_logits(teacher, first)
-        _, state = divergence_rows(pair_s, pair_t, "forward_kl", temperature, 0.0, 0.0, shard)
-        grad = divergence_rows_grad(pair_s, pair_t, "forward_kl", temperature, 0.0, 0.0, state, pair_weight)
-        grad_first = grad_second = grad
+        s_t, s_s = pair_rows(teacher, first, temperature), pair_rows(student, first, temperature)
+        grad_first = grad_second = forward_kl_owned_grad(s_t, s_s, state, pair_weight / temperature)
     else:
         r_t, r_s, q_first, q_second = _raw_products(student, teacher, first, temperature, shard)
         g = torch.sign(r_s - r_t) if distance == "l1" else 2.0 * (r_s - r_t)

@@ -148,24 +148,46 @@ def _xlogx_free(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(weights > 0, weights * values, weights.new_zeros(()))
 
 
+NEG_LARGE = -1e30  # stands in for -inf in scaled copies: exp() gives exactly 0 and differences stay finite
+
+
+def scaled_rows(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh float32 copy of rows / temperature with -inf replaced by NEG_LARGE (NaN and +inf kept, so
+    they still poison the statistics and get reported). The caller owns it and may edit it in place."""
+    if rows.dtype == torch.float32 and temperature != 1.0:
+        out = torch.div(rows, temperature)
+    else:  # copy first: a bf16 input divided directly would be divided in bf16
+        out = rows.to(torch.float32, copy=True)
+        if temperature != 1.0:
+            out.div_(temperature)
+    return out.clamp_(min=NEG_LARGE)
+
+
 def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[int, ...] = ()):
     """Global log-sum-exp of each [n, V/TP] tensor in `rows` (2 all-reduces for all of them together).
 
-    Returns (lse list, entropy list aligned with `entropy_of`), float64 [n] each: the sums are
-    accumulated in float64, so the statistics carry no rounding of their own (a float32 lse of
-    magnitude ~5 is only good to ~3e-7, which DAC-KL's band edges amplify by 1/kappa). A row that is
+    Returns (lse list, entropy list aligned with `entropy_of`), float64 [n] each (a float32 lse of
+    magnitude ~5 is only good to ~3e-7, which DAC-KL's band edges amplify by 1/kappa); the sum of the
+    rows in `entropy_of` (DAC-KL's teacher) is also accumulated in float64. A row that is
     all -inf gets lse = -inf, a row with NaN or +inf gets NaN; callers report those as nonfinite.
+    Rows listed in `entropy_of` must hold no -inf (use `scaled_rows`).
     """
-    maxes = torch.stack([x.max(dim=-1).values for x in rows], dim=-1)
+    maxes = torch.stack([x.amax(dim=-1) for x in rows], dim=-1)
     all_reduce(maxes, shard, dist.ReduceOp.MAX)
     shift = maxes.masked_fill(maxes == float("-inf"), 0.0)
     partials = []
+    scratch = None
     for i, x in enumerate(rows):
-        centred = x - shift[:, i, None]
-        exps = centred.exp()
-        partials.append(exps.sum(dim=-1, dtype=torch.float64))
-        if i in entropy_of:
-            partials.append(_xlogx_free(exps, centred).sum(dim=-1, dtype=torch.float64))
+        if scratch is None or scratch.shape != x.shape:
+            scratch = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        centred = torch.sub(x, shift[:, i, None], out=scratch)
+        if i in entropy_of:  # DAC-KL's teacher: its lse sets the band edges, accumulate in float64
+            exps = centred.exp()
+            partials.append(exps.sum(dim=-1, dtype=torch.float64))
+            partials.append(torch.linalg.vecdot(exps, centred).double())
+            del exps
+        else:
+            partials.append(centred.exp_().sum(dim=-1).double())
     sums = torch.stack(partials, dim=-1)
     all_reduce(sums, shard)
     lse, entropy, column = [], [], 0
@@ -182,15 +204,18 @@ def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[
 # --------------------------------------------------------------------------------------------------
 # Top-K, gather and scatter at global vocabulary ids.
 
-def global_topk(rows: torch.Tensor, k: int, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of every row over the WHOLE vocabulary, sorted descending.
+def global_topk(rows: torch.Tensor, k: int, shard: Shard, report: torch.Tensor | None = None):
+    """The k largest entries of every row over the WHOLE vocabulary, sorted descending: (values, global ids).
 
     Local top-min(k, V/TP), one all-gather of (value, global id) packets, merge. Communication per row:
     2 * min(k, V/TP) * TP numbers, independent of V. Ties are broken arbitrarily (any order is a valid
-    sort); tied tokens have equal teacher probability.
+    sort); tied tokens have equal teacher probability. With `report` (same shape as rows, ordered the
+    same way) the returned values are report's entries at the selected ids instead of rows'.
     """
     local_k = min(k, shard.local_vocab)
     values, local_ids = rows.topk(local_k, dim=-1, sorted=True)
+    if report is not None:
+        values = report.gather(-1, local_ids).float()
     if shard.world == 1:
         return values, local_ids
     packet_dtype = torch.float32 if shard.vocab < _FLOAT32_EXACT_IDS else torch.float64
@@ -199,7 +224,7 @@ def global_topk(rows: torch.Tensor, k: int, shard: Shard) -> tuple[torch.Tensor,
     gathered = gathered.permute(1, 0, 2, 3).reshape(rows.shape[0], shard.world * local_k, 2)
     merged_values, position = gathered[..., 0].topk(k, dim=-1, sorted=True)
     merged_ids = gathered[..., 1].gather(-1, position).long()
-    return merged_values.to(rows.dtype), merged_ids
+    return merged_values.to(values.dtype), merged_ids
 
 
 def _local_columns(ids: torch.Tensor, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +244,10 @@ def gather_at_ids(rows: torch.Tensor, ids: torch.Tensor, shard: Shard) -> torch.
 def scatter_add_at_ids(out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shard: Shard) -> torch.Tensor:
     """out[:, ids] += weights for the ids this rank owns (local; no communication)."""
     local, owned = _local_columns(ids, shard)
-    return out.scatter_add_(-1, local, torch.where(owned, weights, weights.new_zeros(())))
+    # index_add_ on the flat view: much faster than scatter_add_ along a long last dimension on CPU
+    flat = local + torch.arange(out.shape[0], device=out.device)[:, None] * out.shape[-1]
+    out.view(-1).index_add_(0, flat.reshape(-1), torch.where(owned, weights, weights.new_zeros(())).reshape(-1))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

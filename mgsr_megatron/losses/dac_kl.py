@@ -161,22 +161,41 @@ def dac_forward_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, ka
     return kl.float(), lower.float(), upper.float(), size.float(), kept.float(), state.lse_t, state.lse_s, state
 
 
-def dac_backward_rows(student, state: DacState, row_weight, *, mode, clipnet, params, k_feat, k_band, rho, kappa,
-                      band_norm, fixed_l, fixed_u, temperature, shard):
-    """The student's shard gradient and ClipNet's parameter gradients of sum_rows row_weight * kl.
+def subtract_label_onehot(out: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, shard: Shard) -> None:
+    """out[r, labels[r]] -= weight[r] on the rank owning the label (the one-hot part of the CE gradient)."""
+    scatter_add_at_ids(out, labels[:, None], -weight[:, None], shard)
 
-    Only the [n, K] part is recomputed (with autograd); no communication. Returns (grad [n, V/TP], grads).
-    """
+
+def student_softmax_into(out: torch.Tensor, student: torch.Tensor, lse_s: torch.Tensor, temperature: float):
+    """out <- softmax(student / T) on this shard (no communication; lse_s is the global log-sum-exp)."""
+    if temperature == 1.0 and student.dtype == out.dtype:
+        torch.sub(student, lse_s.to(out.dtype)[:, None], out=out)
+    else:
+        out.copy_(student)
+        if temperature != 1.0:
+            out.div_(temperature)
+        out.sub_(lse_s.to(out.dtype)[:, None])
+    return out.exp_()
+
+
+def dac_backward_rows(student, state: DacState, row_weight, out, *, mode, clipnet, params, k_feat, k_band, rho,
+                      kappa, band_norm, fixed_l, fixed_u, temperature, shard, sft=None):
+    """Write into `out` [n, V/TP] the student's shard gradient of sum_rows row_weight * kl (plus, with
+    sft=(labels, weight) at temperature 1, the SFT gradient weight * (softmax - onehot), whose softmax
+    is the same tensor); return ClipNet's parameter gradients. Only the [n, K] part is recomputed (with
+    autograd); no communication."""
     log_q = state.log_q[:, :k_band].clone().requires_grad_(True)
     with torch.enable_grad():
         lower, upper = dac_bounds(state, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
         kl, _, _ = band_kl(state.log_p[:, :k_band], log_q, lower, upper, kappa, band_norm)
         total = (kl * row_weight.double()).sum()
         grads = torch.autograd.grad(total, [log_q, *params], allow_unused=True)
-    weight = grads[0].float()  # dL/dlog q_k
-    grad = scaled_rows(student, temperature)
-    grad.sub_(state.lse_s.float()[:, None]).exp_().mul_(-weight.sum(-1, keepdim=True))  # -q_v sum_k w_k
-    scatter_add_at_ids(grad, state.ids[:, :k_band].long(), weight, shard)
-    grad.div_(temperature)
-    param_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params)]
-    return grad, param_grads
+    weight = grads[0].float().div_(temperature)  # dL/ds at the band ids, before the softmax term
+    q_scale = -weight.sum(-1, keepdim=True)  # d/ds_v = sum_{k: id_k = v} w_k - q_v sum_k w_k
+    if sft is not None:
+        q_scale = q_scale + sft[1][:, None]
+    student_softmax_into(out, student, state.lse_s, temperature).mul_(q_scale)
+    scatter_add_at_ids(out, state.ids[:, :k_band].long(), weight, shard)
+    if sft is not None:
+        subtract_label_onehot(out, sft[0], sft[1], shard)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params)]

@@ -20,7 +20,7 @@ import torch
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses import dac_kl as dac
-from mgsr_megatron.losses.divergences import forward_kl_owned, forward_kl_owned_grad
+from mgsr_megatron.losses.divergences import forward_kl_owned
 from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
 from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
 from mgsr_megatron.losses.vocab_parallel import check_k, check_same_shape, chunks, comm_tag, scaled_rows, shard_of
@@ -150,33 +150,53 @@ class _MGSRObjective(torch.autograd.Function):
         plan, clipnet, shard, temperature = ctx.plan, ctx.clipnet, ctx.plan["shard"], ctx.plan["temperature"]
         params = list(clipnet.parameters())[:ctx.n_params] if ctx.n_params else []
         coef = torch.where(counts > 0, grad_terms.float() / counts.clamp(min=1), grad_terms.new_zeros(()).float())
-        grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+        with_sft = bool(plan["w_sft"]) and bool(counts[0] > 0)
+        # At temperature 1 the SFT gradient softmax - onehot (the formula of Megatron's backward) shares
+        # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
+        fuse_sft = with_sft and bool(plan["w_dac"]) and temperature == 1.0
+        grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
         param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        # Pass 1: the per-row terms write each chunk's rows of the gradient buffer.
         for (start, end), state in zip(chunks(student.shape[0], plan["chunk"]), ctx.chunk_states):
             rows_s, rows_t, grad_rows = student[start:end], teacher[start:end], grad[start:end]
-            if plan["w_sft"] and counts[0] > 0:
-                grad_rows += sft_rows_grad(rows_s, labels[start:end], sft_w[start:end] * coef[0], plan["megatron"])
+            sft = (labels[start:end], sft_w[start:end] * coef[0]) if fuse_sft else None
             if plan["w_dac"]:
                 row_weight = kd_w[start:end] * coef[1]
                 if plan["dac_mode"] == "off":
-                    grad_rows += forward_kl_owned_grad(scaled_rows(rows_t, temperature),
-                                                       scaled_rows(rows_s, temperature), state["dac"],
-                                                       row_weight / temperature)
+                    _off_grad_into(grad_rows, rows_s, rows_t, state["dac"], row_weight, temperature, shard, sft)
                 else:
-                    chunk_grad, chunk_param_grads = dac.dac_backward_rows(
-                        rows_s, state["dac"], row_weight, clipnet=clipnet, params=params, **_dac_settings(plan))
-                    grad_rows += chunk_grad
+                    chunk_param_grads = dac.dac_backward_rows(rows_s, state["dac"], row_weight, grad_rows,
+                                                              clipnet=clipnet, params=params, sft=sft,
+                                                              **_dac_settings(plan))
                     for total, part in zip(param_grads, chunk_param_grads):
                         total += part
-            if "span" in state and counts[2] > 0:
-                first = pair_first[(pair_first >= start) & (pair_first < end)]
-                with comm_tag("span"):
-                    span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
-                                    coef[2].expand(first.shape[0]), grad, state["span"])
+            else:
+                grad_rows.zero_()
+            if with_sft and not fuse_sft:
+                grad_rows += sft_rows_grad(rows_s, labels[start:end], sft_w[start:end] * coef[0], plan["megatron"])
+        # Pass 2: span pairs add to rows i and i+1 (which may lie in the next chunk).
+        if plan["w_span"] and bool(counts[2] > 0):
+            for (start, end), state in zip(chunks(student.shape[0], plan["chunk"]), ctx.chunk_states):
+                if "span" in state:
+                    first = pair_first[(pair_first >= start) & (pair_first < end)]
+                    with comm_tag("span"):
+                        span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
+                                        coef[2].expand(first.shape[0]), grad, state["span"])
         ctx.chunk_states = None
         grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
         return (grad_student, None, None, None, None, None, None, None, None,
                 *[g.to(p.dtype) for g, p in zip(param_grads, params)])
+
+
+def _off_grad_into(out, rows_s, rows_t, lse, row_weight, temperature, shard, sft):
+    """dac_mode off: out <- (q - p) * row_weight / T  [+ sft_w * (q - onehot) at T = 1]."""
+    lse_t, lse_s = lse
+    scale = row_weight / temperature
+    q = dac.student_softmax_into(out, rows_s, lse_s, temperature)
+    p = scaled_rows(rows_t, temperature).sub_(lse_t.float()[:, None]).exp_().mul_(scale[:, None])
+    q.mul_((scale if sft is None else scale + sft[1])[:, None]).sub_(p)
+    if sft is not None:
+        dac.subtract_label_onehot(out, sft[0], sft[1], shard)
 
 
 def _dac_settings(plan) -> dict:

@@ -80,7 +80,7 @@ CASES = {
     "learned_tail": dict(),
     "learned_renormalize": dict(band_norm="renormalize", span_distance="l2"),
     "fixed_l1": dict(dac_mode="fixed", fixed_l=0.05, fixed_u=0.9, span_distance="l1"),
-    "off": dict(dac_mode="off"),
+    "off": dict(dac_mode="off", temperature=1.0),
     "kband_is_vocab": dict(k_band=PADDED, temperature=1.0),
 }
 

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from mgsr_megatron import platform
 from mgsr_megatron.config import ARCHITECTURES, ModelConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.models.vocab import padded_vocab_size
@@ -104,7 +105,7 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     model.true_vocab_size = cfg.vocab_size
-    return model
+    return model.to(platform.device())  # CPU initialisation (layout-independent), then onto the GPU
 
 
 def build_teacher(cfg: ModelConfig):

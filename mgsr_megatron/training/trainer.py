@@ -132,7 +132,8 @@ class Trainer:
         from mgsr_megatron.losses import ClipNet
 
         m = self.cfg.mgsr
-        return ClipNet(k_feat=m.k_feat, hidden=m.clipnet_hidden, seed=self.cfg.parallel.seed, rho=m.rho)
+        clipnet = ClipNet(k_feat=m.k_feat, hidden=m.clipnet_hidden, seed=self.cfg.parallel.seed, rho=m.rho)
+        return clipnet.to(platform.device())
 
     def _build_schedule(self):
         from mgsr_megatron.data.schedule import DataSchedule
@@ -144,6 +145,13 @@ class Trainer:
         return mask_padded_logits(logits, self.cfg.student.vocab_size, self.tp_rank)
 
     def next_batch(self) -> StepBatch:
+        batch = self._next_batch_cpu()
+        device = platform.device()
+        batch.micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()}
+                               for mb in batch.micro_batches]
+        return batch
+
+    def _next_batch_cpu(self) -> StepBatch:
         decision = self.schedule.decide(self.step, self.cfg.schedule.train_iters) if self.uses_teacher \
             else "ground_truth"
         if decision == "ground_truth":

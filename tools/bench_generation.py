@@ -139,7 +139,7 @@ def best_time(fn, repeats: int):
     return best, result
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=("llama", "gpt2"), default="llama")
     parser.add_argument("--batch", type=int, default=8)
@@ -154,7 +154,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true", help="skip the slow full-recompute loop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -244,6 +244,7 @@ def main():
     for name, value in figures.items():
         print(f"{name:<{width_name}}  {value:.3f}" if isinstance(value, float) else f"{name:<{width_name}}  {value}")
     print("JSON " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    return figures
 
 
 if __name__ == "__main__":

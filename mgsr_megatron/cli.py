@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="local processes (tensor parallel size)")
     demo.add_argument("--ablation", action="store_true", help="also train the component ablation")
     demo.add_argument("--quick", action="store_true", help="a short smoke version (tiny corpus, few steps)")
+    demo.add_argument("--teacher-iters", type=int, help="teacher training steps")
+    demo.add_argument("--student-iters", type=int, help="steps of every student (= --schedule.train_iters)")
+    demo.add_argument("--eval-prompts", type=int, help="held-out evaluation prompts")
+    demo.add_argument("--seeds", type=int, nargs="+", help="evaluation sampling seeds")
 
     train = sub.add_parser("train", help="distill a student (MGSR) or train with SFT")
     train.add_argument("--config", required=True, help="YAML config file")

@@ -141,7 +141,8 @@ def _train_and_evaluate(cfg: Config, eval_items, tokenizer, settings: dict, uses
     seconds = time.time() - start
     result = evaluate(trainer.student, eval_items, tokenizer, vocab_size=cfg.student.vocab_size,
                       max_new_tokens=settings["eval_max_new_tokens"], seeds=settings["eval_seeds"])
-    result.update(params=_params(trainer.student), train_seconds=round(seconds, 1), steps=cfg.schedule.train_iters)
+    result.update(params=_params(trainer.student), train_seconds=round(seconds, 1),
+                  eval_seconds=round(time.time() - start - seconds, 1), steps=cfg.schedule.train_iters)
     return result
 
 
@@ -215,6 +216,10 @@ def run_demo(args, overrides: list[str]) -> None:
     settings = dict(DEMO_SETTINGS)
     if args.quick:
         settings.update(teacher_iters=60, n_train=600, n_eval=36, eval_seeds=(10,), labelled_fraction=0.25)
+    for key, value in (("teacher_iters", args.teacher_iters), ("n_eval", args.eval_prompts),
+                       ("eval_seeds", tuple(args.seeds) if args.seeds else None)):
+        if value is not None:
+            settings[key] = value
     if not launch.already_distributed():
         prepare_data(out, settings)
         if args.nproc > 1:
@@ -222,6 +227,8 @@ def run_demo(args, overrides: list[str]) -> None:
     base = default_config(out)
     if args.quick:
         base.schedule.train_iters = 30
+    if args.student_iters:
+        base.schedule.train_iters = args.student_iters
     if overrides:
         apply_dict(base, parse_overrides(overrides), "command line")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

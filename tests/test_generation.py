@@ -136,6 +136,7 @@ def test_scrg_large_delta_corrects_nothing(models):
     ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
     ([[1, 2]], dict(max_new_tokens=3, temperature=0.0), "temperature must be > 0"),
     ([[1, 2]], dict(max_new_tokens=3, top_p=0.0), "top_p must be in (0, 1]"),
+    ([[1, 2.5]], dict(max_new_tokens=3), "prompt 0 holds a non-integer token id"),
 ])
 def test_bad_input_is_reported_before_generation(models, prompts, kwargs, message):
     student, _ = models
@@ -143,6 +144,14 @@ def test_bad_input_is_reported_before_generation(models, prompts, kwargs, messag
     with pytest.raises(UserError) as err:
         generate(student, prompts, vocab_size=VOCAB, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tensor_and_numpy_prompts_are_accepted(models):
+    student, _ = models
+    expected = generate(student, [[5, 6, 7], [8, 9, 10]], max_new_tokens=3, eos_id=3, vocab_size=VOCAB, greedy=True)
+    for prompts in (torch.tensor([[5, 6, 7], [8, 9, 10]]), [np.array([5, 6, 7]), np.array([8, 9, 10])]):
+        out = generate(student, prompts, max_new_tokens=3, eos_id=3, vocab_size=VOCAB, greedy=True)
+        assert torch.equal(out.tokens, expected.tokens)
 
 
 def test_scrg_bad_options(models):

@@ -27,11 +27,13 @@ with or without a reused cache gives the same tokens.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.sampling import sample
 
@@ -78,10 +80,26 @@ def context_limit(model) -> int:
     return int(_unwrap(model).max_sequence_length)
 
 
-def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_size: int) -> None:
-    """Bad input -> UserError naming the value and the limit, before any forward pass."""
+def normalise_prompts(prompts) -> list[list[int]]:
+    """A list of token-id lists (tensors, numpy arrays and numpy ints accepted) as Python ints."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise UserError("generate: no prompts given (expected a non-empty list of token-id lists)")
+    normalised = []
+    for row, prompt in enumerate(prompts):
+        values = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+        try:
+            normalised.append([operator.index(t) for t in values])
+        except TypeError:
+            raise UserError(f"generate: prompt {row} holds a non-integer token id") from None
+    return normalised
+
+
+def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_size: int) -> list[list[int]]:
+    """Bad input -> UserError naming the value and the limit, before any forward pass.
+    Returns the prompts as lists of Python ints."""
+    prompts = normalise_prompts(prompts)
     limit = context_limit(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -93,7 +111,7 @@ def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_siz
         if len(prompt) > limit:
             raise UserError(f"generate: prompt {row} has {len(prompt)} tokens, longer than the model's "
                             f"context of {limit} positions (max_position_embeddings)")
-        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise UserError(f"generate: prompt {row} has token id {bad[0]!r} outside the vocabulary "
                             f"[0, {vocab_size})")
@@ -102,6 +120,7 @@ def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_siz
         raise UserError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
                         f"{longest + max_new_tokens} overflows the model's {limit} position embeddings "
                         f"(max_position_embeddings); lower max_new_tokens to {limit - longest} or less")
+    return prompts
 
 
 class PipelineStepper:
@@ -127,6 +146,7 @@ class PipelineStepper:
         self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
         self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
         self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        self.device = platform.device()
         self.hidden = self.gpt.config.hidden_size
         self.dtype = self.gpt.config.pipeline_dtype or self.gpt.config.params_dtype
 
@@ -157,7 +177,7 @@ class PipelineStepper:
         if self.pp_size == 1:
             return column
         if column is None:
-            column = torch.empty(self.batch_size, dtype=torch.int64)
+            column = torch.empty(self.batch_size, dtype=torch.int64, device=self.device)
         dist.broadcast(column, src=self.last_rank, group=self.pp_group)
         return column
 
@@ -167,16 +187,17 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
            vocab_size: int, options: SamplingOptions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
     must hold this batch's keys/values for positions < cache_valid. Returns (tokens [b, L], response lengths)."""
-    b = tokens.shape[0]
+    b, device = tokens.shape[0], tokens.device
+    prompt_lengths, fixed_lengths = prompt_lengths.to(device), fixed_lengths.to(device)
     end = prompt_lengths + max_new_tokens  # exclusive end position of each row's response
     total = int(end.max())
-    buffer = torch.full((b, total), pad_id, dtype=torch.int64)
+    buffer = torch.full((b, total), pad_id, dtype=torch.int64, device=device)
     width = min(tokens.shape[1], total)
     buffer[:, :width] = tokens[:, :width]
     fixed_lengths = torch.minimum(fixed_lengths, end)
-    rows = torch.arange(b)
-    finished = torch.zeros(b, dtype=torch.bool)
-    lengths = torch.zeros(b, dtype=torch.int64)
+    rows = torch.arange(b, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b, dtype=torch.int64, device=device)
 
     def close_rows(position: int) -> None:
         """Update finished/lengths after the tokens at `position` are settled."""
@@ -213,17 +234,18 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, pad_id: int | None = None) -> GenerationOutput:
     """Generate a response per prompt (see the module docstring). The model is put in eval mode."""
-    check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
+    prompts = check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
     options = SamplingOptions(greedy, temperature, top_k, top_p, seed)
     options.check()
     pad_id = eos_id if pad_id is None else pad_id
     was_training = model.training
     model.eval()
     try:
-        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        tokens = torch.full((len(prompts), int(prompt_lengths.max())), pad_id, dtype=torch.int64)
+        device = platform.device()
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+        tokens = torch.full((len(prompts), int(prompt_lengths.max())), pad_id, dtype=torch.int64, device=device)
         for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64, device=device)
         stepper = PipelineStepper(model, len(prompts), int(prompt_lengths.max()) + max_new_tokens)
         out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
                                      max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,

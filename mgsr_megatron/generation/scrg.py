@@ -25,9 +25,12 @@ Entries with zero probability (padded vocabulary) contribute 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.generator import (GenerationOutput, PipelineStepper, SamplingOptions,
                                                 check_request, decode, generate)
@@ -76,7 +79,7 @@ def vocab_parallel_divergence(teacher_logp: torch.Tensor, student_logp: torch.Te
     elif kind == "reverse_kl":
         partial = _xlogy_ratio(student_logp, teacher_logp).sum(-1)
     elif kind == "jsd":  # beta = 0.5: 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2
-        log_m = torch.logaddexp(teacher_logp, student_logp) - torch.log(torch.tensor(2.0))
+        log_m = torch.logaddexp(teacher_logp, student_logp) - math.log(2.0)
         partial = 0.5 * (_xlogy_ratio(teacher_logp, log_m) + _xlogy_ratio(student_logp, log_m)).sum(-1)
     else:
         raise UserError(f"mgsr.scrg_divergence '{kind}' is not one of {', '.join(DIVERGENCES)}")
@@ -107,7 +110,7 @@ def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape) -> torch.
         dist.broadcast(values, src=parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         if values is None:
-            values = torch.empty(shape, dtype=torch.float64)
+            values = torch.empty(shape, dtype=torch.float64, device=platform.device())
         dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
     return values
@@ -127,11 +130,11 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
         start = tp_rank * teacher_logits.shape[-1]
         # logits at position i - 1 predict the token at position i
         t_logits, s_logits = teacher_logits[:, :-1], student_logits[:, :-1]
-        positions = torch.arange(1, total).unsqueeze(0).expand(b, total - 1)
+        positions = torch.arange(1, total, device=tokens.device).unsqueeze(0).expand(b, total - 1)
         if teacher_token == "greedy":
             teacher_tokens = parallel_argmax(mask_padded(t_logits.float(), vocab_size, start), start, tp_group)[1]
         else:
-            rows = torch.arange(b).unsqueeze(-1).expand(b, total - 1)
+            rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - 1)
             teacher_tokens = sample(t_logits.reshape(b * (total - 1), -1), vocab_size=vocab_size,
                                     vocab_start=start, tp_group=tp_group, temperature=temperature,
                                     seed=seed, step=positions.reshape(-1), rows=rows.reshape(-1)).view(b, -1)
@@ -171,15 +174,16 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
     if cfg.scrg_rounds < 0:
         raise UserError(f"mgsr.scrg_rounds must be >= 0, got {cfg.scrg_rounds}")
     max_new_tokens = cfg.max_new_tokens
-    check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
+    prompts = check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
     out = initial or generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
                               vocab_size=vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed)
-    b = out.tokens.shape[0]
-    stats = {"corrected": torch.zeros(b, dtype=torch.bool), "j": torch.full((b,), -1, dtype=torch.int64),
-             "d_j": torch.full((b,), float("nan"), dtype=torch.float64),
-             "teacher_token": torch.full((b,), -1, dtype=torch.int64),
-             "rounds_used": torch.zeros(b, dtype=torch.int64), "per_round": []}
+    b, device = out.tokens.shape[0], out.tokens.device
+    stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
+             "j": torch.full((b,), -1, dtype=torch.int64, device=device),
+             "d_j": torch.full((b,), float("nan"), dtype=torch.float64, device=device),
+             "teacher_token": torch.full((b,), -1, dtype=torch.int64, device=device),
+             "rounds_used": torch.zeros(b, dtype=torch.int64, device=device), "per_round": []}
     for round_index in range(1, cfg.scrg_rounds + 1):
         decision = detect(teacher, student, out, vocab_size=vocab_size, divergence=cfg.scrg_divergence,
                           teacher_token=cfg.scrg_teacher_token, temperature=cfg.temperature,

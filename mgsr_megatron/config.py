@@ -121,8 +121,10 @@ class ScheduleConfig:
     seq_length: int = 512
     lr_warmup_iters: int = 10
     lr_decay_style: str = "cosine"
-    eval_interval: int = 50
-    eval_iters: int = 10
+    eval_interval: int = 50  # validation loss (+ ROUGE-L on eval_prompts) every N steps; 0 = off
+    eval_iters: int = 10  # validation micro-batches per evaluation
+    eval_prompts: int = 64  # held-out prompts generated and scored (ROUGE-L, EM) per evaluation; 0 = off
+    eval_max_new_tokens: int = 64
     max_nan_steps: int = 5
 
 

@@ -47,6 +47,44 @@ class TrainingData:
         mbs, seed = cfg.schedule.micro_batch_size, cfg.parallel.seed
         self.ground_truth = _IndexedSampler(labelled, mbs, dp_rank, dp_size, seed)
         self.prompts = _IndexedSampler(np.arange(len(self.dataset)), mbs, dp_rank, dp_size, seed + 1)
+        self.valid = self._open_valid(cfg)
+
+    def _open_valid(self, cfg: Config):
+        """data.valid_path, else the `.valid` split written beside a `.train` prefix (None if absent)."""
+        from pathlib import Path
+
+        path = cfg.data.valid_path
+        if path is None and cfg.data.train_path.endswith(".train"):
+            candidate = cfg.data.train_path[:-len(".train")] + ".valid"
+            path = candidate if Path(candidate + ".json").is_file() else None
+        if path is None:
+            return None
+        valid = InstructionDataset(path, self.tokenizer)
+        labelled = [i for i in range(len(valid)) if len(valid[i].response_ids)]
+        return (valid, labelled) if labelled else None
+
+    def validation_micro_batches(self, count: int, dp_rank: int, dp_size: int) -> list[dict]:
+        """The first `count` validation micro-batches of this DP rank (fixed: comparable across evals)."""
+        if self.valid is None:
+            return []
+        valid, labelled = self.valid
+        mbs = self.cfg.schedule.micro_batch_size
+        windows = min(count, len(labelled) // (mbs * dp_size))
+        return [self._finish(collate([valid[labelled[(w * dp_size + dp_rank) * mbs + r]] for r in range(mbs)],
+                                     self.pad_id, self.seq_length), generated=False) for w in range(windows)]
+
+    def evaluation_items(self, count: int) -> list:
+        """Up to `count` held-out prompts with references (PromptItem) from the validation split."""
+        if self.valid is None or count <= 0:
+            return []
+        from mgsr_megatron.data.indexed import PromptItem
+
+        valid, labelled = self.valid
+        items = []
+        for i in labelled[:count]:
+            row = valid.row(i)
+            items.append(PromptItem(valid[i].prompt_ids, row["prompt"], row["references"], row["family"]))
+        return items
 
     def _finish(self, batch: dict, generated: bool) -> dict:
         sft_on = (not generated) or self.cfg.mgsr.sft_on_generated

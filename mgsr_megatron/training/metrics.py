@@ -55,7 +55,9 @@ class MetricsLogger:
             self.write_line(step, kind, metrics)
 
     def write_line(self, step: int, kind: str, metrics: dict) -> None:
-        keys = [k for k in _LINE_KEYS if k in metrics] + sorted(k for k in metrics if k not in _LINE_KEYS)
+        # per-family breakdowns ("rouge_l/units") go to JSONL/TensorBoard only: the line stays readable
+        keys = [k for k in _LINE_KEYS if k in metrics] + sorted(k for k in metrics
+                                                                 if k not in _LINE_KEYS and "/" not in k)
         parts = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys]
         text = f"[{kind} step {step}] " + " | ".join(parts)
         if self.bar is not None:

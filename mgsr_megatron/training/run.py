@@ -40,6 +40,23 @@ def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
     return Trainer(cfg, data, uses_teacher=uses_teacher)
 
 
+def run_evaluation(trainer: Trainer, log: MetricsLogger, evaluate_fn=None) -> None:
+    """Validation loss (feeds the off-policy schedule) and ROUGE-L / exact match on held-out prompts."""
+    from mgsr_megatron.evaluation.evaluate import evaluate
+
+    cfg = trainer.cfg
+    valid = trainer.validation_loss()
+    if valid is not None:
+        log.log(trainer.step, valid, kind="valid")
+    items = trainer.data.evaluation_items(cfg.schedule.eval_prompts)
+    if items:
+        result = evaluate(trainer.student, items, trainer.data.tokenizer, vocab_size=cfg.student.vocab_size,
+                          max_new_tokens=cfg.schedule.eval_max_new_tokens, seeds=(10,))
+        log.log(trainer.step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, kind="eval")
+    if evaluate_fn is not None:
+        log.log(trainer.step, evaluate_fn(trainer), kind="eval")
+
+
 def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tuple[int, Trainer]:
     """Run training to `schedule.train_iters`. Returns the exit code (0, or EXIT_PREEMPTED after the
     preemption checkpoint) and the trainer."""
@@ -59,8 +76,8 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tu
     while trainer.step < cfg.schedule.train_iters:
         metrics = trainer.train_step()
         log.log(trainer.step, metrics)
-        if evaluate_fn is not None and cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0:
-            log.log(trainer.step, evaluate_fn(trainer), kind="eval")
+        if cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0:
+            run_evaluation(trainer, log, evaluate_fn)
         periodic = save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
         if preemption.any_rank():
             if save_dir:
@@ -73,6 +90,9 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tu
         if periodic:
             save_checkpoint(trainer, save_dir)
             saved_step = trainer.step
+    evaluated_last = cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0
+    if cfg.schedule.eval_interval and exit_code == 0 and not evaluated_last:  # and at the end
+        run_evaluation(trainer, log, evaluate_fn)
     if save_dir and saved_step != trainer.step:  # the final state is always saved
         save_checkpoint(trainer, save_dir)
     if rank0:

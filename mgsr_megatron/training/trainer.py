@@ -197,7 +197,7 @@ class Trainer:
             return None
         return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
 
-    def _forward_backward(self, micro_batches: list[dict], teacher_logits) -> list[dict]:
+    def _forward_backward(self, micro_batches: list[dict], teacher_logits, forward_only: bool = False) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from mgsr_megatron.losses import mgsr_objective
@@ -228,7 +228,7 @@ class Trainer:
         b, s = micro_batches[0]["tokens"].shape
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=None, model=[self.student],
-            num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
+            num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict:
         """Mean over micro-batches and DP ranks, sent from the last stage to every rank."""
@@ -245,6 +245,25 @@ class Trainer:
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         metrics = dict(zip(METRIC_KEYS, values[:-1].tolist()))
         metrics["nonfinite"] = bool(nonfinite.item() > 0)
+        return metrics
+
+    def validation_loss(self) -> dict | None:
+        """The MGSR objective on the fixed validation micro-batches (no update), averaged over DP;
+        reported to the data schedule (DistiLLM's threshold rule). None without a validation split."""
+        micro_batches = self.data.validation_micro_batches(self.cfg.schedule.eval_iters, self.dp_rank, self.dp_size)
+        count = torch.tensor([len(micro_batches)], device=platform.device())
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        if count.item() == 0:
+            return None
+        device = platform.device()
+        micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[:int(count.item())]]
+        self.student.eval()
+        with torch.no_grad():
+            outputs = self._forward_backward(micro_batches, self._teacher_logits(micro_batches), forward_only=True)
+        self.student.train()
+        metrics = self._reduce_metrics(outputs)
+        if self.schedule is not None:
+            metrics["replay_threshold"] = self.schedule.report_validation_loss(metrics["loss"])
         return metrics
 
     def train_step(self) -> dict:

@@ -1,0 +1,330 @@
+"""`mgsr plan`: the per-GPU memory of a config on a cluster, whether it fits, and the largest micro-batch.
+
+    mgsr plan --config examples/llama2_13b_to_7b/config.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80
+
+Everything is computed for one GPU of each pipeline stage (stages differ: the first holds the embedding
+and the most micro-batches in flight, the last the output layer and the teacher logits); the worst stage
+decides. Sizes in bytes; e = bytes per element of the model's params_dtype (2 for bf16).
+
+Weights (per TP rank). Column/row-parallel matrices and column-parallel biases are split over TP; norms,
+row-parallel biases and learned position embeddings are replicated (Megatron's layout). Per layer:
+  llama  h*(a*d + 2*g*d)/t + a*d*h/t [+ (a+2g)*d/t QKV bias] + 3*h*f/t (SwiGLU) + 2*h (RMSNorm)
+  gpt2/opt  (3*h*h + 3*h)/t + h*h/t + h + (2*h*f + f)/t + h + 4*h (two LayerNorms)
+  first stage: V_pad*h/t embedding (+ max_pos*h learned positions for gpt2/opt)
+  last stage: final norm (h, or 2h for LayerNorm) + V_pad*h/t output layer (untied, or tied with PP > 1)
+
+Student training states per parameter, Megatron mixed precision (what runs on CUDA): bf16/fp16 params
+with fp32 gradients, fp32 master weights and Adam moments: 2 + 4 + 12 = 18 bytes; with the distributed
+optimizer the 12 bytes of master weights and moments are sharded over DP: 6 + 12/DP (Megatron's
+distributed-optimizer table). fp32 params: 4 + 4 + 8 = 16, distributed 8 + 8/DP.
+
+Activations per transformer layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", eq. 2: s*b*h*(10 + 24/t + 5*a*s/(h*t)) for 16-bit GPT layers
+without sequence parallelism), generalised to any element size e, GQA and FFN width/gating:
+  replicated    s*b*h*(2e + 2e + 2)              two norm inputs, QKV and MLP inputs, two dropout masks
+  attention     s*b*e*(2*a*d + 2*g*d)/t          Q, K, V and the output projection's input
+  scores        b*a*s*s*(2e + 1)/t               softmax output, its dropout mask and dropout output
+  MLP           s*b*f*e*2/t (GELU/ReLU) or s*b*f*e*4/t (SwiGLU: fc1's 2f output, silu(gate), fc2 input)
+With e=2, g=a, f=4h and no gating this is exactly Korthikanti's formula. With full recomputation only
+each layer's input (s*b*h*e) is kept, plus one layer's full activations while it is recomputed.
+The 1F1B pipeline schedule keeps min(PP - stage, micro-batches per step) micro-batches in flight on a
+stage. The last stage adds the student's logits (b*s*V_pad/t*e) per micro-batch.
+
+Teacher logits: the teacher's forward over all micro-batches of a step runs first and its vocab-parallel
+logits stay on the last stage until the student's loss: n_micro*b*s*V_pad/t*e_teacher. The teacher's own
+forward is no-grad (one layer's scores and MLP intermediate at a time).
+
+SCRG generator (on-policy / off-policy schedules; the teacher generates in SeqKD): Megatron's static KV
+cache for one micro-batch, 2 * layers_on_stage * b * (max_prompt_length + max_new_tokens) * g/t * d * e,
+plus the no-grad teacher and student logits of SCRG's scoring pass over [x; y] (b*s*V_pad/t*e each).
+Generation happens before the training forward/backward of the same step, so the peak is
+    static (teacher weights + student states) + max(generation phase, training phase).
+A GPU fits the plan if the peak is at most (1 - RESERVE_FRACTION) of its memory (CUDA context, NCCL
+buffers and allocator fragmentation take the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mgsr_megatron.config import Config, ModelConfig, load_config
+from mgsr_megatron.errors import UserError
+
+GIB = 1024 ** 3
+RESERVE_FRACTION = 0.10
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _resolved(model: ModelConfig) -> ModelConfig:
+    from mgsr_megatron.models.builder import resolve
+
+    return resolve(model)
+
+
+def _head_dim(m: ModelConfig) -> int:
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
+def layer_params(m: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer layer held by one TP rank."""
+    h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, _head_dim(m)
+    if m.arch == "llama":
+        attention = h * (a * d + 2 * g * d) // tp + a * d * h // tp
+        if m.add_qkv_bias:
+            attention += (a + 2 * g) * d // tp
+        return attention + 3 * h * f // tp + 2 * h
+    qkv = (h * (a * d + 2 * g * d) + (a * d + 2 * g * d)) // tp
+    return qkv + a * d * h // tp + h + (2 * h * f + f) // tp + h + 4 * h
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Parameters of pipeline stage `stage` on one TP rank."""
+    from mgsr_megatron.models.vocab import padded_vocab_size
+
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+    total = m.num_layers // pp * layer_params(m, tp)
+    if stage == 0:
+        total += vocab * m.hidden_size // tp
+        if m.arch != "llama":
+            total += m.max_position_embeddings * m.hidden_size
+    if stage == pp - 1:
+        total += m.hidden_size * (1 if m.arch == "llama" else 2)
+        if not m.tie_embeddings or pp > 1:
+            total += vocab * m.hidden_size // tp
+    return total
+
+
+def state_bytes_per_param(dtype: str, dp: int, distributed: bool) -> float:
+    """Student weights + gradients + optimizer states per parameter (Megatron mixed precision)."""
+    if DTYPE_BYTES[dtype] == 4:
+        return 8 + 8 / dp if distributed else 16
+    return 6 + 12 / dp if distributed else 18
+
+
+def layer_activation_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int) -> int:
+    """Korthikanti et al.'s per-layer activation bytes, generalised (see the module docstring)."""
+    e = DTYPE_BYTES[m.params_dtype]
+    s, b, h, f = seq, micro_batch, m.hidden_size, m.ffn_hidden_size
+    a, g, d = m.num_attention_heads, m.num_query_groups, _head_dim(m)
+    replicated = s * b * h * (2 * e + 2 * e + 2)
+    attention = s * b * e * (2 * a * d + 2 * g * d) // tp
+    scores = b * a * s * s * (2 * e + 1) // tp
+    mlp = s * b * f * e * (4 if m.arch == "llama" else 2) // tp
+    return replicated + attention + scores + mlp
+
+
+def logits_bytes(m: ModelConfig, tp: int, rows: int, seq: int) -> int:
+    from mgsr_megatron.models.vocab import padded_vocab_size
+
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+    return rows * seq * vocab // tp * DTYPE_BYTES[m.params_dtype]
+
+
+def kv_cache_bytes(m: ModelConfig, tp: int, pp: int, micro_batch: int, length: int) -> int:
+    return 2 * (m.num_layers // pp) * micro_batch * length * (m.num_query_groups // tp) * _head_dim(m) \
+        * DTYPE_BYTES[m.params_dtype]
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    teacher_weights: int
+    student_params: int
+    student_states: float  # weights + grads + optimizer, with the configured optimizer
+    student_states_other: float  # ... with the other choice (distributed <-> not)
+    activations: int  # no recomputation (what the trainer does)
+    activations_recompute: int  # full recomputation
+    student_logits: int
+    teacher_logits: int
+    teacher_forward: int
+    kv_cache: int
+    scoring_logits: int
+    in_flight: int
+
+    def peak(self, recompute: bool = False, other_optimizer: bool = False) -> float:
+        static = self.teacher_weights + (self.student_states_other if other_optimizer else self.student_states)
+        training = self.teacher_logits + max(
+            self.teacher_forward,
+            (self.activations_recompute if recompute else self.activations) + self.student_logits)
+        generation = self.kv_cache + self.scoring_logits
+        return static + max(training, generation)
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    num_micro: int
+    seq_length: int
+    distributed_optimizer: bool
+    uses_teacher: bool
+    generator: str | None  # student | teacher | None
+    stages: list[StagePlan]
+    gpu_bytes: float
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu_bytes * (1 - RESERVE_FRACTION)
+
+    def worst(self, **kw) -> StagePlan:
+        return max(self.stages, key=lambda st: st.peak(**kw))
+
+    def fits(self, **kw) -> bool:
+        return self.worst(**kw).peak(**kw) <= self.usable_bytes
+
+
+def check_layout(cfg: Config, world_size: int, micro_batch: int | None = None) -> int:
+    """The checks a training launch would make before loading weights; returns DP."""
+    from mgsr_megatron.models.vocab import padded_vocab_size
+    from mgsr_megatron.parallel import validate_layout
+
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    models = {"student": _resolved(cfg.student), "teacher": _resolved(cfg.teacher)}
+    validate_layout(world_size, tp, pp, models)
+    for name, m in models.items():
+        try:
+            padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+        except UserError as exc:
+            raise UserError(f"{name}: {exc}") from None
+    dp = world_size // (tp * pp)
+    sched = cfg.schedule
+    b = sched.micro_batch_size if micro_batch is None else micro_batch
+    if sched.global_batch_size % (b * dp):
+        raise UserError(f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+                        f"micro_batch_size*DP = {b}*{dp} = {b * dp}")
+    for name, m in models.items():
+        if sched.seq_length > m.max_position_embeddings:
+            raise UserError(f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings="
+                            f"{m.max_position_embeddings}")
+    return dp
+
+
+def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch: int | None = None) -> Plan:
+    from mgsr_megatron.training.trainer import Trainer
+
+    dp = check_layout(cfg, world_size, micro_batch)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    student, teacher = _resolved(cfg.student), _resolved(cfg.teacher)
+    sched, mgsr = cfg.schedule, cfg.mgsr
+    b = sched.micro_batch_size if micro_batch is None else micro_batch
+    s = sched.seq_length
+    num_micro = sched.global_batch_size // (b * dp)
+    uses_teacher = Trainer.needs_teacher(cfg)
+    generator = None
+    if uses_teacher and mgsr.data_schedule != "ground_truth":
+        generator = "teacher" if mgsr.data_schedule == "seqkd" else "student"
+    distributed = cfg.optimizer.use_distributed_optimizer
+    stages = []
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        in_flight = min(pp - stage, num_micro)
+        n_student = stage_params(student, tp, pp, stage)
+        layers = student.num_layers // pp
+        per_layer = layer_activation_bytes(student, tp, b, s)
+        layer_inputs = s * b * student.hidden_size * DTYPE_BYTES[student.params_dtype]
+        embedding_mask = s * b * student.hidden_size if first else 0  # embedding dropout mask (1 byte)
+        activations = in_flight * (layers * per_layer + embedding_mask)
+        recompute = in_flight * (layers * layer_inputs + embedding_mask) + per_layer
+        teacher_forward = 0
+        if uses_teacher:
+            e_t = DTYPE_BYTES[teacher.params_dtype]
+            teacher_forward = b * teacher.num_attention_heads // tp * s * s * e_t \
+                + s * b * teacher.ffn_hidden_size // tp * e_t * (2 if teacher.arch == "llama" else 1)
+        kv, scoring = 0, 0
+        if generator is not None:
+            gen_model = teacher if generator == "teacher" else student
+            length = min(cfg.data.max_prompt_length + mgsr.max_new_tokens, s)
+            kv = kv_cache_bytes(gen_model, tp, pp, b, length)
+            if last and generator == "student" and mgsr.scrg_rounds > 0:
+                scoring = logits_bytes(student, tp, b, length) + logits_bytes(teacher, tp, b, length)
+        stages.append(StagePlan(
+            stage=stage,
+            teacher_weights=stage_params(teacher, tp, pp, stage) * DTYPE_BYTES[teacher.params_dtype]
+            if uses_teacher else 0,
+            student_params=n_student,
+            student_states=n_student * state_bytes_per_param(student.params_dtype, dp, distributed),
+            student_states_other=n_student * state_bytes_per_param(student.params_dtype, dp, not distributed),
+            activations=activations, activations_recompute=recompute,
+            student_logits=in_flight * logits_bytes(student, tp, b, s) if last else 0,
+            teacher_logits=logits_bytes(teacher, tp, num_micro * b, s) if last and uses_teacher else 0,
+            teacher_forward=teacher_forward, kv_cache=kv, scoring_logits=scoring, in_flight=in_flight))
+    return Plan(world_size, tp, pp, dp, b, num_micro, s, distributed, uses_teacher, generator, stages,
+                gpu_memory_gib * GIB)
+
+
+def largest_micro_batch(cfg: Config, world_size: int, gpu_memory_gib: float, recompute: bool = False) -> int | None:
+    """The largest micro-batch b with global_batch % (b*DP) == 0 whose plan fits (None if none does)."""
+    dp = check_layout(cfg, world_size, 1)
+    best = None
+    for b in range(1, cfg.schedule.global_batch_size // dp + 1):
+        if cfg.schedule.global_batch_size % (b * dp):
+            continue
+        if plan(cfg, world_size, gpu_memory_gib, micro_batch=b).fits(recompute=recompute):
+            best = b
+    return best
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_name: str = "") -> str:
+    worst = p.worst()
+    opt_now = "distributed" if p.distributed_optimizer else "plain"
+    opt_other = "plain" if p.distributed_optimizer else "distributed"
+    lines = [
+        f"mgsr plan {config_name}: {nodes} node(s) x {gpus_per_node} GPU(s) of {p.gpu_bytes / GIB:g} GiB "
+        f"= world {p.world_size}: TP={p.tp} PP={p.pp} DP={p.dp}",
+        f"  batch: global {cfg.schedule.global_batch_size} = micro {p.micro_batch} x DP {p.dp} x "
+        f"{p.num_micro} micro-batches/step; seq_length {p.seq_length}; generator: {p.generator or 'none'}",
+        f"  student {stage_params(_resolved(cfg.student), 1, 1, 0) / 1e9:.3f} B params "
+        f"({cfg.student.params_dtype}), teacher "
+        + (f"{stage_params(_resolved(cfg.teacher), 1, 1, 0) / 1e9:.3f} B params ({cfg.teacher.params_dtype})"
+           if p.uses_teacher else "not used"),
+        "  per GPU, GiB                                  " + "".join(f"  stage {st.stage}" for st in p.stages),
+    ]
+    rows = [
+        ("teacher weights", lambda st: st.teacher_weights),
+        (f"student weights+grads+Adam ({opt_now} opt.)", lambda st: st.student_states),
+        (f"  (with the {opt_other} optimizer)", lambda st: st.student_states_other),
+        ("activations, no recomputation", lambda st: st.activations),
+        ("  (with full recomputation)", lambda st: st.activations_recompute),
+        ("student logits", lambda st: st.student_logits),
+        ("teacher logits kept for the step", lambda st: st.teacher_logits),
+        ("teacher forward workspace", lambda st: st.teacher_forward),
+        ("SCRG generator KV cache", lambda st: st.kv_cache),
+        ("SCRG scoring logits", lambda st: st.scoring_logits),
+        ("PEAK (as configured)", lambda st: st.peak()),
+        ("  peak with full recomputation", lambda st: st.peak(recompute=True)),
+        (f"  peak with the {opt_other} optimizer", lambda st: st.peak(other_optimizer=True)),
+    ]
+    for name, value in rows:
+        lines.append(f"  {name:<44}" + "".join(f"  {_gib(value(st))}" for st in p.stages))
+    usable = p.usable_bytes
+    verdict = "FITS" if p.fits() else "DOES NOT FIT"
+    lines.append(f"  {verdict}: worst stage {worst.stage} needs {worst.peak() / GIB:.2f} GiB of {usable / GIB:.2f} "
+                 f"usable ({100 * (1 - RESERVE_FRACTION):.0f}% of {p.gpu_bytes / GIB:g} GiB)")
+    best = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB)
+    best_re = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB, recompute=True)
+    lines.append(f"  largest micro-batch that fits (global batch divisible by micro x DP): "
+                 f"{best if best else 'none'}; with full recomputation: {best_re if best_re else 'none'}")
+    return "\n".join(lines)
+
+
+def run_plan(args, overrides: list[str]) -> None:
+    """CLI entry: `mgsr plan --config F --nodes N --gpus-per-node G [--gpu-memory-gib M] [--a.b=v ...]`."""
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError(f"--nodes and --gpus-per-node must be >= 1 (got {args.nodes}, {args.gpus_per_node})")
+    if args.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib})")
+    cfg = load_config(args.config, overrides)
+    world = args.nodes * args.gpus_per_node
+    p = plan(cfg, world, args.gpu_memory_gib)
+    print(format_plan(cfg, p, args.nodes, args.gpus_per_node, args.config))
+
+
+__all__ = ["plan", "largest_micro_batch", "format_plan", "run_plan", "layer_params", "stage_params",
+           "layer_activation_bytes", "state_bytes_per_param", "kv_cache_bytes", "check_layout"]

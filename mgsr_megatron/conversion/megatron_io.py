@@ -46,7 +46,12 @@ def meta_model(cfg: ModelConfig):
     if (parallel_state.get_tensor_model_parallel_world_size() != 1
             or parallel_state.get_pipeline_model_parallel_world_size() != 1):
         raise RuntimeError("conversion needs parallel_state initialised with TP=1 and PP=1")
-    with torch.device("meta"):
+    from unittest import mock
+
+    from mgsr_megatron import platform
+
+    # build_model ends with `.to(platform.device())`; a meta model must stay on meta (no memory, no GPU)
+    with torch.device("meta"), mock.patch.object(platform, "device", lambda: torch.device("meta")):
         return build_model(cfg, pre_process=True, post_process=True)
 
 

@@ -7,10 +7,12 @@ Reduction (each term is a mean over its OWN mask, within this micro-batch):
 Averaging over data-parallel ranks and micro-batches is the trainer's business.
 
 Memory: one autograd.Function runs the whole objective in chunks of `loss_chunk_tokens` rows. The
-forward keeps only per-row scalars; the backward recomputes each chunk (collectives included) and
-writes its gradient straight into the one [tokens, V/TP] gradient buffer, so the extra memory beyond
-that buffer is a few [chunk, V/TP] temporaries whatever the number of tokens. Terms whose weight is 0
-are not computed (reported as 0). Teacher logits may be bf16 (cast per chunk).
+forward keeps per-row log-sum-exps and DAC-KL's [rows, K] band candidates (~5 KB per token at K=256);
+the backward rebuilds each chunk's [chunk, V/TP] tensors from the logits (without communication, except
+Megatron's SFT re-run at temperature != 1 and the l1/l2 span options) and writes its gradient straight
+into the one [tokens, V/TP] gradient buffer, so the extra memory beyond that buffer is a few
+[chunk, V/TP] temporaries whatever the number of tokens. Terms whose weight is 0 are not computed
+(reported as 0). Teacher logits may be bf16 (cast per chunk).
 """
 
 from __future__ import annotations

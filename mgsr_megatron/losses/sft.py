@@ -7,6 +7,10 @@ smoothing path is wrong for TP>1 upstream). Megatron's function always uses para
 and edits its input in place, so it is called on a per-chunk copy, and the objective requires the TP
 group of the losses to be that group. In a plain single process (no torch.distributed, no
 parallel_state) the same formula is evaluated densely instead.
+
+Gradient: softmax - onehot (Megatron's backward formula). The objective forms it inside DAC-KL's
+backward pass at temperature 1 (that pass already holds the student softmax); otherwise
+`sft_rows_grad` re-runs Megatron's function on the chunk under autograd.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     model.true_vocab_size = cfg.vocab_size
-    return model.to(platform.device())  # CPU initialisation (layout-independent), then onto the GPU
+    if platform.cuda_available() and not any(p.is_meta for p in model.parameters()):
+        model.to(platform.device())  # CPU initialisation (layout-independent), then onto the GPU
+    return model
 
 
 def build_teacher(cfg: ModelConfig):

@@ -77,7 +77,7 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
     """Write a torch_dist checkpoint into the (existing, empty) `directory`.
 
     `dense_tensor(name)` returns the full TP=1 tensor of a dense Megatron name (shape as in
-    `dense_shapes`, any dtype: it is cast to cfg.params_dtype). `on_layer(label)` is called when the
+    `dense_shapes`, any dtype: it is cast to the dtype the model gives that tensor). `on_layer(label)` is called when the
     writer moves on to the next layer ("embedding", "layer 0", ..., "final").
     """
     import torch.distributed.checkpoint as dcp
@@ -89,7 +89,6 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
         MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.params_dtype]
     sharded, common = save_preprocess(_sharded_entries(cfg), validate_access_integrity=False)
     # (checkpoint key, global offset) -> (dense name, the ShardedTensor describing that chunk)
     chunks: dict[tuple[str, tuple[int, ...]], tuple[str, ShardedTensor]] = {}
@@ -110,7 +109,8 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
             if tuple(tensor.shape) != _dense_shape(sh_ten):
                 raise UserError(f"internal: tensor '{name}' has shape {tuple(tensor.shape)}, "
                                 f"the model expects {_dense_shape(sh_ten)}")
-            cache[name] = tensor.to(dtype).contiguous()
+            # sh_ten.dtype, not params_dtype: Megatron keeps e.g. the torch norm weights in fp32
+            cache[name] = tensor.to(sh_ten.dtype).contiguous()
         tensor = cache[name]
         p = sh_ten.prepend_axis_num
         for dim, (start, size) in enumerate(zip(sh_ten.global_offset[p:], sh_ten.local_shape)):
@@ -184,11 +184,11 @@ class CheckpointReader:
     def __init__(self, cfg: ModelConfig, directory: Path):
         self.cfg = cfg
         self.directory = Path(directory)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                      "float16": torch.float16}[cfg.params_dtype]
         self.model = meta_model(cfg)
-        self.shapes = {name: tuple(t.shape) for name, t in self.model.state_dict().items()
-                       if isinstance(t, torch.Tensor) and not name.endswith("_extra_state")}
+        tensors = {name: t for name, t in self.model.state_dict().items()
+                   if isinstance(t, torch.Tensor) and not name.endswith("_extra_state")}
+        self.shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        self.dtypes = {name: t.dtype for name, t in tensors.items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
@@ -200,7 +200,7 @@ class CheckpointReader:
         wanted, out = {}, {}
         for name in names:
             entry = entries[name]
-            out[name] = torch.empty(self.shapes[name], dtype=self.dtype)
+            out[name] = torch.empty(self.shapes[name], dtype=self.dtypes[name])
             entry.data = out[name]  # a ShardedTensor, or the GLU fc1 factory that splits it
             wanted[name] = entry
         apply_factories(wanted)

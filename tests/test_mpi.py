@@ -1,7 +1,6 @@
 """`mpirun -np 2 python -m mgsr_megatron train` (MPICH's hydra from the `mpich` wheel; ranks from
 PMI_RANK/PMI_SIZE, the rendezvous address broadcast through mpi4py) gives the same losses as torchrun."""
 
-import os
 import shutil
 import subprocess
 import sys

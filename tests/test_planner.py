@@ -12,8 +12,7 @@ import pytest
 
 from mgsr_megatron.config import Config, ModelConfig
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.planner import (GIB, layer_activation_bytes, largest_micro_batch, plan, run_plan,
-                                   stage_params)
+from mgsr_megatron.planner import GIB, largest_micro_batch, layer_activation_bytes, plan, run_plan, stage_params
 
 ROOT = Path(__file__).resolve().parent.parent
 

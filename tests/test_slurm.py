@@ -131,7 +131,7 @@ class Cluster:
                       60, "the test jobs to end")
             except (subprocess.SubprocessError, AssertionError):
                 pass
-        for name, pid in reversed(self.pids):
+        for _name, pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -224,7 +224,8 @@ def _train_steps(run_dir: Path) -> list[int]:
 def _submit(cluster, workdir, run: str, *overrides: str, env: dict | None = None, sbatch_args=()):
     run_dir = workdir / run
     return cluster.sbatch(workdir, f"--output={run_dir}.log", *sbatch_args, str(SCRIPT),
-                          f"--logging.output_dir={run_dir}", "--logging.log_interval=1", f"--checkpoint.save={run_dir}/checkpoints",
+                          f"--logging.output_dir={run_dir}", "--logging.log_interval=1",
+                          f"--checkpoint.save={run_dir}/checkpoints",
                           *overrides, env={"CONFIG": str(workdir / "tiny.yaml"), **(env or {})}), run_dir
 
 
@@ -283,6 +284,6 @@ def test_preemption_requeues_and_resumes_by_itself(cluster, workdir):
     job = cluster.wait_done(job_id, 420)
     log = Path(f"{run_dir}.log").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
-    assert f"preempted (srun exit" in log and f"requeueing job {job_id}" in log
+    assert "preempted (srun exit" in log and f"requeueing job {job_id}" in log
     assert f"[resume step {int(stopped_at.split('_')[1])}]" in log, (stopped_at, log[-3000:])
     assert _train_steps(run_dir)[-1] == 20

@@ -44,9 +44,9 @@ def default_config(output_dir: Path) -> Config:
     cfg.data.max_prompt_length = 24
     cfg.data.max_length = 40
     cfg.schedule.seq_length = 40
-    cfg.schedule.micro_batch_size = 16
+    cfg.schedule.micro_batch_size = 32  # one micro-batch per step: one generation call per SCRG step
     cfg.schedule.global_batch_size = 32
-    cfg.schedule.train_iters = 300
+    cfg.schedule.train_iters = 200
     cfg.schedule.lr_warmup_iters = 20
     cfg.schedule.eval_interval = 0
     cfg.optimizer.lr = 3e-3
@@ -65,7 +65,7 @@ def default_config(output_dir: Path) -> Config:
     return cfg
 
 
-DEMO_SETTINGS = {"teacher_iters": 600, "labelled_fraction": 0.1, "n_train": 4000, "n_eval": 240,
+DEMO_SETTINGS = {"teacher_iters": 450, "labelled_fraction": 0.1, "n_train": 4000, "n_eval": 240,
                  "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16}
 
 
@@ -163,6 +163,7 @@ def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dic
     teacher_cfg.student = copy.deepcopy(base.teacher)  # the teacher is trained as a "student" of SFT
     teacher_cfg.data.train_path = str(out / "data" / "teacher.train")
     teacher_cfg.parallel.tensor_model_parallel_size = 1  # data parallel: the fastest layout on 2 cores
+    teacher_cfg.schedule.micro_batch_size = max(1, base.schedule.global_batch_size // dist.get_world_size())
     teacher_cfg.schedule.train_iters = settings["teacher_iters"]
     report = {"teacher": _train_and_evaluate(teacher_cfg, eval_items, tokenizer, settings, uses_teacher=False)}
     teacher_dir = Path(teacher_cfg.checkpoint.save)

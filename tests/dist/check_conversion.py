@@ -1,5 +1,5 @@
 """HF -> Megatron conversion gives transformers' logits at TP=1, TP=2, PP=2, TP2xPP2; a model changed
-and saved at TP2xPP2 exports to an HF directory with the Megatron logits; load_model errors (world size 4).
+and saved at TP2xPP2 exports to an HF directory with the Megatron logits (world size 4).
 
 The reference is Hugging Face `transformers` itself (fp32, tolerance 1e-4).
 """
@@ -7,7 +7,6 @@ The reference is Hugging Face `transformers` itself (fp32, tolerance 1e-4).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron import parallel
-from mgsr_megatron.errors import UserError
 from mgsr_megatron.models import build_model, mask_padded_logits
 from mgsr_megatron.models.checkpoint import load_model, read_model_config, save_model
 from mgsr_megatron.models.pipeline import forward_logits
@@ -200,64 +198,3 @@ def conversion_gpt2_logits_tp_pp():
 @dist_check(world_size=4)
 def conversion_opt_logits_tp_pp():
     _check_architecture_round_trip("opt")
-
-
-def _expect_user_error(fn, *fragments):
-    try:
-        fn()
-    except UserError as exc:
-        for fragment in fragments:
-            assert fragment in str(exc), f"message {str(exc)!r} lacks {fragment!r}"
-        return
-    raise AssertionError(f"no UserError (expected one mentioning {fragments})")
-
-
-@dist_check(world_size=4)
-def conversion_load_errors_and_atomic_output():
-    from mgsr_megatron.conversion import import_hf
-    from mgsr_megatron.conversion.architectures import Llama
-
-    parallel.initialize_model_parallel(1, 1)
-    tmp = _shared_tmpdir()
-    try:
-        def prepare():
-            with real_cuda_stream():
-                tiny_hf_model("llama_gqa").save_pretrained(tmp / "hf")
-            import_hf(tmp / "hf", tmp / "a", progress=False)
-            # A failure in the middle of writing leaves neither the output nor its temporary directory.
-            original = Llama.to_megatron
-
-            def failing(self, name, get):
-                if name.startswith("decoder.layers.2."):
-                    raise RuntimeError("disk full (simulated)")
-                return original(self, name, get)
-
-            Llama.to_megatron = failing
-            try:
-                import_hf(tmp / "hf", tmp / "partial", progress=False)
-            except RuntimeError:
-                pass
-            finally:
-                Llama.to_megatron = original
-            assert not (tmp / "partial").exists() and not (tmp / ".partial.tmp").exists(), "partial output left"
-            # Weights of another shape under a matching model_config.yaml.
-            shutil.copytree(tmp / "a", tmp / "wrong_shapes")
-            (tmp / "wrong_shapes" / "model_config.yaml").write_text(
-                (tmp / "a" / "model_config.yaml").read_text().replace("ffn_hidden_size: 96", "ffn_hidden_size: 128"))
-            (tmp / "no_weights").mkdir()
-            shutil.copy(tmp / "a" / "model_config.yaml", tmp / "no_weights" / "model_config.yaml")
-
-        on_rank0(prepare)
-        cfg = read_model_config(tmp / "a")
-        parallel.initialize_model_parallel(2, 1, models={"model": cfg})
-        model = build_model(cfg)
-        _expect_user_error(lambda: load_model(model, tmp / "missing"), "not found", "missing")
-        _expect_user_error(lambda: load_model(model, tmp / "no_weights"), "no weights")
-        bigger = dataclasses.replace(cfg, ffn_hidden_size=128)
-        _expect_user_error(lambda: load_model(model, tmp / "wrong_shapes"), "ffn_hidden_size=128", "ffn_hidden_size=96")
-        wide = build_model(bigger)  # built as the edited config says, but the stored weights are ffn 96
-        _expect_user_error(lambda: load_model(wide, tmp / "wrong_shapes"), "shape")
-    finally:
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)

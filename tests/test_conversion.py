@@ -279,8 +279,8 @@ def test_no_weights_found(tmp_path):
 
 
 def test_resolve_checkpoint_and_read_config_errors(tmp_path):
-    from mgsr_megatron.models.checkpoint import read_model_config, resolve_checkpoint, write_model_config
     from mgsr_megatron.config import ModelConfig
+    from mgsr_megatron.models.checkpoint import read_model_config, resolve_checkpoint, write_model_config
 
     assert "not found" in _error(lambda: resolve_checkpoint(tmp_path / "nope"))
     (tmp_path / "run" / "checkpoints" / "iter_0000002").mkdir(parents=True)

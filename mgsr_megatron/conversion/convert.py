@@ -22,8 +22,15 @@ from mgsr_megatron.conversion.hf_io import TOKENIZER_FILES, HFCheckpoint, HFWrit
 from mgsr_megatron.conversion.megatron_io import CheckpointReader, layer_of, write_checkpoint
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.models.builder import resolve
-from mgsr_megatron.models.checkpoint import (MODEL_CONFIG, MODEL_DIR, TOKENIZER_DIR, read_model_config,
-                                             replace_directory, resolve_checkpoint, write_model_config)
+from mgsr_megatron.models.checkpoint import (
+    MODEL_CONFIG,
+    MODEL_DIR,
+    TOKENIZER_DIR,
+    read_model_config,
+    replace_directory,
+    resolve_checkpoint,
+    write_model_config,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 HF_CONFIG = "hf_config.json"

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -86,7 +86,10 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from torch.distributed.checkpoint.planner import WriteItemType
 
     sharded, common = save_preprocess(_sharded_entries(cfg), validate_access_integrity=False)
@@ -192,9 +195,12 @@ class CheckpointReader:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+        from megatron.core.dist_checkpointing.mapping import apply_factories
         from megatron.core.dist_checkpointing.strategies.torch import (
-            MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+            MCoreLoadPlanner,
+            _replace_state_dict_keys_with_sharded_keys,
+            mcore_to_pyt_state_dict,
+        )
 
         entries = self.model.sharded_state_dict()
         wanted, out = {}, {}

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron import parallel
-from mgsr_megatron.models import build_model, mask_padded_logits
+from mgsr_megatron.models import build_model
 from mgsr_megatron.models.checkpoint import load_model, read_model_config, save_model
 from mgsr_megatron.models.pipeline import forward_logits
 from tests.dist.common import LAYOUTS, assert_close, broadcast_from_last_stage, gather_vocab

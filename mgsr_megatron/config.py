@@ -49,6 +49,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     seed: int = 1234
     distributed_timeout_minutes: int = 10
+    rendezvous_timeout_seconds: int = 300  # non-zero ranks give up (naming host:port) if the master never answers
 
 
 @dataclass
@@ -110,7 +111,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # CUDA only; CPU uses a plain AdamW
+    use_distributed_optimizer: bool = False  # Megatron's distributed optimizer: not wired in yet (planner only)
 
 
 @dataclass

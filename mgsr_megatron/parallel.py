@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -165,11 +166,31 @@ def validate_layout(world_size: int, tp: int, pp: int, models: dict | None = Non
 # --------------------------------------------------------------------------------------------------
 # Start-up.
 
-def init_distributed(env: DistEnv | None = None, timeout_minutes: int = 10) -> DistEnv:
+def wait_for_rendezvous(env: DistEnv, timeout_s: float) -> None:
+    """Ranks other than 0 wait (bounded) until the master's store accepts connections, so an address
+    that can never be reached is reported by name instead of hanging for the collective timeout."""
+    if env.rank == 0 or env.world_size == 1:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((env.master_addr, env.master_port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise UserError(f"rank {env.rank} cannot reach the rendezvous at {env.master_addr}:{env.master_port} "
+                                f"({env.launcher} launch) within {timeout_s:.0f} s: {exc.strerror or exc}; check "
+                                f"MASTER_ADDR/MASTER_PORT (or the SLURM node list) and the firewall") from None
+            time.sleep(0.5)
+
+
+def init_distributed(env: DistEnv | None = None, timeout_minutes: int = 10,
+                     rendezvous_timeout_s: float = 300.0) -> DistEnv:
     """torch.distributed start-up (idempotent). Activates the CPU adapter when CUDA is absent."""
     env = env or discover_env()
     platform.activate()
     if not torch.distributed.is_initialized():
+        wait_for_rendezvous(env, rendezvous_timeout_s)
         platform.set_local_device(env.local_rank)
         torch.distributed.init_process_group(
             backend=platform.backend(), init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -185,8 +206,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, models
     if not torch.distributed.is_initialized():
         init_distributed()
     validate_layout(torch.distributed.get_world_size(), tp, pp, models)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_everything(seed)
 
@@ -202,10 +222,28 @@ def seed_everything(seed: int) -> None:
     platform.model_parallel_seed(stage_seed)
 
 
-def destroy() -> None:
+def destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel() only forgets its ~25 process groups; each gloo group keeps
+    its threads (about 50 per layout here), so a process that changes layouts (tests, the demo) would
+    pile them up. Destroy the groups themselves too."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    groups = {}
+    for value in vars(parallel_state).values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.distributed.ProcessGroup) and item != torch.distributed.group.WORLD:
+                groups[id(item)] = item
+    parallel_state.destroy_model_parallel()
+    for group in groups.values():
+        try:
+            torch.distributed.destroy_process_group(group)
+        except ValueError:  # a group this rank is not part of / already released
+            pass
+
+
+def destroy() -> None:
+    destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

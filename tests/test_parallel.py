@@ -76,3 +76,20 @@ def test_layout_errors(world, tp, pp, model, message):
     with pytest.raises(UserError, match=message) as err:
         validate_layout(world, tp, pp, {"student": ModelConfig(**model)})
     assert "\n" not in str(err.value)
+
+
+def test_unreachable_rendezvous_is_reported_with_host_and_port():
+    import socket
+    import time
+
+    from mgsr_megatron.parallel import DistEnv, wait_for_rendezvous
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"rank 1 cannot reach the rendezvous at 127.0.0.1:{port} "
+                                        r"\(torchrun launch\) within 2 s"):
+        wait_for_rendezvous(DistEnv(1, 2, 0, "127.0.0.1", port, "torchrun"), timeout_s=2)
+    assert time.monotonic() - start < 10
+    wait_for_rendezvous(DistEnv(0, 2, 0, "127.0.0.1", port, "torchrun"), timeout_s=2)  # rank 0 hosts it

@@ -31,7 +31,8 @@ def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
     from megatron.core import parallel_state
 
     check_generation_fits(cfg)
-    parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes)
+    parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes,
+                              rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_seconds)
     uses_teacher = Trainer.needs_teacher(cfg) if uses_teacher is None else uses_teacher
     models = {"student": cfg.student, **({"teacher": cfg.teacher} if uses_teacher else {})}
     parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,

@@ -64,6 +64,9 @@ class PreemptionFlag:
 
 def validate_batch_layout(cfg: Config, dp_size: int) -> int:
     """Number of micro-batches per step on each DP rank; clear errors for impossible settings."""
+    if cfg.optimizer.use_distributed_optimizer:
+        raise UserError("optimizer.use_distributed_optimizer=true: Megatron's distributed optimizer is not "
+                        "wired into the trainer yet (plain AdamW with a DP all-reduce is used); set it to false")
     sched = cfg.schedule
     per_step = sched.micro_batch_size * dp_size
     if sched.global_batch_size % per_step:

@@ -202,6 +202,22 @@ def test_shape_mismatch_named(tmp_path):
     _rewrite_weights(hf, lambda w: w.__setitem__("model.decoder.layers.2.fc1.weight", torch.zeros(100, 64)))
     message = _error(lambda: _import(hf, tmp_path / "out"))
     assert "model.decoder.layers.2.fc1.weight" in message and "[100, 64]" in message and "[128, 64]" in message
+    assert not (tmp_path / "out").exists()  # no partial output that looks like a checkpoint
+
+
+def test_failure_while_writing_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A crash after the weights are written (before the metadata) leaves nothing at the output path."""
+    from mgsr_megatron.conversion import convert
+
+    hf = _save(_hf("llama_gqa"), tmp_path / "hf")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(convert, "write_model_config", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _import(hf, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # neither out/ nor a temporary left
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},

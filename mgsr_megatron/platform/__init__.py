@@ -54,11 +54,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def max_memory_allocated() -> int:
-    """Peak bytes allocated on the accelerator (0 on CPU; the CPU peak comes from the OS)."""
+def peak_memory_bytes() -> int:
+    """Peak bytes allocated on the GPU; on the CPU the process's peak resident set size."""
     if cuda_available():
         return torch.cuda.max_memory_allocated()
-    return 0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def bf16_supported() -> bool:

@@ -300,6 +300,5 @@ class Trainer:
         metrics.update(batch.stats, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                        tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed, source=batch.source,
                        skipped_steps=self.skipped_steps)
-        if platform.cuda_available():
-            metrics["mem_gib"] = platform.max_memory_allocated() / 2 ** 30
+        metrics["mem_gib"] = platform.peak_memory_bytes() / 2 ** 30
         return metrics

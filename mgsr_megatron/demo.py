@@ -150,7 +150,7 @@ def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dic
     import torch.distributed as dist
 
     from mgsr_megatron import parallel
-    from mgsr_megatron.data.indexed import InstructionDataset, PromptDataset
+    from mgsr_megatron.data.indexed import PromptDataset
     from mgsr_megatron.data.tokenizer import load_tokenizer
 
     started = time.time()

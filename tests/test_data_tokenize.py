@@ -6,8 +6,13 @@ import re
 import pytest
 
 from mgsr_megatron.data.formats import ReadStats, read_jsonl
-from mgsr_megatron.data.spans import (char_spans_to_token_ranges, get_span_extractor, nltk_char_spans,
-                                      phrase_char_spans, spans_for_ids)
+from mgsr_megatron.data.spans import (
+    char_spans_to_token_ranges,
+    get_span_extractor,
+    nltk_char_spans,
+    phrase_char_spans,
+    spans_for_ids,
+)
 from mgsr_megatron.data.tokenizer import check_same_tokenizer, load_tokenizer, train_sentencepiece
 from mgsr_megatron.errors import UserError
 

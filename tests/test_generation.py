@@ -12,8 +12,18 @@ from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation import generate, sample, scrg
 from mgsr_megatron.generation.sampling import uniform_noise
-from tests.dist.check_generation import (PADDED, PROMPTS, VOCAB, _dense, _sharp_full_state, _tiny, ref_generate,
-                                         ref_gumbel, ref_sample, ref_scrg)
+from tests.dist.check_generation import (
+    PADDED,
+    PROMPTS,
+    VOCAB,
+    _dense,
+    _sharp_full_state,
+    _tiny,
+    ref_generate,
+    ref_gumbel,
+    ref_sample,
+    ref_scrg,
+)
 
 
 @pytest.fixture(scope="module")

@@ -107,9 +107,8 @@ def main() -> int:
     @check("trainer: 6 MGSR steps on the GPU (SCRG + ground truth), finite and decreasing")
     def _():
         sys.path.insert(0, str(ROOT))
-        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
-
         from mgsr_megatron.training.run import build_trainer
+        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
 
         root = Path(tempfile.mkdtemp(prefix="mgsr_gpu_"))
         _build_files(root)

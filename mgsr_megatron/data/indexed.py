@@ -160,7 +160,7 @@ class PromptDataset:
         return self.items[i]
 
     @classmethod
-    def from_indexed(cls, dataset: InstructionDataset) -> "PromptDataset":
+    def from_indexed(cls, dataset: InstructionDataset) -> PromptDataset:
         items = []
         for i in range(len(dataset)):
             row = dataset.row(i)
@@ -168,7 +168,7 @@ class PromptDataset:
         return cls(items)
 
     @classmethod
-    def from_jsonl(cls, path, tokenizer, data_cfg) -> "PromptDataset":
+    def from_jsonl(cls, path, tokenizer, data_cfg) -> PromptDataset:
         """Rows in any supported format; the response (if any) and `references` become the references.
         Prompts longer than `max_prompt_length` keep their last tokens (the response cue sits at the end)."""
         from mgsr_megatron.data.formats import read_jsonl

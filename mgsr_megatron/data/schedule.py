@@ -83,7 +83,7 @@ class DataSchedule:
         self.buffer = ReplayBuffer(capacity)
 
     @classmethod
-    def from_config(cls, mgsr_cfg, seed: int = 0) -> "DataSchedule":
+    def from_config(cls, mgsr_cfg, seed: int = 0) -> DataSchedule:
         return cls(mgsr_cfg.data_schedule, seed=seed, capacity=mgsr_cfg.replay_capacity,
                    init_threshold=mgsr_cfg.init_threshold, loss_eps=mgsr_cfg.loss_eps,
                    on_policy_lambda=mgsr_cfg.on_policy_lambda)

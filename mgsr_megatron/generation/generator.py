@@ -44,7 +44,7 @@ class GenerationOutput:
     prompt_lengths: torch.Tensor  # [b] int64
     response_lengths: torch.Tensor  # [b] int64 (EOS counted when produced)
     # the student's KV cache after generation (SCRG regenerates from it); not part of the result
-    stepper: "PipelineStepper | None" = field(default=None, repr=False, compare=False)
+    stepper: PipelineStepper | None = field(default=None, repr=False, compare=False)
 
     def responses(self) -> list[list[int]]:
         return [self.tokens[r, p:p + n].tolist()

@@ -32,8 +32,14 @@ import torch.distributed as dist
 
 from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.generation.generator import (GenerationOutput, PipelineStepper, SamplingOptions,
-                                                check_request, decode, generate)
+from mgsr_megatron.generation.generator import (
+    GenerationOutput,
+    PipelineStepper,
+    SamplingOptions,
+    check_request,
+    decode,
+    generate,
+)
 from mgsr_megatron.generation.sampling import mask_padded, parallel_argmax, sample
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")

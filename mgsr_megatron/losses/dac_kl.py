@@ -30,8 +30,14 @@ import torch
 from torch import nn
 
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.losses.vocab_parallel import (Shard, gather_at_ids, global_topk, log_softmax_stats,
-                                                 scaled_rows, scatter_add_at_ids)
+from mgsr_megatron.losses.vocab_parallel import (
+    Shard,
+    gather_at_ids,
+    global_topk,
+    log_softmax_stats,
+    scaled_rows,
+    scatter_add_at_ids,
+)
 
 FEATURE_LOGP_FLOOR = -20.0
 BAND_NORMS = ("tail_bucket", "renormalize")

@@ -35,8 +35,15 @@ import math
 import torch
 
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.losses.vocab_parallel import (Shard, _xlogx_free, all_reduce, check_same_shape, chunks,
-                                                 log_softmax_stats, shard_of)
+from mgsr_megatron.losses.vocab_parallel import (
+    Shard,
+    _xlogx_free,
+    all_reduce,
+    check_same_shape,
+    chunks,
+    log_softmax_stats,
+    shard_of,
+)
 
 KINDS = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 CHUNK_TOKENS = 1024  # rows per step of the public divergence(): bounds the forward/backward temporaries

@@ -44,7 +44,7 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
                         f"num_query_groups={groups}")
     if cfg.arch != "llama" and cfg.num_query_groups not in (None, cfg.num_attention_heads):
-        raise UserError(f"grouped-query attention (num_query_groups) is only supported for arch llama")
+        raise UserError("grouped-query attention (num_query_groups) is only supported for arch llama")
     ffn = cfg.ffn_hidden_size
     if ffn is None:
         ffn = 4 * cfg.hidden_size if cfg.arch != "llama" else -(-(8 * cfg.hidden_size // 3) // 64) * 64

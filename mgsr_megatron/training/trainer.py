@@ -18,7 +18,6 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

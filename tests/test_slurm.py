@@ -281,8 +281,13 @@ def test_preemption_requeues_and_resumes_by_itself(cluster, workdir):
     stopped_at = (run_dir / "checkpoints" / "latest").read_text().strip()
     # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait for that
     cluster.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
-    job = cluster.wait_done(job_id, 420)
-    log = Path(f"{run_dir}.log").read_text()
+    log_file = Path(f"{run_dir}.log")
+    # Right after the requeue the job can still show the first run's terminal state (FAILED, 115):
+    # only a terminal state reached after the second run has resumed counts.
+    terminal = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    job = _wait(lambda: (lambda j: j if j["JobState"] in terminal and "[resume step" in log_file.read_text()
+                         else None)(cluster.job(job_id)), 420, "the requeued run to resume and finish")
+    log = log_file.read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert "preempted (srun exit" in log and f"requeueing job {job_id}" in log
     assert f"[resume step {int(stopped_at.split('_')[1])}]" in log, (stopped_at, log[-3000:])

@@ -50,31 +50,24 @@ def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file not found: {path}")
+    from mgsr_megatron.data.formats import iter_json_objects
+
     rows, prompts = [], []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            if "prompt_ids" in row:
-                ids = row["prompt_ids"]
-                if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                    raise UserError(f"{path}:{number}: 'prompt_ids' must be a list of integers")
-            elif "prompt" in row:
-                if tokenizer is None:
-                    raise UserError(f"{path}:{number}: text 'prompt' needs a tokenizer (--tokenizer)")
-                ids = tokenizer.encode(row["prompt"])
-            else:
-                raise UserError(f"{path}:{number}: missing field 'prompt' (text) or 'prompt_ids'")
-            if not ids:
-                raise UserError(f"{path}:{number}: empty prompt")
-            rows.append(row)
-            prompts.append(ids)
+    for number, row in iter_json_objects(path):
+        if "prompt_ids" in row:
+            ids = row["prompt_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise UserError(f"{path}:{number}: 'prompt_ids' must be a list of integers")
+        elif "prompt" in row:
+            if tokenizer is None:
+                raise UserError(f"{path}:{number}: text 'prompt' needs a tokenizer (--tokenizer)")
+            ids = tokenizer.encode(row["prompt"])
+        else:
+            raise UserError(f"{path}:{number}: missing field 'prompt' (text) or 'prompt_ids'")
+        if not ids:
+            raise UserError(f"{path}:{number}: empty prompt")
+        rows.append(row)
+        prompts.append(ids)
     if not rows:
         raise UserError(f"{path}: no prompts")
     return rows, prompts

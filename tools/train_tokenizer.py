@@ -9,7 +9,6 @@ Text files: one sentence per line. JSONL files: every string value of the known 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,29 +19,23 @@ TEXT_FIELDS = ("prompt", "response", "instruction", "input", "context", "output"
 
 
 def corpus_sentences(paths):
+    from mgsr_megatron.data.formats import iter_json_objects
+
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"corpus file not found: {path}")
-        with open(path, encoding="utf-8", errors="strict") as stream:
-            for line_number, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                if path.suffix != ".jsonl":
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{line_number}: expected a JSON object")
-                for name in TEXT_FIELDS:
-                    if isinstance(row.get(name), str) and row[name].strip():
-                        yield row[name]
-                for message in row.get("messages", []) or []:
-                    if isinstance(message, dict) and isinstance(message.get("content"), str):
-                        yield message["content"]
+        if path.suffix != ".jsonl":
+            with open(path, encoding="utf-8", errors="strict") as stream:
+                yield from (line.rstrip("\n") for line in stream if line.strip())
+            continue
+        for _, row in iter_json_objects(path):
+            for name in TEXT_FIELDS:
+                if isinstance(row.get(name), str) and row[name].strip():
+                    yield row[name]
+            for message in row.get("messages", []) or []:
+                if isinstance(message, dict) and isinstance(message.get("content"), str):
+                    yield message["content"]
 
 
 def main(argv=None) -> int:

@@ -146,6 +146,29 @@ def parse_row(row: dict, fmt: str, template: str, where: str, prompts_only: bool
     return Example(prompt=prompt, response=response, source=where, family=family, references=references)
 
 
+def iter_json_objects(path: str | Path):
+    """(line number, object) for every non-blank line of a JSONL file; a line that is not UTF-8 JSON
+    holding an object is a one-line UserError naming file and line. For tools that need no format."""
+    path = Path(path)
+    with open(path, "rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, row
+
+
 def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instruction}\n\n{input}\n\n### Response:\n",
                skip_bad_lines: bool = False, prompts_only: bool = False,
                stats: ReadStats | None = None):

@@ -119,9 +119,11 @@ class Trainer:
         if not self.cfg.teacher.load:
             raise UserError("teacher.load is not set: distillation needs the teacher's checkpoint directory")
         teacher = build_teacher(self.cfg.teacher)
-        init_fingerprint = [p.detach().clone() for p in teacher.parameters()]
+        # one float64 sum per tensor, not a copy of the weights: a 13B teacher must not be held twice
+        fingerprint = lambda: torch.stack([p.detach().double().sum() for p in teacher.parameters()])
+        before = fingerprint()
         load_model(teacher, self.cfg.teacher.load)
-        unchanged = all(torch.equal(a, p) for a, p in zip(init_fingerprint, teacher.parameters()))
+        unchanged = torch.equal(before, fingerprint())
         flag = torch.tensor([1.0 if unchanged else 0.0], device=platform.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 1.0:

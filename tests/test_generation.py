@@ -103,6 +103,37 @@ def test_generate_matches_full_recompute_reference(models, mode):
     assert (out.tokens[0, row0_end:] == eos).all()
 
 
+def test_lean_stage_is_used_and_megatron_path_is_the_fallback(models):
+    from mgsr_megatron.generation.generator import PipelineStepper
+    from mgsr_megatron.generation.kv_decode import unsupported_reason
+
+    student, _ = models
+    assert unsupported_reason(student) is None and PipelineStepper(student, 3, 16).path == "lean"
+    opts = dict(max_new_tokens=7, eos_id=249, vocab_size=VOCAB, seed=2)
+    lean, megatron = generate(student, PROMPTS, **opts), generate(student, PROMPTS, megatron_path=True, **opts)
+    assert megatron.stepper.path == "megatron" and torch.equal(lean.tokens, megatron.tokens)
+    student.config.sequence_parallel = True  # a layout the lean stage does not cover
+    try:
+        assert unsupported_reason(student) == "sequence parallelism"
+        assert PipelineStepper(student, 3, 16).path == "megatron"
+    finally:
+        student.config.sequence_parallel = False
+
+
+def test_recorded_logits_equal_full_recompute(models):
+    """generate(record_logits=True) keeps what SCRG's detection would otherwise recompute: the
+    student's logits at every position from each row's last prompt token on."""
+    student, _ = models
+    out = generate(student, PROMPTS, max_new_tokens=7, eos_id=249, vocab_size=VOCAB, seed=2, record_logits=True)
+    assert out.logits_recorded and out.logits.shape == (*out.tokens.shape, PADDED)
+    for row, prompt in enumerate(PROMPTS):
+        end = len(prompt) + int(out.response_lengths[row])
+        with torch.no_grad():
+            full = student(out.tokens[row:row + 1, :end], torch.arange(end).unsqueeze(0), None)[0]
+        first = len(prompt) - 1  # the output at the last prompt token predicts the first response token
+        torch.testing.assert_close(out.logits[row, first:end - 1], full[first:end - 1], rtol=1e-4, atol=1e-4)
+
+
 def test_scrg_matches_reference_and_cache_reuse(models):
     student, teacher = models
     cfg = MGSRConfig(max_new_tokens=6, scrg_rounds=2)

@@ -11,7 +11,7 @@ Prints, in one run:
      than Megatron's (and nn.Linear's) x @ W.t() for 8-row inputs, so `--arch gpt2` compares layouts
      as much as generators; llama uses nn.Linear on both sides.)
   3. the cost of SCRG with one correction round vs plain student sampling   (target <= 2.2x)
-Each timing is the best of `--repeats` runs. On CPU the clock is the process's CPU time with one torch
+Each comparison times its two sides alternately `--repeats` times and takes the medians. On CPU the clock is the process's CPU time with one torch
 thread by default (`--threads`): wall time on the 2 shared cores of the build machine swung by 3x
 between runs, CPU time much less.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -130,13 +131,23 @@ def clock() -> float:
     return time.process_time()
 
 
-def best_time(fn, repeats: int):
-    best, result = float("inf"), None
+def timed(fn):
+    start = clock()
+    result = fn()
+    return clock() - start, result
+
+
+def paired(baseline, candidate, repeats: int):
+    """Time `baseline` and `candidate` alternately `repeats` times. Returns (baseline seconds,
+    candidate seconds, their results), each time the median: alternating and pairing keeps slow
+    drifts of a shared machine (seen: 30% over a minute) out of the ratio."""
+    base_times, cand_times = [], []
     for _ in range(repeats):
-        start = clock()
-        result = fn()
-        best = min(best, clock() - start)
-    return best, result
+        t, base_result = timed(baseline)
+        base_times.append(t)
+        t, cand_result = timed(candidate)
+        cand_times.append(t)
+    return statistics.median(base_times), statistics.median(cand_times), (base_result, cand_result)
 
 
 def main(argv=None) -> dict:
@@ -150,7 +161,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--teacher-hidden", type=int, default=384)
     parser.add_argument("--teacher-layers", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs per comparison (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true", help="skip the slow full-recompute loop")
@@ -192,13 +203,14 @@ def main(argv=None) -> dict:
         full_recompute(student, prompts, seed=args.seed, **warm)
 
     # 1. KV cache vs full recompute (same sampler, same seed: the tokens must agree)
-    t_cached, out = best_time(lambda: generate(student, prompts, seed=args.seed, **common), args.repeats)
-    figures["cached_tokens_per_s"] = tokens_of(out) / t_cached
+    def sampled():
+        return generate(student, prompts, seed=args.seed, **common)
+
     if not args.skip_baseline:
-        t_full, (full_tokens, produced) = best_time(
-            lambda: full_recompute(student, prompts, seed=args.seed, **common), 1)
+        t_full, t_cached, ((full_tokens, produced), out) = paired(
+            lambda: full_recompute(student, prompts, seed=args.seed, **common), sampled, 1)
         figures["full_recompute_tokens_per_s"] = produced / t_full
-        figures["speedup_vs_full_recompute"] = figures["cached_tokens_per_s"] / figures["full_recompute_tokens_per_s"]
+        figures["speedup_vs_full_recompute"] = (tokens_of(out) / t_cached) / figures["full_recompute_tokens_per_s"]
         figures["same_tokens_as_full_recompute"] = bool(torch.equal(
             full_tokens[:, :out.tokens.shape[1]], out.tokens))
 
@@ -219,9 +231,8 @@ def main(argv=None) -> dict:
 
     with torch.no_grad():
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    t_hf, hf_out = best_time(run_hf, args.repeats)
-    greedy_common = dict(common, eos_id=eos_id)
-    t_ours_greedy, ours = best_time(lambda: generate(student, prompts, greedy=True, **greedy_common), args.repeats)
+    t_hf, t_ours_greedy, (hf_out, ours) = paired(
+        run_hf, lambda: generate(student, prompts, greedy=True, **common), args.repeats)
     figures["hf_generate_tokens_per_s"] = args.batch * args.new_tokens / t_hf
     figures["cached_greedy_tokens_per_s"] = tokens_of(ours) / t_ours_greedy
     figures["speedup_vs_hf_generate"] = figures["cached_greedy_tokens_per_s"] / figures["hf_generate_tokens_per_s"]
@@ -233,8 +244,10 @@ def main(argv=None) -> dict:
 
     # 3. SCRG, one round, vs plain sampling (same student sample inside)
     cfg = MGSRConfig(max_new_tokens=args.new_tokens, scrg_rounds=1)
-    t_scrg, (scrg_out, stats) = best_time(lambda: scrg(student, teacher, prompts, cfg=cfg, eos_id=eos_id,
-                                                       vocab_size=args.vocab, seed=args.seed), args.repeats)
+    t_cached, t_scrg, (out, (scrg_out, stats)) = paired(
+        sampled, lambda: scrg(student, teacher, prompts, cfg=cfg, eos_id=eos_id, vocab_size=args.vocab,
+                              seed=args.seed), args.repeats)
+    figures["cached_tokens_per_s"] = tokens_of(out) / t_cached
     figures["scrg_one_round_cost_vs_sampling"] = t_scrg / t_cached
     figures["scrg_rows_corrected"] = int(stats["corrected"].sum())
     figures["scrg_mean_j_over_response"] = float(

@@ -8,18 +8,19 @@
 The result is identical on every rank of the model's TP and PP groups (DP replicas generate for their
 own prompts; give them different seeds).
 
-How it works (megatron-core 0.16.1, `StaticInferenceContext`): the cache has ONE sequence offset for
-the whole batch, so rows move in lock-step, one position per forward pass. Position t of every row
+How it works: each pipeline stage computes with the lean KV-cached forward of kv_decode.py (or, for
+layer types it does not cover, Megatron-Core 0.16.1's `StaticInferenceContext`). The cache has ONE
+sequence offset for the whole batch, so rows move in lock-step, one position per forward pass. Position t of every row
 is either *fixed* (a prompt token, or in SCRG a kept/corrected token: `t < fixed_lengths[row]`) or
 *sampled*. The first pass prefills every position all rows know (`[cache_valid, min fixed)`), then
 each decode pass feeds one column; a row whose token at the next position is fixed gets it forced.
 A row is finished when its last response token is EOS or it has `max_new_tokens` response tokens;
 the loop stops when all rows are.
 
-Under PP the first stage embeds, hidden states [s, b, h] travel stage to stage (blocking p2p), and
-the last stage's sampled column is broadcast to every stage of the pipeline. Under TP the model
-returns decode-step logits gathered over the vocabulary (Megatron asserts this in inference mode),
-and every TP rank takes the same sample from the same logits (sampling.py).
+Under PP the first stage embeds, hidden states travel stage to stage (blocking p2p), and the last
+stage's sampled column is broadcast to every stage of the pipeline. Under TP the last stage returns
+decode-step logits gathered over the vocabulary (as Megatron's inference path does), and every TP
+rank takes the same sample from the same logits (sampling.py).
 
 Noise of sampled tokens depends on (seed, absolute position, row, vocabulary id) only: regenerating
 with or without a reused cache gives the same tokens.
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
+from mgsr_megatron.generation.kv_decode import LeanStage, unsupported_reason
 from mgsr_megatron.generation.sampling import sample
 
 
@@ -45,6 +47,11 @@ class GenerationOutput:
     response_lengths: torch.Tensor  # [b] int64 (EOS counted when produced)
     # the student's KV cache after generation (SCRG regenerates from it); not part of the result
     stepper: PipelineStepper | None = field(default=None, repr=False, compare=False)
+    # with record_logits, on the last stage: this TP rank's shard of the logits the decode passes
+    # computed, [b, L, V_padded / TP], position p = the output at p (it predicts token p + 1); filled
+    # from each row's last prompt position on. SCRG's detection uses them instead of re-scoring.
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    logits_recorded: bool = field(default=False, repr=False, compare=False)  # the same on every stage
 
     def responses(self) -> list[list[int]]:
         return [self.tokens[r, p:p + n].tolist()
@@ -123,35 +130,21 @@ def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_siz
     return prompts
 
 
-class PipelineStepper:
-    """One forward pass of new token columns through all stages, with the model's KV cache.
-
-    Owns the `StaticInferenceContext`. `forward(tokens[b, s], offset)` writes the cache at positions
-    [offset, offset + s) (earlier positions must already hold this batch's keys and values) and
-    returns, on the last stage, the gathered logits [b, V_padded] of the last column (None elsewhere).
-    """
+class MegatronStage:
+    """Megatron-Core's own inference path (`StaticInferenceContext`); the fallback for layer types
+    the lean stage (kv_decode.py) does not cover, and the comparison path in the tests."""
 
     def __init__(self, model, batch_size: int, max_length: int):
-        from megatron.core import parallel_state
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.model = model
-        self.gpt = _unwrap(model)
-        self.batch_size = batch_size
+        self.model, self.gpt = model, _unwrap(model)
         self.context = StaticInferenceContext(batch_size, max_length)
-        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
-        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
-        self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
-        self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
-        self.device = platform.device()
-        self.hidden = self.gpt.config.hidden_size
-        self.dtype = self.gpt.config.pipeline_dtype or self.gpt.config.params_dtype
+
+    def hidden_shape(self, batch: int, columns: int) -> tuple[int, int, int]:
+        return columns, batch, self.gpt.config.hidden_size
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, offset: int) -> torch.Tensor | None:
+    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:
         b, s = tokens.shape
         self.context.sequence_len_offset = offset
         # Megatron switches its causal mask off once the offset is > 0 (and asserts sq == sk without
@@ -160,17 +153,63 @@ class PipelineStepper:
         key_pos = torch.arange(offset + s, device=tokens.device).unsqueeze(0)
         mask = (key_pos > query_pos).view(1, 1, s, offset + s)
         positions = torch.arange(offset, offset + s, device=tokens.device).unsqueeze(0).expand(b, s)
-        if not self.first:
-            received = torch.empty(s, b, self.hidden, dtype=self.dtype, device=tokens.device)
-            dist.recv(received, src=self.prev_rank, group=None)
+        if received is not None:
             self.gpt.set_input_tensor(received)
-        output = self.model(tokens if self.first else None, positions, mask,
+        output = self.model(tokens if self.gpt.pre_process else None, positions, mask,
                             inference_context=self.context, runtime_gather_output=True)
         self.context.increment_sequence_len_offset(s)
+        return output[:, -1, :] if self.gpt.post_process else output  # only the last column's logits
+
+
+class PipelineStepper:
+    """One forward pass of new token columns through all stages, with the model's KV cache.
+
+    `forward(tokens[b, s], offset)` writes the cache at positions [offset, offset + s) (earlier
+    positions must already hold this batch's keys and values) and returns, on the last stage, the
+    gathered logits [b, V_padded] of the last column (None elsewhere). Each stage computes with the
+    lean KV-cached forward (kv_decode.LeanStage) when it covers the model, else (or with
+    `megatron_path=True`) with Megatron-Core's inference path; `self.path` says which.
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, megatron_path: bool = False):
+        from megatron.core import parallel_state
+
+        gpt = _unwrap(model)
+        self.megatron_path = megatron_path or unsupported_reason(gpt) is not None
+        self.stage = (MegatronStage(model, batch_size, max_length) if self.megatron_path
+                      else LeanStage(gpt, batch_size, max_length))
+        self.path = "megatron" if self.megatron_path else "lean"
+        self.gpt = gpt
+        self.batch_size = batch_size
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+        self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+        self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.device = platform.device()
+        self.dtype = gpt.config.pipeline_dtype or gpt.config.params_dtype
+
+    def logit_record(self, length: int) -> torch.Tensor | None:
+        """A zeroed [b, length, V_padded / TP] buffer for `decode(record=...)` on the last stage."""
+        if not self.last:
+            return None
+        shard = self.gpt.vocab_size // self.tp_size
+        return torch.zeros(self.batch_size, length, shard, dtype=self.dtype, device=self.device)
+
+    def forward(self, tokens: torch.Tensor, offset: int) -> torch.Tensor | None:
+        received = None
+        if not self.first:
+            received = torch.empty(self.stage.hidden_shape(*tokens.shape), dtype=self.dtype, device=tokens.device)
+            dist.recv(received, src=self.prev_rank)
+        output = self.stage(tokens, received, offset)
         if not self.last:
             dist.send(output.contiguous(), dst=self.next_rank)
             return None
-        return output[:, -1, :]  # [b, V_padded] (only the last column is materialised)
+        return output
 
     def broadcast_column(self, column: torch.Tensor | None) -> torch.Tensor:
         """The last stage's int64 column [b] on every stage of this pipeline."""
@@ -184,9 +223,12 @@ class PipelineStepper:
 
 def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
            fixed_lengths: torch.Tensor, cache_valid: int, *, max_new_tokens: int, eos_id: int,
-           vocab_size: int, options: SamplingOptions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+           vocab_size: int, options: SamplingOptions, pad_id: int,
+           record: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
-    must hold this batch's keys/values for positions < cache_valid. Returns (tokens [b, L], response lengths)."""
+    must hold this batch's keys/values for positions < cache_valid. Returns (tokens [b, L], response lengths).
+    `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's shard of its logits
+    at the position it ran (see GenerationOutput.logits)."""
     b, device = tokens.shape[0], tokens.device
     prompt_lengths, fixed_lengths = prompt_lengths.to(device), fixed_lengths.to(device)
     end = prompt_lengths + max_new_tokens  # exclusive end position of each row's response
@@ -218,6 +260,9 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
         logits = stepper.forward(buffer[:, offset:position], offset)
         offset = position
         column = None
+        if record is not None and logits is not None:
+            shard = record.shape[-1]
+            record[:, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
         if logits is not None:
             column = sample(logits, step=position, rows=rows, **tp_noise)
         column = stepper.broadcast_column(column)
@@ -232,8 +277,11 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, pad_id: int | None = None) -> GenerationOutput:
-    """Generate a response per prompt (see the module docstring). The model is put in eval mode."""
+             seed: int = 0, pad_id: int | None = None, megatron_path: bool = False,
+             record_logits: bool = False) -> GenerationOutput:
+    """Generate a response per prompt (see the module docstring). The model is put in eval mode.
+    `megatron_path=True` decodes with Megatron-Core's inference path instead of the lean stage;
+    `record_logits=True` keeps the decode passes' logits (GenerationOutput.logits)."""
     prompts = check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
     options = SamplingOptions(greedy, temperature, top_k, top_p, seed)
     options.check()
@@ -246,10 +294,13 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
         tokens = torch.full((len(prompts), int(prompt_lengths.max())), pad_id, dtype=torch.int64, device=device)
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64, device=device)
-        stepper = PipelineStepper(model, len(prompts), int(prompt_lengths.max()) + max_new_tokens)
+        max_length = int(prompt_lengths.max()) + max_new_tokens
+        stepper = PipelineStepper(model, len(prompts), max_length, megatron_path)
+        record = stepper.logit_record(max_length) if record_logits else None
         out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
                                      max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
-                                     options=options, pad_id=pad_id)
+                                     options=options, pad_id=pad_id, record=record)
     finally:
         model.train(was_training)
-    return GenerationOutput(out_tokens, prompt_lengths, lengths, stepper)
+    logits = None if record is None else record[:, :out_tokens.shape[1]]
+    return GenerationOutput(out_tokens, prompt_lengths, lengths, stepper, logits, record_logits)

@@ -4,7 +4,8 @@
 
     y <- student samples a response (temperature 1, top_p 1 unless told otherwise)
     repeat cfg.scrg_rounds times:
-        no-grad forward of teacher and student over [x; y]        (vocab-parallel logits, last stage)
+        no-grad forward of the teacher over [x; y]                 (vocab-parallel logits, last stage;
+                                                                    the student's come from sampling y)
         t_i = teacher token at response position i                 (argmax, or a Gumbel-max sample)
         d_i = D(P_i, Q_i) at temperature cfg.temperature            (forward_kl | reverse_kl | jsd)
         C   = { i in the response (up to and including its first EOS) : y_i != t_i }
@@ -129,7 +130,8 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
     teacher_logits = _score(teacher, tokens)
-    student_logits = _score(student, tokens)
+    # the student's logits over [x; y] were computed while sampling y (generate(record_logits=True))
+    student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
     if teacher_logits is not None:
         tp_group, tp_rank, _ = _tp()
@@ -183,7 +185,7 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
     prompts = check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
     out = initial or generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
                               vocab_size=vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+                              seed=seed, record_logits=cfg.scrg_rounds > 0)
     b, device = out.tokens.shape[0], out.tokens.device
     stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
              "j": torch.full((b,), -1, dtype=torch.int64, device=device),
@@ -221,15 +223,21 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     tokens[rows, j[rows]] = t_j[rows]
     fixed_lengths = torch.where(fix, j + 1, out.prompt_lengths + out.response_lengths)
     stepper, cache_valid = out.stepper, int(j[fix].min())
+    max_length = int(out.prompt_lengths.max()) + max_new_tokens
     if not reuse_cache or stepper is None:
-        stepper = PipelineStepper(student, tokens.shape[0], int(out.prompt_lengths.max()) + max_new_tokens)
+        stepper = PipelineStepper(student, tokens.shape[0], max_length,
+                                  megatron_path=stepper is not None and stepper.megatron_path)
         cache_valid = 0
+    record = stepper.logit_record(max_length) if out.logits_recorded else None
+    if record is not None:  # keep the logits below j, the passes overwrite the rest
+        record[:, :out.logits.shape[1]] = out.logits
     was_training = student.training
     student.eval()
     try:
         new_tokens, lengths = decode(stepper, tokens, out.prompt_lengths, fixed_lengths, cache_valid,
                                      max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
-                                     options=options, pad_id=pad_id)
+                                     options=options, pad_id=pad_id, record=record)
     finally:
         student.train(was_training)
-    return GenerationOutput(new_tokens, out.prompt_lengths, lengths, stepper)
+    logits = None if record is None else record[:, :new_tokens.shape[1]]
+    return GenerationOutput(new_tokens, out.prompt_lengths, lengths, stepper, logits, out.logits_recorded)

@@ -7,6 +7,8 @@ a TP1/PP1 GPTModel built from the gathered full state dict (no KV cache, no pipe
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -224,10 +226,13 @@ MODES = {"greedy": dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0),
          "top_k_top_p": dict(greedy=False, temperature=0.8, top_k=20, top_p=0.9)}
 
 
-def _generator_check(arch: str, layouts, modes):
+def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **overrides):
+    """Tokens of `generate` == the dense reference at each layout and mode. The lean KV-cached stage
+    runs by default (checked); at `megatron_path_layouts` Megatron's inference path runs as well."""
     from mgsr_megatron.generation.generator import generate
+    from mgsr_megatron.generation.kv_decode import unsupported_reason
 
-    cfg = _tiny(arch)
+    cfg = _tiny(arch, **overrides)
     full = _sharp_full_state(cfg, seed=21)
     reference = _dense(cfg, full)
     cases = []
@@ -241,17 +246,22 @@ def _generator_check(arch: str, layouts, modes):
         parallel.initialize_model_parallel(tp, pp, models={"m": cfg})
         model = build_model(cfg)
         load_full_state_dict(model, full)
-        for name, mode, eos, expected in cases:
-            out = generate(model, PROMPTS, max_new_tokens=9, eos_id=eos, vocab_size=VOCAB, seed=5, **mode)
+        fallback = unsupported_reason(model) is not None
+        paths = (False, True) if (tp, pp) in megatron_path_layouts else (False,)
+        for (name, mode, eos, expected), megatron_path in itertools.product(cases, paths):
+            out = generate(model, PROMPTS, max_new_tokens=9, eos_id=eos, vocab_size=VOCAB, seed=5,
+                           megatron_path=megatron_path, **mode)
+            where = f"{arch} {overrides or ''} TP={tp} PP={pp} {name} {out.stepper.path} path"
+            assert out.stepper.path == ("megatron" if megatron_path or fallback else "lean"), where
             got = out.responses()
-            assert got == expected, f"{arch} TP={tp} PP={pp} {name}: {got} vs reference {expected}"
+            assert got == expected, f"{where}: {got} vs reference {expected}"
             assert out.response_lengths.tolist() == [len(r) for r in expected]
-            _same_on_all_ranks(out.tokens.tolist(), f"{arch} TP={tp} PP={pp} {name} tokens")
+            _same_on_all_ranks(out.tokens.tolist(), f"{where} tokens")
 
 
 @dist_check(world_size=4)
 def generator_matches_dense_reference_llama():
-    _generator_check("llama", LAYOUTS, MODES)
+    _generator_check("llama", LAYOUTS, MODES, megatron_path_layouts=[(2, 2)])
 
 
 @dist_check(world_size=4)

@@ -1,0 +1,181 @@
+"""A lean KV-cached forward of one pipeline stage of a Megatron GPTModel, for decoding.
+
+Why: at decode time a step is a handful of [b, h] x [h, h'] products per layer, and in megatron-core
+0.16.1 the inference path spends most of it elsewhere: per-module bookkeeping, autograd Functions
+around every parallel linear, and the static KV cache keeps keys *before* RoPE, so every step
+re-rotates the whole cached prefix. This stage runs the same math straight on the layers' parameters:
+
+    per layer   a = x + (proj(attention(rope(q), cache(rope(k)), cache(v))) + b_proj)
+                y = a + (fc2(act(fc1(norm2(a)))) + b_fc2)        with q, k, v = qkv(norm1(x))
+    first stage x = embed(tokens) (+ learned positions)
+    last stage  logits = output(final_norm(y[:, -1]))               gathered over the vocabulary
+
+with its own cache of rotated keys and values [b, groups_local, max_length, head_dim] per layer and
+Megatron's TP collectives: an all-reduce after the row-parallel `linear_proj` / `linear_fc2` and after
+the vocab-parallel embedding lookup, an all-gather of the vocab-parallel logits. Grouped-query
+attention folds a group's query heads into the query-length axis, so K/V are never repeated.
+
+It covers the layer spec `models/builder.py` builds (Megatron's local spec, llama / gpt2 / opt styles).
+`unsupported_reason` names what it does not cover (sequence parallel, MoE, QK-norm, fewer KV groups
+than TP ranks, partial RoPE); the generator then uses Megatron's own inference path. Tests compare
+both paths' tokens with an independent dense reference at TP1, TP2, PP2 and TP2xPP2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _is_identity(module) -> bool:
+    return module is None or type(module).__name__ in ("IdentityOp", "IdentityFuncOp")
+
+
+def unsupported_reason(gpt) -> str | None:
+    """Why this stage cannot run `gpt` (None: it can)."""
+    from megatron.core import parallel_state
+
+    cfg = gpt.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if cfg.sequence_parallel:
+        return "sequence parallelism"
+    if getattr(cfg, "num_moe_experts", None):
+        return "mixture-of-experts layers"
+    if cfg.num_query_groups is not None and cfg.num_query_groups % tp:
+        return f"num_query_groups={cfg.num_query_groups} not divisible by TP={tp}"
+    if gpt.position_embedding_type not in ("rope", "learned_absolute"):
+        return f"position embedding '{gpt.position_embedding_type}'"
+    if gpt.position_embedding_type == "rope":
+        if cfg.rotary_interleaved or getattr(cfg, "rotary_percent", 1.0) != 1.0:
+            return "interleaved or partial RoPE"
+    if cfg.fp32_residual_connection:
+        return "fp32 residual connection"
+    for layer in gpt.decoder.layers:
+        attention = getattr(layer, "self_attention", None)
+        if attention is None or not hasattr(attention, "linear_qkv") or not hasattr(layer, "mlp"):
+            return f"layer type {type(layer).__name__}"
+        if not (_is_identity(getattr(attention, "q_layernorm", None))
+                and _is_identity(getattr(attention, "k_layernorm", None))):
+            return "QK layer norm"
+        if getattr(cfg, "attention_output_gate", False):
+            return "gated attention"
+        if not hasattr(layer.mlp, "linear_fc1"):
+            return f"MLP type {type(layer.mlp).__name__}"
+    return None
+
+
+class LeanStage:
+    """`stage(tokens [b, s], received [b, s, h] | None, offset)` writes the cache at positions
+    [offset, offset + s) and returns hidden states [b, s, h] (not the last stage) or the gathered
+    logits of the last column [b, V_padded] (last stage)."""
+
+    def __init__(self, gpt, batch_size: int, max_length: int):
+        from megatron.core import parallel_state
+
+        cfg = gpt.config
+        self.gpt = gpt
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.first, self.last = gpt.pre_process, gpt.post_process
+        self.layers = list(gpt.decoder.layers)
+        self.head_dim = cfg.kv_channels
+        self.groups = (cfg.num_query_groups or cfg.num_attention_heads) // self.tp
+        self.heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
+        self.gated_mlp = cfg.gated_linear_unit
+        self.activation = cfg.activation_func
+        params = next(gpt.parameters())
+        self.dtype, self.device = params.dtype, params.device
+        shape = (batch_size, self.groups, max_length, self.head_dim)
+        self.keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.rope = None
+        if gpt.position_embedding_type == "rope":
+            # Megatron's own table (theta, Llama-3 scaling): [max_length, 1, 1, head_dim] angles
+            angles = gpt.rotary_pos_emb(max_length).reshape(max_length, -1).float().to(self.device)
+            self.rope = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
+
+    def hidden_shape(self, batch: int, columns: int) -> tuple[int, int, int]:
+        return batch, columns, self.gpt.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:
+        b, s = tokens.shape
+        x = self._embed(tokens, offset) if self.first else received
+        mask = None
+        if s > 1:  # causal over [cached + new] keys; one new column attends to everything cached
+            query_pos = torch.arange(offset, offset + s, device=x.device).unsqueeze(-1)
+            mask = torch.arange(offset + s, device=x.device).unsqueeze(0) <= query_pos
+            mask = mask.repeat(self.heads_per_group, 1)  # rows ordered (head in group, position)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(index, layer, x, offset, mask)
+        if not self.last:
+            return x
+        hidden = self.gpt.decoder.final_layernorm(x[:, -1])
+        tied = self.gpt.share_embeddings_and_output_weights
+        logits = F.linear(hidden, self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight)
+        return self._gather_vocab(logits)
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(tensor, group=self.tp_group)
+        return tensor
+
+    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def _embed(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        embedding = self.gpt.embedding
+        table = embedding.word_embeddings
+        if self.tp == 1:
+            x = F.embedding(tokens, table.weight)
+        else:  # vocab-parallel lookup: ids outside this shard contribute zeros, summed over TP
+            outside = (tokens < table.vocab_start_index) | (tokens >= table.vocab_end_index)
+            local_ids = (tokens - table.vocab_start_index).masked_fill(outside, 0)
+            x = self._reduce(F.embedding(local_ids, table.weight).masked_fill(outside.unsqueeze(-1), 0))
+        if embedding.add_position_embedding:
+            x = x + embedding.position_embeddings.weight[offset:offset + tokens.shape[1]]
+        return x
+
+    def _rotate(self, t: torch.Tensor, offset: int) -> torch.Tensor:
+        """RoPE on t [b, s, heads, d] at positions offset.. (Megatron's non-interleaved layout)."""
+        cos, sin = (table[offset:offset + t.shape[1]].unsqueeze(1) for table in self.rope)
+        first, second = t.chunk(2, dim=-1)
+        return t * cos + torch.cat((-second, first), dim=-1) * sin
+
+    def _layer(self, index: int, layer, x: torch.Tensor, offset: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        attention, mlp = layer.self_attention, layer.mlp
+        qkv = F.linear(layer.input_layernorm(x), attention.linear_qkv.weight, attention.linear_qkv.bias)
+        # Megatron's fused layout per query group: [q_1 .. q_{heads/groups}, k, v], each head_dim wide
+        qkv = qkv.view(b, s, self.groups, self.heads_per_group + 2, self.head_dim)
+        query, key, value = qkv[..., :-2, :], qkv[..., -2, :], qkv[..., -1, :]
+        if self.rope is not None:
+            query = self._rotate(query.reshape(b, s, -1, self.head_dim), offset).view_as(query)
+            key = self._rotate(key, offset)
+        keys, values = self.keys[index], self.values[index]
+        keys[:b, :, offset:offset + s] = key.transpose(1, 2)
+        values[:b, :, offset:offset + s] = value.transpose(1, 2)
+        # [b, s, g, hpg, d] -> [b, g, hpg * s, d]: a group's heads share its keys without copies
+        query = query.permute(0, 2, 3, 1, 4).reshape(b, self.groups, self.heads_per_group * s, self.head_dim)
+        context = F.scaled_dot_product_attention(
+            query, keys[:b, :, :offset + s], values[:b, :, :offset + s], attn_mask=mask,
+            scale=attention.core_attention.softmax_scale)
+        context = context.view(b, self.groups, self.heads_per_group, s, self.head_dim)
+        context = context.permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+        x = x + self._row_parallel(attention.linear_proj, context)
+        hidden = F.linear(layer.pre_mlp_layernorm(x), mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+        if self.gated_mlp:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = self.activation(gate) * up
+        else:
+            hidden = self.activation(hidden)
+        return x + self._row_parallel(mlp.linear_fc2, hidden)
+
+    def _row_parallel(self, linear, x: torch.Tensor) -> torch.Tensor:
+        out = self._reduce(F.linear(x, linear.weight))
+        return out if linear.bias is None else out + linear.bias

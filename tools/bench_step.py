@@ -7,7 +7,7 @@ In one run, on the same ground-truth batch and models:
   mgsr      Trainer.train_step(): the same, with SFT + DAC-KL (ClipNet) + span loss in place of the plain
             cross entropy, plus the step's bookkeeping and metrics — the full MGSR step on a
             ground-truth batch. The difference is the distillation machinery.
-Prints median times, the overhead ratio (target: mgsr <= 1.15 x baseline) and tokens/s.
+The two run alternately, step by step. Prints median times, the overhead ratio (target: mgsr <= 1.15 x baseline) and tokens/s.
 
     python tools/bench_step.py                      # CPU defaults (single process)
     torchrun --nproc-per-node 8 tools/bench_step.py --bf16 --seq 1024   # on GPUs
@@ -129,18 +129,21 @@ def baseline_step(trainer) -> None:
     trainer.optimizer.step()
 
 
-def timed(fn, steps: int) -> float:
+def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float]:
+    """Median seconds of `baseline` and `candidate`, run alternately (after one warm-up each) so that
+    a drift of the machine's speed during the run does not land on one side."""
     from mgsr_megatron import platform
 
-    fn()  # warm-up
-    times = []
+    baseline(), candidate()  # warm-up
+    times = ([], [])
     for _ in range(steps):
-        platform.synchronize()
-        start = time.perf_counter()
-        fn()
-        platform.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip((baseline, candidate), times):
+            platform.synchronize()
+            start = time.perf_counter()
+            fn()
+            platform.synchronize()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
@@ -149,8 +152,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build(args, workdir)
-        baseline = timed(lambda: baseline_step(trainer), args.steps)
-        mgsr = timed(trainer.train_step, args.steps)
+        baseline, mgsr = timed_pairs(lambda: baseline_step(trainer), trainer.train_step, args.steps)
     tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
     if dist.get_rank() == 0:
         print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "

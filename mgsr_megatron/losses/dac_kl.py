@@ -131,7 +131,8 @@ class DacState:
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, k_top: int,
                  shard: Shard):
         s_t = scaled_rows(teacher, temperature)
-        s_s = scaled_rows(student, temperature)
+        # the student's statistics read it without editing it: no copy unless it must be scaled or cast
+        s_s = student if temperature == 1.0 and student.dtype == torch.float32 else scaled_rows(student, temperature)
         (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
         # The packets carry the raw teacher logits: their float64 division by the temperature below is
         # exact, where s_t's float32 rounding would move the band edges (amplified by 1/kappa).

@@ -6,7 +6,8 @@ Reduction (each term is a mean over its OWN mask, within this micro-batch):
     L_span  = sum over pairs (i, i+1) with span_pair_mask_i of D_i / number of pairs   (0 without pairs)
 Averaging over data-parallel ranks and micro-batches is the trainer's business.
 
-Memory: one autograd.Function runs the whole objective in chunks of `loss_chunk_tokens` rows. The
+Memory: one autograd.Function runs the whole objective in chunks of `loss_chunk_tokens` rows (only the
+rows with a positive sft_mask or kd_mask: prompt and padding positions cost nothing). The
 forward keeps per-row log-sum-exps and DAC-KL's [rows, K] band candidates (~5 KB per token at K=256);
 the backward rebuilds each chunk's [chunk, V/TP] tensors from the logits (without communication, except
 Megatron's SFT re-run at temperature != 1 and the l1/l2 span options) and writes its gradient straight
@@ -25,7 +26,16 @@ from mgsr_megatron.losses import dac_kl as dac
 from mgsr_megatron.losses.divergences import forward_kl_owned
 from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
 from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
-from mgsr_megatron.losses.vocab_parallel import check_k, check_same_shape, chunks, comm_tag, scaled_rows, shard_of
+from mgsr_megatron.losses.vocab_parallel import (
+    all_reduce,
+    check_k,
+    check_same_shape,
+    chunks,
+    comm_tag,
+    gather_at_ids,
+    scaled_rows,
+    shard_of,
+)
 
 STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass")
 
@@ -106,16 +116,15 @@ class _MGSRObjective(torch.autograd.Function):
         stats = student.new_zeros(5, dtype=torch.float32)
         nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
         shard, temperature = plan["shard"], plan["temperature"]
+        row_chunks, idle = _row_plan(sft_w, kd_w, plan["chunk"])
+        nonfinite |= _any_nonfinite(student, idle, shard) | _any_nonfinite(teacher, idle, shard)
         saved = []
-        for start, end in chunks(student.shape[0], plan["chunk"]):
-            rows_s, rows_t = student[start:end], teacher[start:end]
+        for rows in row_chunks:
+            rows_s, rows_t = _take(student, rows), _take(teacher, rows)
             state = {}
-            if plan["w_sft"]:
-                ce = sft_rows(rows_s, labels[start:end], plan["megatron"])
-                sums[0] += (ce * sft_w[start:end]).sum()
-                nonfinite |= ~torch.isfinite(ce).all()
+            lse_s = None
             if plan["w_dac"]:
-                weight = kd_w[start:end]
+                weight = kd_w[rows]
                 with comm_tag("dac_kl"):
                     if plan["dac_mode"] == "off":
                         kl, state["dac"] = forward_kl_owned(scaled_rows(rows_t, temperature),
@@ -130,19 +139,31 @@ class _MGSRObjective(torch.autograd.Function):
                 sums[1] += (kl * weight).sum()
                 stats[:4] += torch.stack([(x * weight).sum() for x in extra])
                 nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_s).all())
-            if plan["w_span"]:
-                first = pair_first[(pair_first >= start) & (pair_first < end)]
-                if first.numel():
-                    with comm_tag("span"):
-                        value, state["span"] = span_pairs(student, teacher, first, plan["span_distance"],
-                                                          temperature, shard)
-                    sums[2] += value.sum()
-                    nonfinite |= ~torch.isfinite(value).all()
+            if plan["w_sft"]:
+                if lse_s is not None and temperature == 1.0:
+                    # CE = log-sum-exp - logit at the label; DAC-KL already has the student's global lse
+                    # (float64), so the [rows, V/TP] pass of a separate cross entropy is not needed
+                    at_label = gather_at_ids(rows_s, labels[rows].clamp(min=0)[:, None], shard)[:, 0]
+                    ce = (lse_s - at_label.double()).float()
+                else:
+                    ce = sft_rows(rows_s, labels[rows], plan["megatron"])
+                sums[0] += (ce * sft_w[rows]).sum()
+                nonfinite |= ~torch.isfinite(ce).all()
             saved.append(state)
+        span_states = []
+        if plan["w_span"]:
+            for start, end in chunks(pair_first.shape[0], plan["chunk"]):
+                with comm_tag("span"):
+                    value, state = span_pairs(student, teacher, pair_first[start:end], plan["span_distance"],
+                                              temperature, shard)
+                sums[2] += value.sum()
+                nonfinite |= ~torch.isfinite(value).all()
+                span_states.append(state)
         stats[:4] /= counts[1]
         stats[4] = nonfinite.float()
         ctx.save_for_backward(student, teacher, labels, sft_w, kd_w, pair_first, counts)
-        ctx.plan, ctx.clipnet, ctx.n_params, ctx.chunk_states = plan, clipnet, len(params), saved
+        ctx.plan, ctx.clipnet, ctx.n_params = plan, clipnet, len(params)
+        ctx.row_chunks, ctx.idle, ctx.chunk_states, ctx.span_states = row_chunks, idle, saved, span_states
         ctx.mark_non_differentiable(stats)
         return torch.where(counts > 0, sums / counts.clamp(min=1), sums.new_zeros(())), stats
 
@@ -157,15 +178,20 @@ class _MGSRObjective(torch.autograd.Function):
         # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
         fuse_sft = with_sft and bool(plan["w_dac"]) and temperature == 1.0
         grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
+        for rows in ctx.idle:
+            grad[rows] = 0.0
         param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        # Pass 1: the per-row terms write each chunk's rows of the gradient buffer.
-        for (start, end), state in zip(chunks(student.shape[0], plan["chunk"]), ctx.chunk_states):
-            rows_s, rows_t, grad_rows = student[start:end], teacher[start:end], grad[start:end]
-            sft = (labels[start:end], sft_w[start:end] * coef[0]) if fuse_sft else None
+        # Pass 1: the per-row terms write each chunk's rows of the gradient buffer (rows without a
+        # loss term keep their zeros).
+        for rows, state in zip(ctx.row_chunks, ctx.chunk_states):
+            rows_s = _take(student, rows)
+            grad_rows = grad[rows] if isinstance(rows, slice) else torch.empty_like(rows_s, dtype=torch.float32)
+            sft = (labels[rows], sft_w[rows] * coef[0]) if fuse_sft else None
             if plan["w_dac"]:
-                row_weight = kd_w[start:end] * coef[1]
+                row_weight = kd_w[rows] * coef[1]
                 if plan["dac_mode"] == "off":
-                    _off_grad_into(grad_rows, rows_s, rows_t, state["dac"], row_weight, temperature, shard, sft)
+                    _off_grad_into(grad_rows, rows_s, _take(teacher, rows), state["dac"], row_weight, temperature,
+                                   shard, sft)
                 else:
                     chunk_param_grads = dac.dac_backward_rows(rows_s, state["dac"], row_weight, grad_rows,
                                                               clipnet=clipnet, params=params, sft=sft,
@@ -175,19 +201,55 @@ class _MGSRObjective(torch.autograd.Function):
             else:
                 grad_rows.zero_()
             if with_sft and not fuse_sft:
-                grad_rows += sft_rows_grad(rows_s, labels[start:end], sft_w[start:end] * coef[0], plan["megatron"])
-        # Pass 2: span pairs add to rows i and i+1 (which may lie in the next chunk).
+                grad_rows += sft_rows_grad(rows_s, labels[rows], sft_w[rows] * coef[0], plan["megatron"])
+            if not isinstance(rows, slice):
+                grad.index_copy_(0, rows, grad_rows)
+        # Pass 2: span pairs add to rows i and i+1.
         if plan["w_span"] and bool(counts[2] > 0):
-            for (start, end), state in zip(chunks(student.shape[0], plan["chunk"]), ctx.chunk_states):
-                if "span" in state:
-                    first = pair_first[(pair_first >= start) & (pair_first < end)]
-                    with comm_tag("span"):
-                        span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
-                                        coef[2].expand(first.shape[0]), grad, state["span"])
-        ctx.chunk_states = None
+            for (start, end), state in zip(chunks(pair_first.shape[0], plan["chunk"]), ctx.span_states):
+                first = pair_first[start:end]
+                with comm_tag("span"):
+                    span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
+                                    coef[2].expand(first.shape[0]), grad, state)
+        ctx.chunk_states = ctx.span_states = ctx.row_chunks = ctx.idle = None
         grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
         return (grad_student, None, None, None, None, None, None, None, None,
                 *[g.to(p.dtype) for g, p in zip(param_grads, params)])
+
+
+def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int):
+    """(chunks, idle): chunks of at most `size` of the rows that carry a loss term, each a slice where
+    its rows are contiguous (a view, no copy) else their ids; idle: the other rows (prompt, padding)
+    as slices. One device sync for all boundaries."""
+    rows = ((sft_w > 0) | (kd_w > 0)).nonzero()[:, 0]
+    listed = rows.tolist()
+    chunk_list = []
+    for start, end in chunks(len(listed), size):
+        first, last = listed[start], listed[end - 1]
+        chunk_list.append(slice(first, last + 1) if last - first + 1 == end - start else rows[start:end])
+    idle, previous = [], -1
+    for row in listed + [sft_w.shape[0]]:
+        if row > previous + 1:
+            idle.append(slice(previous + 1, row))
+        previous = row
+    return chunk_list, idle
+
+
+def _take(rows_of: torch.Tensor, rows) -> torch.Tensor:
+    return rows_of[rows] if isinstance(rows, slice) else rows_of.index_select(0, rows)
+
+
+def _any_nonfinite(logits: torch.Tensor, idle: list[slice], shard) -> torch.Tensor:
+    """NaN or +inf in the rows without a loss term, or such a row that is -inf on every shard (-inf
+    alone marks padded ids): a NaN at a prompt position still poisons the parameter gradients. (The
+    loss rows are checked through their log-sum-exps.) A read of those rows and one all-reduce, so
+    every TP rank takes the same skip decision."""
+    if not idle:
+        return torch.zeros((), dtype=torch.bool, device=logits.device)
+    row_max = torch.cat([logits[rows].amax(-1) for rows in idle]).float()
+    row_max = row_max.masked_fill(row_max.isnan(), float("inf"))
+    row_max = all_reduce(row_max, shard, op=torch.distributed.ReduceOp.MAX)
+    return ~torch.isfinite(row_max).all()
 
 
 def _off_grad_into(out, rows_s, rows_t, lse, row_weight, temperature, shard, sft):

@@ -279,14 +279,24 @@ def test_preemption_requeues_and_resumes_by_itself(cluster, workdir):
     cluster.cmd(["scancel", "--batch", "--signal=USR1", str(job_id)])
     _wait(lambda: int(cluster.job(job_id).get("Restarts", 0)) >= 1, 180, "the job to be requeued")
     stopped_at = (run_dir / "checkpoints" / "latest").read_text().strip()
-    # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait for that
-    cluster.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
     log_file = Path(f"{run_dir}.log")
     # Right after the requeue the job can still show the first run's terminal state (FAILED, 115):
     # only a terminal state reached after the second run has resumed counts.
     terminal = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    job = _wait(lambda: (lambda j: j if j["JobState"] in terminal and "[resume step" in log_file.read_text()
-                         else None)(cluster.job(job_id)), 420, "the requeued run to resume and finish")
+    seen = {}
+
+    def resumed_and_finished():
+        # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime). Not shortened on purpose: with
+        # `scontrol update StartTime=now` the job restarted before the first run's credential was
+        # released, and slurmctld killed it at once ("Job credential revoked", exit 1, no resume).
+        job = seen["job"] = cluster.job(job_id)
+        return job if job["JobState"] in terminal and "[resume step" in log_file.read_text() else None
+
+    try:
+        job = _wait(resumed_and_finished, 420, "the requeued run to resume and finish")
+    except AssertionError as error:
+        state = {k: seen.get("job", {}).get(k) for k in ("JobState", "Reason", "Restarts", "StartTime", "ExitCode")}
+        raise AssertionError(f"{error}; job {state}; log tail: {log_file.read_text()[-1500:]}") from None
     log = log_file.read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert "preempted (srun exit" in log and f"requeueing job {job_id}" in log

@@ -51,6 +51,8 @@ def unsupported_reason(gpt) -> str | None:
             return "interleaved or partial RoPE"
     if cfg.fp32_residual_connection:
         return "fp32 residual connection"
+    if getattr(cfg, "attention_output_gate", False):
+        return "gated attention"
     for layer in gpt.decoder.layers:
         attention = getattr(layer, "self_attention", None)
         if attention is None or not hasattr(attention, "linear_qkv") or not hasattr(layer, "mlp"):
@@ -58,8 +60,6 @@ def unsupported_reason(gpt) -> str | None:
         if not (_is_identity(getattr(attention, "q_layernorm", None))
                 and _is_identity(getattr(attention, "k_layernorm", None))):
             return "QK layer norm"
-        if getattr(cfg, "attention_output_gate", False):
-            return "gated attention"
         if not hasattr(layer.mlp, "linear_fc1"):
             return f"MLP type {type(layer.mlp).__name__}"
     return None

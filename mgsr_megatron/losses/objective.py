@@ -7,7 +7,7 @@ Reduction (each term is a mean over its OWN mask, within this micro-batch):
 Averaging over data-parallel ranks and micro-batches is the trainer's business.
 
 Memory: one autograd.Function runs the whole objective in chunks of `loss_chunk_tokens` rows (only the
-rows with a positive sft_mask or kd_mask: prompt and padding positions cost nothing). The
+rows with a positive sft_mask or kd_mask: prompt and padding rows cost one read, the NaN/Inf check). The
 forward keeps per-row log-sum-exps and DAC-KL's [rows, K] band candidates (~5 KB per token at K=256);
 the backward rebuilds each chunk's [chunk, V/TP] tensors from the logits (without communication, except
 Megatron's SFT re-run at temperature != 1 and the l1/l2 span options) and writes its gradient straight

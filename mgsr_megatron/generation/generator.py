@@ -175,10 +175,9 @@ class PipelineStepper:
         from megatron.core import parallel_state
 
         gpt = _unwrap(model)
-        self.megatron_path = megatron_path or unsupported_reason(gpt) is not None
-        self.stage = (MegatronStage(model, batch_size, max_length) if self.megatron_path
+        self.path = "megatron" if megatron_path or unsupported_reason(gpt) is not None else "lean"
+        self.stage = (MegatronStage(model, batch_size, max_length) if self.path == "megatron"
                       else LeanStage(gpt, batch_size, max_length))
-        self.path = "megatron" if self.megatron_path else "lean"
         self.gpt = gpt
         self.batch_size = batch_size
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()

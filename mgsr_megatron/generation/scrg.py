@@ -226,7 +226,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     max_length = int(out.prompt_lengths.max()) + max_new_tokens
     if not reuse_cache or stepper is None:
         stepper = PipelineStepper(student, tokens.shape[0], max_length,
-                                  megatron_path=stepper is not None and stepper.megatron_path)
+                                  megatron_path=stepper is not None and stepper.path == "megatron")
         cache_valid = 0
     record = stepper.logit_record(max_length) if out.logits_recorded else None
     if record is not None:  # keep the logits below j, the passes overwrite the rest

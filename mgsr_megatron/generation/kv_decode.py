@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mgsr_megatron.generation.sampling import all_gather_last
+
 
 def _is_identity(module) -> bool:
     return module is None or type(module).__name__ in ("IdentityOp", "IdentityFuncOp")
@@ -114,19 +116,12 @@ class LeanStage:
         hidden = self.gpt.decoder.final_layernorm(x[:, -1])
         tied = self.gpt.share_embeddings_and_output_weights
         logits = F.linear(hidden, self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight)
-        return self._gather_vocab(logits)
+        return all_gather_last(logits, self.tp_group)
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.tp > 1:
             dist.all_reduce(tensor, group=self.tp_group)
         return tensor
-
-    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.tp == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp)]
-        dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=-1)
 
     def _embed(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
         embedding = self.gpt.embedding

@@ -80,7 +80,7 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group) -> torch.Tensor:
     return tensor
 
 
-def _all_gather_last(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+def all_gather_last(tensor: torch.Tensor, tp_group) -> torch.Tensor:
     """[..., n] per rank -> [..., n * TP] in rank order."""
     if _tp_size(tp_group) == 1:
         return tensor
@@ -104,8 +104,8 @@ def parallel_argmax(scores: torch.Tensor, vocab_start: int, tp_group=None) -> tu
     global_index = local_index + vocab_start
     if _tp_size(tp_group) == 1:
         return local_value, global_index
-    values = _all_gather_last(local_value.unsqueeze(-1), tp_group)  # [..., TP], rank order = id order
-    indices = _all_gather_last(global_index.unsqueeze(-1), tp_group)
+    values = all_gather_last(local_value.unsqueeze(-1), tp_group)  # [..., TP], rank order = id order
+    indices = all_gather_last(global_index.unsqueeze(-1), tp_group)
     best_value, best_rank = values.max(dim=-1)  # first rank with the max: its ids are the smallest
     return best_value, indices.gather(-1, best_rank.unsqueeze(-1)).squeeze(-1)
 
@@ -113,7 +113,7 @@ def parallel_argmax(scores: torch.Tensor, vocab_start: int, tp_group=None) -> tu
 def _top_k_filter(scores: torch.Tensor, top_k: int, tp_group) -> torch.Tensor:
     """Keep entries >= the k-th largest value of the row (over all shards)."""
     local_k = min(top_k, scores.shape[-1])
-    candidates = _all_gather_last(scores.topk(local_k, dim=-1).values, tp_group)
+    candidates = all_gather_last(scores.topk(local_k, dim=-1).values, tp_group)
     kth = candidates.topk(min(top_k, candidates.shape[-1]), dim=-1).values[..., -1:]
     return scores.masked_fill(scores < kth, float("-inf"))
 

@@ -32,6 +32,7 @@ from mgsr_megatron.losses.vocab_parallel import (
     check_same_shape,
     chunks,
     comm_tag,
+    consecutive_runs,
     gather_at_ids,
     scaled_rows,
     shard_of,
@@ -220,18 +221,15 @@ class _MGSRObjective(torch.autograd.Function):
 def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int):
     """(chunks, idle): chunks of at most `size` of the rows that carry a loss term, each a slice where
     its rows are contiguous (a view, no copy) else their ids; idle: the other rows (prompt, padding)
-    as slices. One device sync for all boundaries."""
-    rows = ((sft_w > 0) | (kd_w > 0)).nonzero()[:, 0]
+    as slices. Two device syncs for all boundaries."""
+    active = (sft_w > 0) | (kd_w > 0)
+    rows = active.nonzero()[:, 0]
     listed = rows.tolist()
     chunk_list = []
     for start, end in chunks(len(listed), size):
         first, last = listed[start], listed[end - 1]
         chunk_list.append(slice(first, last + 1) if last - first + 1 == end - start else rows[start:end])
-    idle, previous = [], -1
-    for row in listed + [sft_w.shape[0]]:
-        if row > previous + 1:
-            idle.append(slice(previous + 1, row))
-        previous = row
+    idle = [slice(first, first + n) for _, first, n in consecutive_runs((~active).nonzero()[:, 0].tolist())]
     return chunk_list, idle
 
 

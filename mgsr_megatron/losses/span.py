@@ -20,26 +20,15 @@ from __future__ import annotations
 import torch
 
 from mgsr_megatron.losses.divergences import forward_kl_owned, forward_kl_owned_grad
-from mgsr_megatron.losses.vocab_parallel import NEG_LARGE, Shard, all_reduce, log_softmax_stats
+from mgsr_megatron.losses.vocab_parallel import NEG_LARGE, Shard, all_reduce, consecutive_runs, log_softmax_stats
 
 SPAN_DISTANCES = ("kl_normalised", "l1", "l2")
-
-
-def _runs(first: torch.Tensor):
-    """(pair index, row, length) of the runs of consecutive rows in `first` (a span of n tokens gives a
-    run of n - 1 pairs), so that pair sums are slice additions instead of gathered copies."""
-    listed = first.tolist()
-    start = 0
-    for i in range(1, len(listed) + 1):
-        if i == len(listed) or listed[i] != listed[i - 1] + 1:
-            yield start, listed[start], i - start
-            start = i
 
 
 def pair_rows(rows: torch.Tensor, first: torch.Tensor, temperature: float) -> torch.Tensor:
     """(z_first + z_(first+1)) / T as a fresh float32 tensor, -inf replaced by NEG_LARGE."""
     out = torch.empty(first.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
-    for at, row, n in _runs(first):
+    for at, row, n in consecutive_runs(first.tolist()):  # a span of n tokens: a run of n - 1 pairs
         if rows.dtype == torch.float32:
             torch.add(rows[row:row + n], rows[row + 1:row + 1 + n], out=out[at:at + n])
         else:  # add in float32, not in the logits' dtype

@@ -274,3 +274,13 @@ def check_k(k: int, name: str, shard: Shard) -> None:
 def chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+def consecutive_runs(ids: list[int]):
+    """(index in ids, first id, length) of each run of consecutive values in a sorted id list, so
+    that the rows of a run can be taken as one slice instead of a gathered copy."""
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            yield start, ids[start], i - start
+            start = i

@@ -150,6 +150,31 @@ def test_scrg_matches_reference_and_cache_reuse(models):
     assert stats["j"].tolist() == [last[row][0] if row in last else -1 for row in range(3)]
 
 
+def test_regeneration_computes_only_rows_without_cache(models):
+    """Regenerating from each row's own j: a pass feeds only the rows whose cache ends below the
+    position it feeds (rows not corrected: none); tokens and recorded logits equal a regeneration
+    with a fresh cache that recomputes every row."""
+    from mgsr_megatron.generation.generator import SamplingOptions
+    from mgsr_megatron.generation.scrg import regenerate
+
+    student, _ = models
+    out = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2, record_logits=True)
+    j = torch.tensor([len(PROMPTS[0]) + 5, -1, len(PROMPTS[2]) + 2])
+    t_j = torch.tensor([11, -1, 12])
+    fed = []  # (rows, offset) per pass
+    forward = out.stepper.forward
+    out.stepper.forward = lambda tokens, offset: fed.append((tokens.shape[0], offset)) or forward(tokens, offset)
+    common = dict(max_new_tokens=8, eos_id=249, vocab_size=VOCAB, options=SamplingOptions(seed=9))
+    reused = regenerate(student, out, j, t_j, **common)
+    cold = regenerate(student, out, j, t_j, reuse_cache=False, **common)
+    assert torch.equal(reused.tokens, cold.tokens) and torch.equal(reused.response_lengths, cold.response_lengths)
+    assert reused.tokens[0, j[0]] == 11 and reused.tokens[2, j[2]] == 12
+    assert torch.equal(reused.tokens[1], out.tokens[1])
+    assert fed[0] == (1, int(j[2])) and {rows for rows, offset in fed if offset < j[0]} == {1}
+    assert {rows for rows, offset in fed if offset >= j[0]} == {2}
+    torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_scrg_zero_rounds_is_plain_sampling(models):
     student, teacher = models
     out, stats = scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=5, scrg_rounds=0), eos_id=3,

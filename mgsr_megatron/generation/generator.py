@@ -28,6 +28,7 @@ with or without a reused cache gives the same tokens.
 
 from __future__ import annotations
 
+import bisect
 import operator
 from dataclasses import dataclass, field
 
@@ -210,6 +211,14 @@ class PipelineStepper:
             return None
         return output
 
+    def reorder_rows(self, order: torch.Tensor) -> bool:
+        """Permute the cached rows (row i <- row order[i]) so that a pass may compute a prefix of the
+        batch; False (nothing done) on Megatron's path, whose static cache decodes whole batches."""
+        if self.path != "lean":
+            return False
+        self.stage.reorder_rows(order)
+        return True
+
     def broadcast_column(self, column: torch.Tensor | None) -> torch.Tensor:
         """The last stage's int64 column [b] on every stage of this pipeline."""
         if self.pp_size == 1:
@@ -221,22 +230,27 @@ class PipelineStepper:
 
 
 def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-           fixed_lengths: torch.Tensor, cache_valid: int, *, max_new_tokens: int, eos_id: int,
+           fixed_lengths: torch.Tensor, cache_valid, *, max_new_tokens: int, eos_id: int,
            vocab_size: int, options: SamplingOptions, pad_id: int,
            record: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
-    must hold this batch's keys/values for positions < cache_valid. Returns (tokens [b, L], response lengths).
-    `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's shard of its logits
-    at the position it ran (see GenerationOutput.logits)."""
+    must hold row r's keys/values for positions < cache_valid[r] (an int: the same for every row),
+    and cache_valid[r] < fixed_lengths[r] for every row that still samples. Returns (tokens [b, L],
+    response lengths). `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's
+    shard of its logits at the position it ran (see GenerationOutput.logits).
+
+    Rows join the passes from the first one that feeds a position they have no cache for: with
+    per-row cache_valid (SCRG's regeneration from each row's own j) the cache rows are sorted by it,
+    so that every pass computes a prefix of the batch, and put back at the end."""
     b, device = tokens.shape[0], tokens.device
     prompt_lengths, fixed_lengths = prompt_lengths.to(device), fixed_lengths.to(device)
+    cache_valid = torch.as_tensor(cache_valid, dtype=torch.int64, device=device).expand(b)
     end = prompt_lengths + max_new_tokens  # exclusive end position of each row's response
     total = int(end.max())
     buffer = torch.full((b, total), pad_id, dtype=torch.int64, device=device)
     width = min(tokens.shape[1], total)
     buffer[:, :width] = tokens[:, :width]
     fixed_lengths = torch.minimum(fixed_lengths, end)
-    rows = torch.arange(b, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.int64, device=device)
 
@@ -251,25 +265,43 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     start = int(fixed_lengths.min())
     for position in range(int(prompt_lengths.min()), start):
         close_rows(position)
+    positions = torch.arange(total, device=device).unsqueeze(0)
+    fixed_eos = ((buffer == eos_id) & (positions >= prompt_lengths.unsqueeze(-1))
+                 & (positions < fixed_lengths.unsqueeze(-1))).any(-1)
+    samples = (fixed_lengths < end) & ~fixed_eos
+    if bool((samples & (cache_valid >= fixed_lengths)).any()):
+        raise ValueError("decode: a row that samples must have cache_valid < fixed_lengths (it needs the "
+                         "logits of the pass that feeds its last fixed token)")
     position = start  # the next position to settle
-    offset = cache_valid
+    offset = int(cache_valid.min())
+    order = torch.argsort(cache_valid, stable=True)  # pass rows: order[:active]
+    sorted_valid = cache_valid[order].tolist()
+    compact = sorted_valid[-1] > offset and stepper.reorder_rows(order)
+    if not compact:
+        order = torch.arange(b, device=device)
     tp_noise = dict(vocab_size=vocab_size, greedy=options.greedy, temperature=options.temperature,
                     top_k=options.top_k, top_p=options.top_p, seed=options.seed)
     while position < total and not bool(finished.all()):
-        logits = stepper.forward(buffer[:, offset:position], offset)
+        # rows missing a key/value in [offset, position); rows joining recompute the cached ones
+        active = bisect.bisect_left(sorted_valid, position) if compact else b
+        rows = order[:active]
+        logits = stepper.forward(buffer[rows, offset:position] if compact else buffer[:, offset:position], offset)
         offset = position
         column = None
-        if record is not None and logits is not None:
-            shard = record.shape[-1]
-            record[:, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
         if logits is not None:
-            column = sample(logits, step=position, rows=rows, **tp_noise)
+            if record is not None:
+                shard = record.shape[-1]
+                record[rows, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
+            column = buffer[:, position].clone()
+            column[rows] = sample(logits, step=position, rows=rows, **tp_noise)
         column = stepper.broadcast_column(column)
         sampled = (position >= fixed_lengths) & ~finished
         buffer[:, position] = torch.where(sampled, column, buffer[:, position])
         buffer[finished, position] = pad_id
         close_rows(position)
         position += 1
+    if compact:
+        stepper.reorder_rows(torch.argsort(order))
     # rows still open when the loop ended at `total` were closed by the budget in close_rows
     return buffer[:, :position], lengths
 

@@ -61,33 +61,39 @@ def _tp():
 
 def vocab_parallel_log_softmax(logits: torch.Tensor, vocab_size: int, vocab_start: int, tp_group,
                                temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(l / T) over the global (true) vocabulary, on this rank's shard. float32."""
-    scores = mask_padded(logits.float() / temperature, vocab_size, vocab_start)
-    row_max = scores.max(dim=-1, keepdim=True).values
+    """log softmax(l / T) over the global (true) vocabulary, float32, on this rank's shard cut to its
+    true entries ([..., max(0, min(V/TP, vocab_size - vocab_start))]: padded ids are dropped, not
+    masked, so the log-probs are finite). The shard's logsumexp is combined over TP with one MAX and
+    one SUM all-reduce of [...] numbers."""
+    real = max(0, min(logits.shape[-1], vocab_size - vocab_start))
+    scores = logits[..., :real].float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf on a shard of padding only
     if dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
-    if dist.get_world_size(tp_group) > 1:
+        lse_max = lse.clone()
+        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=tp_group)
+        sum_exp = torch.exp(lse - lse_max)
         dist.all_reduce(sum_exp, group=tp_group)
-    return scores - row_max - torch.log(sum_exp)
+        lse = lse_max + torch.log(sum_exp)
+    return scores - lse
 
 
-def _xlogy_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """a * (log a - log b), 0 where a = 0."""
-    a = torch.exp(log_a)
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_v a_v (log a_v - log b_v) over the shard (finite log-probs: 0 * finite where a_v underflows)."""
+    return (torch.exp(log_a) * (log_a - log_b)).sum(-1)
 
 
 def vocab_parallel_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str,
                               tp_group) -> torch.Tensor:
-    """Per-position divergence [...] from log-prob shards [..., V/TP]."""
+    """Per-position divergence [...] from log-prob shards [..., V/TP] (vocab_parallel_log_softmax)."""
     if kind == "forward_kl":
-        partial = _xlogy_ratio(teacher_logp, student_logp).sum(-1)
+        partial = _kl_terms(teacher_logp, student_logp)
     elif kind == "reverse_kl":
-        partial = _xlogy_ratio(student_logp, teacher_logp).sum(-1)
+        partial = _kl_terms(student_logp, teacher_logp)
     elif kind == "jsd":  # beta = 0.5: 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2
         log_m = torch.logaddexp(teacher_logp, student_logp) - math.log(2.0)
-        partial = 0.5 * (_xlogy_ratio(teacher_logp, log_m) + _xlogy_ratio(student_logp, log_m)).sum(-1)
+        partial = 0.5 * (_kl_terms(teacher_logp, log_m) + _kl_terms(student_logp, log_m))
     else:
         raise UserError(f"mgsr.scrg_divergence '{kind}' is not one of {', '.join(DIVERGENCES)}")
     if dist.get_world_size(tp_group) > 1:
@@ -136,14 +142,15 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
     if teacher_logits is not None:
         tp_group, tp_rank, _ = _tp()
         start = tp_rank * teacher_logits.shape[-1]
-        # logits at position i - 1 predict the token at position i
-        t_logits, s_logits = teacher_logits[:, :-1], student_logits[:, :-1]
-        positions = torch.arange(1, total, device=tokens.device).unsqueeze(0).expand(b, total - 1)
+        # logits at position i - 1 predict the token at position i; candidates start at the shortest prompt
+        first = int(prompt_lengths.min())
+        t_logits, s_logits = teacher_logits[:, first - 1:-1], student_logits[:, first - 1:-1]
+        positions = torch.arange(first, total, device=tokens.device).unsqueeze(0).expand(b, total - first)
         if teacher_token == "greedy":
             teacher_tokens = parallel_argmax(mask_padded(t_logits.float(), vocab_size, start), start, tp_group)[1]
         else:
-            rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - 1)
-            teacher_tokens = sample(t_logits.reshape(b * (total - 1), -1), vocab_size=vocab_size,
+            rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - first)
+            teacher_tokens = sample(t_logits.reshape(b * (total - first), -1), vocab_size=vocab_size,
                                     vocab_start=start, tp_group=tp_group, temperature=temperature,
                                     seed=seed, step=positions.reshape(-1), rows=rows.reshape(-1)).view(b, -1)
         d = vocab_parallel_divergence(
@@ -151,11 +158,11 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
             vocab_parallel_log_softmax(s_logits, vocab_size, start, tp_group, temperature), divergence, tp_group)
         in_response = (positions >= prompt_lengths.unsqueeze(-1)) & \
                       (positions < (prompt_lengths + lengths).unsqueeze(-1))
-        mismatched = in_response & (tokens[:, 1:] != teacher_tokens)
+        mismatched = in_response & (tokens[:, first:] != teacher_tokens)
         d_candidates = torch.where(mismatched, d.double(), float("-inf"))
         best_d, best = d_candidates.max(dim=-1)  # first (smallest) position on ties
         has = mismatched.any(-1) & ~(best_d < delta)
-        j = torch.where(has, best + 1, -1)
+        j = torch.where(has, best + first, -1)
         t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
         decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
     return _broadcast_from_last_stage_tp0(decision, (b, 3))
@@ -208,27 +215,35 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
         stats["rounds_used"] += fix.long()
         out = regenerate(student, out, j, t_j, max_new_tokens=max_new_tokens, eos_id=eos_id,
                          vocab_size=vocab_size, reuse_cache=reuse_cache,
+                         record_logits=round_index < cfg.scrg_rounds,  # the next round's detection
                          options=SamplingOptions(False, temperature, top_k, top_p, round_seed(seed, round_index)))
     return out, stats
 
 
 def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tensor, *, max_new_tokens: int,
                eos_id: int, vocab_size: int, options: SamplingOptions, reuse_cache: bool = True,
-               pad_id: int | None = None) -> GenerationOutput:
-    """Rows with j >= 0: keep y_<j, put t_j at j, let the student continue. Other rows are unchanged."""
+               pad_id: int | None = None, record_logits: bool | None = None) -> GenerationOutput:
+    """Rows with j >= 0: keep y_<j, put t_j at j, let the student continue. Other rows are unchanged.
+    `record_logits` (default: when `out` has them) keeps the student's logits of the new sequences
+    (the recorded ones of `out` below j, the regeneration's from j on)."""
     pad_id = eos_id if pad_id is None else pad_id
     fix = j >= 0
     tokens = out.tokens.clone()
     rows = torch.nonzero(fix).squeeze(-1)
     tokens[rows, j[rows]] = t_j[rows]
     fixed_lengths = torch.where(fix, j + 1, out.prompt_lengths + out.response_lengths)
-    stepper, cache_valid = out.stepper, int(j[fix].min())
+    # the first generation's cache holds each row's keys/values below its own j; rows not corrected
+    # are complete and never join a pass
     max_length = int(out.prompt_lengths.max()) + max_new_tokens
+    stepper, cache_valid = out.stepper, torch.where(fix, j, max_length)
     if not reuse_cache or stepper is None:
         stepper = PipelineStepper(student, tokens.shape[0], max_length,
                                   megatron_path=stepper is not None and stepper.path == "megatron")
         cache_valid = 0
-    record = stepper.logit_record(max_length) if out.logits_recorded else None
+    record_logits = out.logits_recorded if record_logits is None else record_logits
+    if record_logits and not out.logits_recorded:
+        raise ValueError("regenerate: record_logits needs the logits of the first generation (out.logits)")
+    record = stepper.logit_record(max_length) if record_logits else None
     if record is not None:  # keep the logits below j, the passes overwrite the rest
         record[:, :out.logits.shape[1]] = out.logits
     was_training = student.training
@@ -240,4 +255,4 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     finally:
         student.train(was_training)
     logits = None if record is None else record[:, :new_tokens.shape[1]]
-    return GenerationOutput(new_tokens, out.prompt_lengths, lengths, stepper, logits, out.logits_recorded)
+    return GenerationOutput(new_tokens, out.prompt_lengths, lengths, stepper, logits, record_logits)

@@ -226,6 +226,36 @@ MODES = {"greedy": dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0),
          "top_k_top_p": dict(greedy=False, temperature=0.8, top_k=20, top_p=0.9)}
 
 
+@dist_check(world_size=4)
+def scrg_divergences_tp124_with_padding_only_shard():
+    """SCRG's vocab-parallel log-softmax and divergences == numpy on the gathered logits, with a true
+    vocabulary of 150 in 256 padded entries: at TP=4 the last shard holds padding only."""
+    from megatron.core import parallel_state
+
+    from mgsr_megatron.generation.scrg import vocab_parallel_divergence, vocab_parallel_log_softmax
+
+    vocab = 150
+    gen = torch.Generator().manual_seed(5)
+    teacher_logits, student_logits = (torch.randn(3, 4, PADDED, generator=gen) * 4 for _ in range(2))
+    teacher_logits[..., vocab:] = 80.0  # padded columns must not count
+    for temperature, kind in itertools.product((1.0, 0.5), ("forward_kl", "reverse_kl", "jsd")):
+        lp, lq = ((x[..., :vocab].double().numpy() / temperature) for x in (teacher_logits, student_logits))
+        lp, lq = (x - x.max(-1, keepdims=True) for x in (lp, lq))
+        lp, lq = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (lp, lq))
+        expected = ref_divergence(np.pad(lp, ((0, 0), (0, 0), (0, PADDED - vocab)), constant_values=-np.inf),
+                                  np.pad(lq, ((0, 0), (0, 0), (0, PADDED - vocab)), constant_values=-np.inf), kind)
+        for tp in (1, 2, 4):
+            parallel.initialize_model_parallel(tp, 1)
+            group, rank = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
+            width = PADDED // tp
+            shards = [x[..., rank * width:(rank + 1) * width] for x in (teacher_logits, student_logits)]
+            logps = [vocab_parallel_log_softmax(x, vocab, rank * width, group, temperature) for x in shards]
+            got = vocab_parallel_divergence(*logps, kind, group).double().numpy()
+            where = f"TP={tp} T={temperature} {kind}"
+            assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), f"{where}: {got} vs {expected}"
+            assert all(np.isfinite(x.numpy()).all() for x in logps), f"{where}: non-finite log-probs"
+
+
 def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **overrides):
     """Tokens of `generate` == the dense reference at each layout and mode. The lean KV-cached stage
     runs by default (checked); at `megatron_path_layouts` Megatron's inference path runs as well."""

@@ -283,17 +283,18 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
                     top_k=options.top_k, top_p=options.top_p, seed=options.seed)
     while position < total and not bool(finished.all()):
         # rows missing a key/value in [offset, position); rows joining recompute the cached ones
-        active = bisect.bisect_left(sorted_valid, position) if compact else b
-        rows = order[:active]
-        logits = stepper.forward(buffer[rows, offset:position] if compact else buffer[:, offset:position], offset)
+        rows = order[:bisect.bisect_left(sorted_valid, position)] if compact else order
+        in_pass = rows if compact else slice(None)  # a slice keeps the full-batch path copy-free
+        logits = stepper.forward(buffer[in_pass, offset:position], offset)
         offset = position
         column = None
         if logits is not None:
             if record is not None:
                 shard = record.shape[-1]
-                record[rows, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
-            column = buffer[:, position].clone()
-            column[rows] = sample(logits, step=position, rows=rows, **tp_noise)
+                record[in_pass, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
+            column = sample(logits, step=position, rows=rows, **tp_noise)
+            if compact:  # rows not in the pass keep their (fixed) token
+                column = buffer[:, position].index_copy(0, rows, column)
         column = stepper.broadcast_column(column)
         sampled = (position >= fixed_lengths) & ~finished
         buffer[:, position] = torch.where(sampled, column, buffer[:, position])

@@ -76,10 +76,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_root, tmp_path):
                    capture_output=True, timeout=600)
     config = write_config(data_root, killed_dir)
     proc = subprocess.Popen(train_cmd(config), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: (killed_dir / "checkpoints" / "latest").is_file() or proc.poll() is not None, 300,
              "the first checkpoint")
-    proc.send_signal(signal.SIGKILL)
+    # the whole job dies, as on a node failure or a scheduler's cgroup kill (killing only the trainer
+    # would orphan the multiprocessing Manager that Megatron's async checkpoint writer starts)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed_from = (killed_dir / "checkpoints" / "latest").read_text().strip()
     subprocess.run(train_cmd(config, "--resume", "auto"), env=ENV, check=True, cwd=ROOT, capture_output=True,

@@ -173,6 +173,11 @@ def test_regeneration_computes_only_rows_without_cache(models):
     assert fed[0] == (1, int(j[2])) and {rows for rows, offset in fed if offset < j[0]} == {1}
     assert {rows for rows, offset in fed if offset >= j[0]} == {2}
     torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4)
+    # Megatron's static cache decodes whole batches: every row is fed from min j, same tokens
+    megatron = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2,
+                        record_logits=True, megatron_path=True)
+    assert megatron.stepper.path == "megatron" and torch.equal(megatron.tokens, out.tokens)
+    assert torch.equal(regenerate(student, megatron, j, t_j, **common).tokens, reused.tokens)
 
 
 def test_scrg_zero_rounds_is_plain_sampling(models):

@@ -13,8 +13,8 @@
         y   <- y_<j + t_j, then the student continues sampling from position j+1
 
 Rows are processed together, each with its own j. Regeneration reuses the student's KV cache of the
-first generation: the cache stays valid below min_row(j), rows with a larger j get their kept tokens
-forced (generator.decode). Noise: the first generation uses `seed`, the regeneration of round k the
+first generation, valid below each row's own j: a row joins the decode passes at its j, rows not
+corrected never do (generator.decode). Noise: the first generation uses `seed`, the regeneration of round k the
 seed `round_seed(seed, k)`, the sampled teacher token `round_seed(seed, -k)`; every noise value also
 depends on (absolute position, row, vocabulary id), so cache reuse and a cold regeneration agree.
 

@@ -178,6 +178,8 @@ def test_regeneration_computes_only_rows_without_cache(models):
                         record_logits=True, megatron_path=True)
     assert megatron.stepper.path == "megatron" and torch.equal(megatron.tokens, out.tokens)
     assert torch.equal(regenerate(student, megatron, j, t_j, **common).tokens, reused.tokens)
+    nothing = torch.full_like(j, -1)
+    assert torch.equal(regenerate(student, reused, nothing, nothing, **common).tokens, reused.tokens)
 
 
 def test_scrg_zero_rounds_is_plain_sampling(models):

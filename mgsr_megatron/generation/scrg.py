@@ -228,6 +228,8 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     (the recorded ones of `out` below j, the regeneration's from j on)."""
     pad_id = eos_id if pad_id is None else pad_id
     fix = j >= 0
+    if not bool(fix.any()):
+        return out
     tokens = out.tokens.clone()
     rows = torch.nonzero(fix).squeeze(-1)
     tokens[rows, j[rows]] = t_j[rows]

@@ -18,15 +18,12 @@ corrected never do (generator.decode). Noise: the first generation uses `seed`, 
 seed `round_seed(seed, k)`, the sampled teacher token `round_seed(seed, -k)`; every noise value also
 depends on (absolute position, row, vocabulary id), so cache reuse and a cold regeneration agree.
 
-Vocab-parallel divergences: with l^p, l^q the logit shards, one MAX and one SUM all-reduce per model
-give log P = l^p - logsumexp(l^p) on each shard; the per-position divergence is a local sum over the
-shard plus one SUM all-reduce. The teacher argmax is an all-gather of (value, id) per position.
-Entries with zero probability (padded vocabulary) contribute 0.
+The per-position divergences are the losses' own vocab-parallel `losses.divergences.divergence`
+(JSD with beta = 0.5; padded vocabulary masked to -inf, it contributes 0). The teacher argmax is an
+all-gather of (value, id) per position.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -42,6 +39,7 @@ from mgsr_megatron.generation.generator import (
     generate,
 )
 from mgsr_megatron.generation.sampling import mask_padded, parallel_argmax, sample
+from mgsr_megatron.losses.divergences import divergence as token_divergence
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_TOKENS = ("greedy", "sampled")
@@ -57,48 +55,6 @@ def _tp():
 
     group = parallel_state.get_tensor_model_parallel_group()
     return group, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-
-
-def vocab_parallel_log_softmax(logits: torch.Tensor, vocab_size: int, vocab_start: int, tp_group,
-                               temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(l / T) over the global (true) vocabulary, float32, on this rank's shard cut to its
-    true entries ([..., max(0, min(V/TP, vocab_size - vocab_start))]: padded ids are dropped, not
-    masked, so the log-probs are finite). The shard's logsumexp is combined over TP with one MAX and
-    one SUM all-reduce of [...] numbers."""
-    real = max(0, min(logits.shape[-1], vocab_size - vocab_start))
-    scores = logits[..., :real].float()
-    if temperature != 1.0:
-        scores = scores / temperature
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf on a shard of padding only
-    if dist.get_world_size(tp_group) > 1:
-        lse_max = lse.clone()
-        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=tp_group)
-        sum_exp = torch.exp(lse - lse_max)
-        dist.all_reduce(sum_exp, group=tp_group)
-        lse = lse_max + torch.log(sum_exp)
-    return scores - lse
-
-
-def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_v a_v (log a_v - log b_v) over the shard (finite log-probs: 0 * finite where a_v underflows)."""
-    return (torch.exp(log_a) * (log_a - log_b)).sum(-1)
-
-
-def vocab_parallel_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str,
-                              tp_group) -> torch.Tensor:
-    """Per-position divergence [...] from log-prob shards [..., V/TP] (vocab_parallel_log_softmax)."""
-    if kind == "forward_kl":
-        partial = _kl_terms(teacher_logp, student_logp)
-    elif kind == "reverse_kl":
-        partial = _kl_terms(student_logp, teacher_logp)
-    elif kind == "jsd":  # beta = 0.5: 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2
-        log_m = torch.logaddexp(teacher_logp, student_logp) - math.log(2.0)
-        partial = 0.5 * (_kl_terms(teacher_logp, log_m) + _kl_terms(student_logp, log_m))
-    else:
-        raise UserError(f"mgsr.scrg_divergence '{kind}' is not one of {', '.join(DIVERGENCES)}")
-    if dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(partial, group=tp_group)
-    return partial
 
 
 def _score(model, tokens: torch.Tensor):
@@ -146,16 +102,15 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
         first = int(prompt_lengths.min())
         t_logits, s_logits = teacher_logits[:, first - 1:-1], student_logits[:, first - 1:-1]
         positions = torch.arange(first, total, device=tokens.device).unsqueeze(0).expand(b, total - first)
+        t_scores, s_scores = (mask_padded(x, vocab_size, start) for x in (t_logits, s_logits))
         if teacher_token == "greedy":
-            teacher_tokens = parallel_argmax(mask_padded(t_logits.float(), vocab_size, start), start, tp_group)[1]
+            teacher_tokens = parallel_argmax(t_scores, start, tp_group)[1]
         else:
             rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - first)
             teacher_tokens = sample(t_logits.reshape(b * (total - first), -1), vocab_size=vocab_size,
                                     vocab_start=start, tp_group=tp_group, temperature=temperature,
                                     seed=seed, step=positions.reshape(-1), rows=rows.reshape(-1)).view(b, -1)
-        d = vocab_parallel_divergence(
-            vocab_parallel_log_softmax(t_logits, vocab_size, start, tp_group, temperature),
-            vocab_parallel_log_softmax(s_logits, vocab_size, start, tp_group, temperature), divergence, tp_group)
+        d = token_divergence(s_scores, t_scores, divergence, temperature=temperature, beta=0.5, tp_group=tp_group)
         in_response = (positions >= prompt_lengths.unsqueeze(-1)) & \
                       (positions < (prompt_lengths + lengths).unsqueeze(-1))
         mismatched = in_response & (tokens[:, first:] != teacher_tokens)

@@ -101,10 +101,14 @@ def _terms(s_t, s_s, lse_t, lse_s, kind, beta, alpha):
     raise AssertionError(kind)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits / T; no copy of float32 logits at T = 1 (the terms never write into it)."""
+    return logits.float() if temperature == 1.0 else logits.float() / temperature
+
+
 def divergence_rows(student, teacher, kind, temperature, beta, alpha, shard: Shard):
     """Forward for [n, V/TP] rows: (value [n], per-row state for `divergence_rows_grad`). 3 all-reduces."""
-    s_t = teacher.float() / temperature
-    s_s = student.float() / temperature
+    s_t, s_s = _scaled(teacher, temperature), _scaled(student, temperature)
     (lse_t, lse_s), _ = log_softmax_stats([s_t, s_s], shard)
     lse_t, lse_s = lse_t.float(), lse_s.float()
     value, scalar, _ = _terms(s_t, s_s, lse_t, lse_s, kind, beta, alpha)
@@ -116,8 +120,7 @@ def divergence_rows(student, teacher, kind, temperature, beta, alpha, shard: Sha
 def divergence_rows_grad(student, teacher, kind, temperature, beta, alpha, state, grad_rows) -> torch.Tensor:
     """d(sum_rows grad_rows * value)/d student for the local shard; recomputes, no communication."""
     lse_t, lse_s, value, scalar = state
-    s_t = teacher.float() / temperature
-    s_s = student.float() / temperature
+    s_t, s_s = _scaled(teacher, temperature), _scaled(student, temperature)
     _, _, parts = _terms(s_t, s_s, lse_t, lse_s, kind, beta, alpha)
     zero = s_s.new_zeros(())
     if kind == "forward_kl":

@@ -228,11 +228,13 @@ MODES = {"greedy": dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0),
 
 @dist_check(world_size=4)
 def scrg_divergences_tp124_with_padding_only_shard():
-    """SCRG's vocab-parallel log-softmax and divergences == numpy on the gathered logits, with a true
-    vocabulary of 150 in 256 padded entries: at TP=4 the last shard holds padding only."""
+    """SCRG's per-position divergences (losses.divergences.divergence on the masked shards, as
+    scrg.detect calls it) == numpy on the gathered logits, with a true vocabulary of 150 in 256 padded
+    entries: at TP=4 the last shard holds padding only."""
     from megatron.core import parallel_state
 
-    from mgsr_megatron.generation.scrg import vocab_parallel_divergence, vocab_parallel_log_softmax
+    from mgsr_megatron.generation.sampling import mask_padded
+    from mgsr_megatron.losses.divergences import divergence
 
     vocab = 150
     gen = torch.Generator().manual_seed(5)
@@ -248,12 +250,12 @@ def scrg_divergences_tp124_with_padding_only_shard():
             parallel.initialize_model_parallel(tp, 1)
             group, rank = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
             width = PADDED // tp
-            shards = [x[..., rank * width:(rank + 1) * width] for x in (teacher_logits, student_logits)]
-            logps = [vocab_parallel_log_softmax(x, vocab, rank * width, group, temperature) for x in shards]
-            got = vocab_parallel_divergence(*logps, kind, group).double().numpy()
+            teacher_shard, student_shard = (mask_padded(x[..., rank * width:(rank + 1) * width], vocab, rank * width)
+                                            for x in (teacher_logits, student_logits))
+            got = divergence(student_shard, teacher_shard, kind, temperature=temperature, beta=0.5,
+                             tp_group=group).double().numpy()
             where = f"TP={tp} T={temperature} {kind}"
             assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), f"{where}: {got} vs {expected}"
-            assert all(np.isfinite(x.numpy()).all() for x in logps), f"{where}: non-finite log-probs"
 
 
 def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **overrides):

@@ -144,6 +144,9 @@ class MegatronStage:
     def hidden_shape(self, batch: int, columns: int) -> tuple[int, int, int]:
         return columns, batch, self.gpt.config.hidden_size
 
+    def reorder_rows(self, order: torch.Tensor) -> bool:
+        return False  # the static context's cache decodes whole batches
+
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:
         b, s = tokens.shape
@@ -214,10 +217,7 @@ class PipelineStepper:
     def reorder_rows(self, order: torch.Tensor) -> bool:
         """Permute the cached rows (row i <- row order[i]) so that a pass may compute a prefix of the
         batch; False (nothing done) on Megatron's path, whose static cache decodes whole batches."""
-        if self.path != "lean":
-            return False
-        self.stage.reorder_rows(order)
-        return True
+        return self.stage.reorder_rows(order)
 
     def broadcast_column(self, column: torch.Tensor | None) -> torch.Tensor:
         """The last stage's int64 column [b] on every stage of this pipeline."""

@@ -100,10 +100,11 @@ class LeanStage:
     def hidden_shape(self, batch: int, columns: int) -> tuple[int, int, int]:
         return batch, columns, self.gpt.config.hidden_size
 
-    def reorder_rows(self, order: torch.Tensor) -> None:
+    def reorder_rows(self, order: torch.Tensor) -> bool:
         """Cache row i <- cache row order[i] (one copy per layer): lets a pass compute a prefix of rows."""
         self.keys = [keys.index_select(0, order) for keys in self.keys]
         self.values = [values.index_select(0, order) for values in self.values]
+        return True
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--student-iters", type=int, help="steps of every student (= --schedule.train_iters)")
     demo.add_argument("--eval-prompts", type=int, help="held-out evaluation prompts")
     demo.add_argument("--seeds", type=int, nargs="+", help="evaluation sampling seeds")
+    demo.add_argument("--train-seeds", type=int, nargs="+",
+                      help="training seeds of every student (default: 1 2); the report gives mean and spread")
 
     train = sub.add_parser("train", help="distill a student (MGSR) or train with SFT")
     train.add_argument("--config", required=True, help="YAML config file")
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="JSONL with prompts and reference responses")
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
     evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--greedy", action="store_true",
+                          help="greedy decoding (deterministic: one run, --seeds are not used)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--output", help="JSONL file to append the result to")
 

@@ -2,11 +2,15 @@
 
     mgsr generate --load CKPT --prompts IN.jsonl --output OUT.jsonl [--greedy | --temperature T --top-p P
                   --seed S] --max-new-tokens N [--tensor-model-parallel-size 2]
-    mgsr eval --load CKPT --data EVAL.jsonl [--seeds 10 20 30 40 50]
+    mgsr eval --load CKPT --data EVAL.jsonl [--seeds 10 20 30 40 50 | --greedy] [--output RESULTS.jsonl]
 
 Input lines hold `prompt` (text; the data.prompt_template is NOT applied: the text is the prompt) or
 `prompt_ids` (token ids). Output lines are the input lines plus `output_ids` and `output` (text, when
 a tokenizer is known). Rows are split over data-parallel replicas and written by rank 0 in input order.
+`mgsr eval` prints one JSON line (ROUGE-L / exact match: mean and spread over the seeds, per task family,
+distinct-2, `seeds`, `greedy`, `examples`) and appends it to --output; `--greedy` decodes greedily,
+once (the seeds are not used). Bad input (the input file, a prompt that does not fit the model's
+context or vocabulary) is reported before the model is loaded.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from mgsr_megatron.config import load_config
 from mgsr_megatron.errors import UserError
 
 
-def load_for_inference(args, overrides):
-    """(cfg, model, model_cfg, tokenizer or None) with the model loaded at the configured layout."""
-    from mgsr_megatron.models import build_model
-    from mgsr_megatron.models.checkpoint import TOKENIZER_DIR, load_model, read_model_config, resolve_checkpoint
+def prepare_inference(args, overrides):
+    """(cfg, checkpoint directory, model_cfg, tokenizer or None): everything but the model, so that
+    bad input (config, checkpoint metadata, tokenizer, the input file) is reported before it loads."""
+    from mgsr_megatron.models.checkpoint import TOKENIZER_DIR, read_model_config, resolve_checkpoint
 
     cfg = load_config(args.config, overrides)
     directory = resolve_checkpoint(args.load)
@@ -36,6 +40,14 @@ def load_for_inference(args, overrides):
         from mgsr_megatron.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
+    return cfg, directory, model_cfg, tokenizer
+
+
+def load_inference_model(cfg, directory, model_cfg):
+    """The checkpoint's model at the configured layout (collective: starts the process group)."""
+    from mgsr_megatron.models import build_model
+    from mgsr_megatron.models.checkpoint import load_model
+
     parallel.init_distributed()
     parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
                                        cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed,
@@ -43,24 +55,50 @@ def load_for_inference(args, overrides):
     model = build_model(model_cfg)
     load_model(model, directory)
     model.eval()
-    return cfg, model, model_cfg, tokenizer
+    return model
 
 
-def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list[int]]]:
+def load_for_inference(args, overrides):
+    """(cfg, model, model_cfg, tokenizer or None) with the model loaded at the configured layout."""
+    cfg, directory, model_cfg, tokenizer = prepare_inference(args, overrides)
+    return cfg, load_inference_model(cfg, directory, model_cfg), model_cfg, tokenizer
+
+
+def check_prompts(prompts: list[list[int]], model_cfg, max_new_tokens: int, where) -> None:
+    """The generator's own limits (generation.generator.check_request), checked on every prompt before
+    the model is loaded: ids in the vocabulary, prompt + max_new_tokens within the context.
+    `where(i)` names prompt i (file:line)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    limit, vocab = model_cfg.max_position_embeddings, model_cfg.vocab_size
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"{where(i)}: token id {bad[0]} outside the model's vocabulary [0, {vocab})")
+        if len(ids) + max_new_tokens > limit:
+            raise UserError(f"{where(i)}: prompt of {len(ids)} tokens + --max-new-tokens {max_new_tokens} = "
+                            f"{len(ids) + max_new_tokens} overflows the model's {limit} positions "
+                            f"(max_position_embeddings); lower --max-new-tokens to {limit - len(ids)} or less")
+
+
+def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list[int]], list[int]]:
+    """(input rows, prompt ids, line number of each row)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file not found: {path}")
     from mgsr_megatron.data.formats import iter_json_objects
 
-    rows, prompts = [], []
+    rows, prompts, numbers = [], [], []
     for number, row in iter_json_objects(path):
         if "prompt_ids" in row:
             ids = row["prompt_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise UserError(f"{path}:{number}: 'prompt_ids' must be a list of integers")
         elif "prompt" in row:
             if tokenizer is None:
                 raise UserError(f"{path}:{number}: text 'prompt' needs a tokenizer (--tokenizer)")
+            if not isinstance(row["prompt"], str):
+                raise UserError(f"{path}:{number}: 'prompt' must be a string")
             ids = tokenizer.encode(row["prompt"])
         else:
             raise UserError(f"{path}:{number}: missing field 'prompt' (text) or 'prompt_ids'")
@@ -68,9 +106,10 @@ def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list
             raise UserError(f"{path}:{number}: empty prompt")
         rows.append(row)
         prompts.append(ids)
+        numbers.append(number)
     if not rows:
         raise UserError(f"{path}: no prompts")
-    return rows, prompts
+    return rows, prompts, numbers
 
 
 def _my_rows(count: int) -> list[int]:
@@ -91,8 +130,10 @@ def _gather_dp(local: list) -> list:
 def generate_file(args, overrides) -> None:
     from mgsr_megatron.generation import generate
 
-    _, model, model_cfg, tokenizer = load_for_inference(args, overrides)
-    rows, prompts = read_prompt_file(args.prompts, tokenizer)
+    cfg, directory, model_cfg, tokenizer = prepare_inference(args, overrides)
+    rows, prompts, numbers = read_prompt_file(args.prompts, tokenizer)
+    check_prompts(prompts, model_cfg, args.max_new_tokens, lambda i: f"{args.prompts}:{numbers[i]}")
+    model = load_inference_model(cfg, directory, model_cfg)
     eos_id = tokenizer.eos_id if tokenizer is not None else model_cfg.vocab_size - 1
     mine = _my_rows(len(rows))
     results = []
@@ -123,12 +164,19 @@ def evaluate_file(args, overrides) -> None:
     from mgsr_megatron.data.indexed import PromptDataset
     from mgsr_megatron.evaluation.evaluate import evaluate
 
-    cfg, model, model_cfg, tokenizer = load_for_inference(args, overrides)
+    cfg, directory, model_cfg, tokenizer = prepare_inference(args, overrides)
     if tokenizer is None:
         raise UserError("evaluation needs a tokenizer (--tokenizer, data.tokenizer or CKPT/tokenizer/)")
     items = PromptDataset.from_jsonl(args.data, tokenizer, cfg.data)
-    result = evaluate(model, items, tokenizer, vocab_size=model_cfg.vocab_size,
-                      max_new_tokens=args.max_new_tokens, seeds=tuple(args.seeds), batch_size=args.batch_size)
+    if len(items) == 0:
+        raise UserError(f"{args.data}: no evaluation rows")
+    check_prompts([item.prompt_ids.tolist() for item in items], model_cfg, args.max_new_tokens,
+                  lambda i: f"{args.data}: row {i + 1} ({items[i].prompt[:40]!r})")
+    model = load_inference_model(cfg, directory, model_cfg)
+    # greedy decoding is deterministic: one run (the first seed) instead of one per seed
+    result = evaluate(model, items, tokenizer, vocab_size=model_cfg.vocab_size, max_new_tokens=args.max_new_tokens,
+                      seeds=tuple(args.seeds), batch_size=args.batch_size, greedy=args.greedy)
+    result["greedy"] = bool(args.greedy)
     result["checkpoint"] = str(args.load)
     if dist.get_rank() == 0:
         line = json.dumps(result)

@@ -13,9 +13,11 @@ from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation import generate, sample, scrg
 from mgsr_megatron.generation.sampling import uniform_noise
 from tests.dist.check_generation import (
+    MODES,
     PADDED,
     PROMPTS,
     VOCAB,
+    PassRecorder,
     _dense,
     _sharp_full_state,
     _tiny,
@@ -23,6 +25,7 @@ from tests.dist.check_generation import (
     ref_gumbel,
     ref_sample,
     ref_scrg,
+    regeneration_edge_cases,
 )
 
 
@@ -180,6 +183,62 @@ def test_regeneration_computes_only_rows_without_cache(models):
     assert torch.equal(regenerate(student, megatron, j, t_j, **common).tokens, reused.tokens)
     nothing = torch.full_like(j, -1)
     assert torch.equal(regenerate(student, reused, nothing, nothing, **common).tokens, reused.tokens)
+
+
+@pytest.fixture(scope="module")
+def edge_cases(models):
+    return {case[0]: case for case in regeneration_edge_cases(models[0])}
+
+
+EDGE_CASES = ["uncorrected_row_ends_by_eos_before_j", "uncorrected_rows_end_at_budget_before_j",
+              "corrected_rows_end_with_teacher_eos", "all_rows_corrected_at_last_position",
+              "corrected_at_last_position_others_shorter", "sampling_row_finishes_before_complete_rows"]
+
+
+@pytest.mark.parametrize("megatron_path", [False, True], ids=["lean", "megatron"])
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_regeneration_edge_cases_never_run_an_empty_pass(models, edge_cases, name, megatron_path):
+    """Issue 13: a regeneration whose rows that take no part (not corrected, or corrected with nothing
+    left to sample) end at or before the smallest corrected j handed the first pass zero rows (the
+    lean stage crashed; Megatron's path got a zero-width pass). Every case must equal the dense
+    reference (with and without cache reuse), pad after each row's end, run no empty pass, and run
+    only the passes the rows that sample need (see regeneration_edge_cases)."""
+    from tests.dist.check_generation import check_regeneration_edge_cases
+
+    check_regeneration_edge_cases(models[0], [edge_cases[name]], "TP1", megatron_path=megatron_path)
+
+
+def test_scrg_regeneration_with_short_uncorrected_row(models, edge_cases, monkeypatch):
+    """The crash as the run met it: scrg -> regenerate -> decode with an uncorrected row (its response
+    ended by EOS) ending before the only corrected row's j. Detection is replaced by fixed decisions;
+    the second round then corrects nothing."""
+    import importlib
+
+    scrg_module = importlib.import_module("mgsr_megatron.generation.scrg")  # the package exports scrg()
+    student, teacher = models
+    _, eos, new_tokens, j, t_j, _, plain, _ = edge_cases["uncorrected_row_ends_by_eos_before_j"]
+    decisions = iter([torch.tensor([[j[0], t_j[0], 1.0], [-1, -1, float("nan")], [-1, -1, float("nan")]],
+                                   dtype=torch.float64), torch.full((3, 3), -1.0, dtype=torch.float64)])
+    monkeypatch.setattr(scrg_module, "detect", lambda *a, **k: next(decisions))
+    cfg = MGSRConfig(max_new_tokens=new_tokens, scrg_rounds=2)
+    with PassRecorder() as fed:
+        out, stats = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=eos, vocab_size=VOCAB, seed=2)
+    # the regeneration's seed is round_seed(2, 1), not 9: compare its fixed part and the rest's shape
+    assert out.responses()[1:] == plain[1:] and out.responses()[0][:j[0] - 5 + 1] == plain[0][:3] + [11]
+    assert stats["corrected"].tolist() == [True, False, False] and stats["j"].tolist() == [j[0], -1, -1]
+    assert all(rows > 0 and columns > 0 for rows, columns, _ in fed.passes), fed.passes
+
+
+def test_generate_passes_cover_every_row_with_different_prompt_lengths(models):
+    """generate (no reused cache): the first pass prefills up to the shortest prompt for every row, then
+    one column per pass for every row, until the last row ends (here by max_new_tokens). Not a path of
+    issue 13 (every row samples, nothing is cached), checked so that it stays so."""
+    student, _ = models
+    with PassRecorder() as fed:
+        out = generate(student, PROMPTS, max_new_tokens=4, eos_id=249, vocab_size=VOCAB, seed=2, **MODES["sampled"])
+    assert out.response_lengths.tolist() == [4, 4, 4]
+    shortest, longest_end = min(map(len, PROMPTS)), max(map(len, PROMPTS)) + 4
+    assert fed.passes == [(3, shortest, 0)] + [(3, 1, p) for p in range(shortest, longest_end - 1)]
 
 
 def test_scrg_zero_rounds_is_plain_sampling(models):

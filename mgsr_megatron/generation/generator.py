@@ -12,10 +12,12 @@ How it works: each pipeline stage computes with the lean KV-cached forward of kv
 layer types it does not cover, Megatron-Core 0.16.1's `StaticInferenceContext`). The cache has ONE
 sequence offset for the whole batch, so rows move in lock-step, one position per forward pass. Position t of every row
 is either *fixed* (a prompt token, or in SCRG a kept/corrected token: `t < fixed_lengths[row]`) or
-*sampled*. The first pass prefills every position all rows know (`[cache_valid, min fixed)`), then
-each decode pass feeds one column; a row whose token at the next position is fixed gets it forced.
-A row is finished when its last response token is EOS or it has `max_new_tokens` response tokens;
-the loop stops when all rows are.
+*sampled*. Only rows that sample at least one token take part in the passes. The first pass
+prefills every position those rows know (`[min cache_valid, min fixed)` over them), then each decode
+pass feeds one column; a row whose token at the next position is fixed gets it forced. A row is
+finished when its last response token is EOS or it has `max_new_tokens` response tokens; passes stop
+when all sampling rows are (no pass is ever handed zero rows), rows of fixed tokens only are settled
+without one.
 
 Under PP the first stage embeds, hidden states travel stage to stage (blocking p2p), and the last
 stage's sampled column is broadcast to every stage of the pipeline. Under TP the last stage returns
@@ -236,12 +238,23 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
     must hold row r's keys/values for positions < cache_valid[r] (an int: the same for every row),
     and cache_valid[r] < fixed_lengths[r] for every row that still samples. Returns (tokens [b, L],
-    response lengths). `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's
-    shard of its logits at the position it ran (see GenerationOutput.logits).
+    response lengths), L = the longest row's end, every position after a row's end = pad_id.
+    `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's shard of its logits
+    at the position it ran, for the rows it computed (see GenerationOutput.logits).
+
+    Only rows that SAMPLE take part in the passes: a row whose tokens are all fixed (its fixed tokens
+    end in EOS or fill its max_new_tokens; in SCRG a row not corrected, or one whose teacher token is
+    EOS or sits at its last budget position) needs no logits. The first pass runs at the first
+    position a sampling row samples, from the smallest cache_valid of the sampling rows; no pass runs
+    once every sampling row has finished, and none at all when no row samples. So no pass is ever
+    handed zero rows or zero columns (issue 13: an SCRG regeneration whose uncorrected rows ended
+    before the smallest corrected j did). Rows whose tokens are all fixed are settled position by
+    position all the same (their length: the first EOS in the response, or the budget).
 
     Rows join the passes from the first one that feeds a position they have no cache for: with
-    per-row cache_valid (SCRG's regeneration from each row's own j) the cache rows are sorted by it,
-    so that every pass computes a prefix of the batch, and put back at the end."""
+    per-row cache_valid (SCRG's regeneration from each row's own j) the cache rows are sorted by it
+    (rows that never sample last), so that every pass computes a prefix of the batch, and put back
+    at the end. (Megatron's static cache decodes whole batches: there every pass feeds every row.)"""
     b, device = tokens.shape[0], tokens.device
     prompt_lengths, fixed_lengths = prompt_lengths.to(device), fixed_lengths.to(device)
     cache_valid = torch.as_tensor(cache_valid, dtype=torch.int64, device=device).expand(b)
@@ -261,50 +274,54 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
         lengths[stop] = position + 1 - prompt_lengths[stop]
         finished[stop] = True
 
-    # rows whose fixed tokens already end in EOS / fill the budget are finished before any pass
-    start = int(fixed_lengths.min())
-    for position in range(int(prompt_lengths.min()), start):
-        close_rows(position)
     positions = torch.arange(total, device=device).unsqueeze(0)
     fixed_eos = ((buffer == eos_id) & (positions >= prompt_lengths.unsqueeze(-1))
                  & (positions < fixed_lengths.unsqueeze(-1))).any(-1)
-    samples = (fixed_lengths < end) & ~fixed_eos
+    samples = (fixed_lengths < end) & ~fixed_eos  # rows that sample at least one token
     if bool((samples & (cache_valid >= fixed_lengths)).any()):
         raise ValueError("decode: a row that samples must have cache_valid < fixed_lengths (it needs the "
                          "logits of the pass that feeds its last fixed token)")
-    position = start  # the next position to settle
-    offset = int(cache_valid.min())
-    order = torch.argsort(cache_valid, stable=True)  # pass rows: order[:active]
-    sorted_valid = cache_valid[order].tolist()
-    compact = sorted_valid[-1] > offset and stepper.reorder_rows(order)
+    # a row joins the passes at the first position it has no cache for; rows that never sample never join
+    joins = torch.where(samples, cache_valid, total)
+    start = int(torch.where(samples, fixed_lengths, total).min())  # first sampled position (total: none)
+    offset = int(joins.min())  # < start: the row that samples first has cache_valid < its fixed length
+    order = torch.argsort(joins, stable=True)  # pass rows: order[:active]
+    sorted_joins = joins[order].tolist()
+    compact = start < total and sorted_joins[-1] > offset and stepper.reorder_rows(order)
     if not compact:
         order = torch.arange(b, device=device)
     tp_noise = dict(vocab_size=vocab_size, greedy=options.greedy, temperature=options.temperature,
                     top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    position = int(prompt_lengths.min())  # the next position to settle
     while position < total and not bool(finished.all()):
-        # rows missing a key/value in [offset, position); rows joining recompute the cached ones
-        rows = order[:bisect.bisect_left(sorted_valid, position)] if compact else order
-        in_pass = rows if compact else slice(None)  # a slice keeps the full-batch path copy-free
-        logits = stepper.forward(buffer[in_pass, offset:position], offset)
-        offset = position
-        column = None
-        if logits is not None:
-            if record is not None:
-                shard = record.shape[-1]
-                record[in_pass, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
-            column = sample(logits, step=position, rows=rows, **tp_noise)
-            if compact:  # rows not in the pass keep their (fixed) token
-                column = buffer[:, position].index_copy(0, rows, column)
-        column = stepper.broadcast_column(column)
-        sampled = (position >= fixed_lengths) & ~finished
-        buffer[:, position] = torch.where(sampled, column, buffer[:, position])
+        if position >= start and bool((samples & ~finished).any()):
+            # a pass feeds [offset, position) to the rows that have no key/value at some position in
+            # it (rows joining recompute their cached ones) and samples `position` from its logits
+            rows = order[:bisect.bisect_left(sorted_joins, position)] if compact else order
+            in_pass = rows if compact else slice(None)  # a slice keeps the full-batch path copy-free
+            logits = stepper.forward(buffer[in_pass, offset:position], offset)
+            offset = position
+            column = None
+            if logits is not None:
+                if record is not None:
+                    shard = record.shape[-1]
+                    record[in_pass, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
+                column = sample(logits, step=position, rows=rows, **tp_noise)
+                if compact:  # rows not in the pass keep their (fixed) token
+                    column = buffer[:, position].index_copy(0, rows, column)
+            column = stepper.broadcast_column(column)
+            sampled = (position >= fixed_lengths) & ~finished
+            buffer[:, position] = torch.where(sampled, column, buffer[:, position])
         buffer[finished, position] = pad_id
         close_rows(position)
         position += 1
     if compact:
         stepper.reorder_rows(torch.argsort(order))
-    # rows still open when the loop ended at `total` were closed by the budget in close_rows
-    return buffer[:, :position], lengths
+    # every row is closed (by EOS or by the budget in close_rows); nothing after a row's end survives
+    width = int((prompt_lengths + lengths).max())
+    out = buffer[:, :width]
+    out.masked_fill_(positions[:, :width] >= (prompt_lengths + lengths).unsqueeze(-1), pad_id)
+    return out, lengths
 
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,

@@ -363,3 +363,136 @@ def schedule_same_decision_on_every_rank():
                 schedule.report_validation_loss([1.0, 1.2, 1.1, 1.5, 1.7, 1.6][step // 10])
         assert "generate" in decisions and (kind == "on_policy" or "replay" in decisions), decisions
         _same_on_all_ranks((decisions, schedule.threshold), f"{kind} schedule")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Regeneration edge cases (issue 13): SCRG's regeneration once handed a decode pass ZERO rows (a
+# crash in the lean stage, "cannot reshape tensor of 0 elements into shape [0, 0, -1, head_dim]";
+# Megatron's path got a zero-width pass) whenever a row that takes no part in the regeneration (not
+# corrected: its response is complete) ends at or before the smallest corrected position j; and it
+# ran passes holding only rows that no longer sample (finished ones, or rows whose fixed tokens end in
+# EOS / fill the budget). The rule since: only rows that still sample take part, a pass starts at the
+# first position such a row samples, and none runs once they have all finished.
+
+def regeneration_edge_cases(reference):
+    """[(name, eos_id, max_new_tokens, j, t_j, passes, plain, expected)] over PROMPTS with the
+    sampled mode (first generation seed 2, regeneration seed 9): `plain` the first generation's
+    responses, `expected` the reference's responses after correcting (j, t_j) (j = -1: row not
+    corrected), `passes` the number of decode passes the regeneration needs (None: not fixed here,
+    it depends on when sampling hits EOS)."""
+    opts = MODES["sampled"]
+    full = ref_generate(reference, PROMPTS, max_new_tokens=8, eos_id=249, seed=2, **opts)
+    assert all(len(r) == 8 for r in full), f"the cases below assume budget-length responses: {full}"
+    short_eos = full[1][0]  # with this EOS row 1's response is one token: it ends at position 3
+    assert short_eos != 249 and short_eos not in full[0] + full[2], (short_eos, full)
+    p0, p1, p2 = (len(p) for p in PROMPTS)  # 5, 2, 3: rows of different prompt lengths
+    cases = [
+        # row 1 (uncorrected) ended by EOS at 3 <= j_0 = 8: the first pass had zero rows
+        ("uncorrected_row_ends_by_eos_before_j", short_eos, 8, [p0 + 3, -1, -1], [11, -1, -1], None),
+        # rows 1, 2 (uncorrected, shorter prompts) reach max_new_tokens at 6 and 7 <= j_0 = 7
+        ("uncorrected_rows_end_at_budget_before_j", 249, 4, [p0 + 2, -1, -1], [11, -1, -1], 1),
+        # every corrected row gets the teacher's EOS: nothing samples, no pass may run
+        ("corrected_rows_end_with_teacher_eos", short_eos, 8, [p0 + 3, -1, p2 + 5], [short_eos, -1, short_eos], 0),
+        # every row corrected at its last budget position: nothing samples (before: passes of finished rows)
+        ("all_rows_corrected_at_last_position", 249, 8, [p0 + 7, p1 + 7, p2 + 7], [11, 12, 13], 0),
+        # the only corrected row at its last position, the others end before it: zero rows before
+        ("corrected_at_last_position_others_shorter", 249, 8, [p0 + 7, -1, -1], [11, -1, -1], 0),
+        # row 1 samples one token and reaches its budget; rows 0 and 2 are complete and longer:
+        # before, passes of the finished row 1 went on until row 0's end
+        ("sampling_row_finishes_before_complete_rows", 249, 8, [-1, p1 + 6, -1], [-1, 12, -1], 1),
+    ]
+    out = []
+    for name, eos, new_tokens, j, t_j, passes in cases:
+        plain = ref_generate(reference, PROMPTS, max_new_tokens=new_tokens, eos_id=eos, seed=2, **opts)
+        fixed = [p + r[:jr - len(p)] + [tr] if jr >= 0 else p + r
+                 for p, r, jr, tr in zip(PROMPTS, plain, j, t_j)]
+        for p, r, jr in zip(PROMPTS, plain, j):
+            assert jr < len(p) + len(r), f"{name}: j={jr} beyond the response {r}"
+        expected = ref_generate(reference, PROMPTS, max_new_tokens=new_tokens, eos_id=eos, seed=9, fixed=fixed, **opts)
+        out.append((name, eos, new_tokens, j, t_j, passes, plain, expected))
+    return out
+
+
+class PassRecorder:
+    """Records (rows, columns, offset) of every decode pass (PipelineStepper.forward) while active."""
+
+    def __init__(self):
+        self.passes = []
+
+    def __enter__(self):
+        from mgsr_megatron.generation.generator import PipelineStepper
+
+        self.original = PipelineStepper.forward
+        recorder = self
+
+        def forward(stepper, tokens, offset):
+            recorder.passes.append((int(tokens.shape[0]), int(tokens.shape[1]), int(offset)))
+            return recorder.original(stepper, tokens, offset)
+
+        PipelineStepper.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        from mgsr_megatron.generation.generator import PipelineStepper
+
+        PipelineStepper.forward = self.original
+        return False
+
+
+def check_regeneration_edge_cases(model, cases, where: str, megatron_path: bool = False) -> list:
+    """Run every case on `model` (any layout) and compare with the reference; returns the tokens."""
+    from mgsr_megatron.generation.generator import SamplingOptions, generate
+    from mgsr_megatron.generation.scrg import regenerate
+
+    results = []
+    for name, eos, new_tokens, j, t_j, passes, plain, expected in cases:
+        at = f"{where} {name}" + (" (megatron path)" if megatron_path else "")
+        out = generate(model, PROMPTS, max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, seed=2,
+                       record_logits=True, megatron_path=megatron_path, **MODES["sampled"])
+        assert out.responses() == plain, f"{at}: first generation {out.responses()} vs {plain}"
+        common = dict(max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, options=SamplingOptions(seed=9))
+        jt, tt = torch.tensor(j), torch.tensor(t_j)
+        with PassRecorder() as reused_passes:
+            reused = regenerate(model, out, jt, tt, **common)
+        with PassRecorder() as cold_passes:
+            cold = regenerate(model, out, jt, tt, reuse_cache=False, **common)
+        for kind, result, fed in (("reused", reused, reused_passes.passes), ("cold", cold, cold_passes.passes)):
+            assert result.responses() == expected, f"{at} {kind}: {result.responses()} vs reference {expected}"
+            assert result.response_lengths.tolist() == [len(r) for r in expected], at
+            ends = [len(p) + len(r) for p, r in zip(PROMPTS, expected)]
+            assert tuple(result.tokens.shape) == (3, max(ends)), f"{at} {kind}: shape {tuple(result.tokens.shape)}"
+            for row, e in enumerate(ends):
+                assert (result.tokens[row, e:] == eos).all(), f"{at} {kind}: row {row} not padded after {e}"
+            assert all(rows > 0 and columns > 0 for rows, columns, _ in fed), f"{at} {kind}: empty pass in {fed}"
+        if passes is not None:
+            fed = reused_passes.passes
+            assert len(fed) == passes, f"{at}: {len(fed)} passes {fed}, expected {passes}"
+        # only corrected rows that still sample are computed (on the lean stage)
+        if not megatron_path and out.stepper.path == "lean":
+            sampling = sum(1 for p, jr, tr in zip(PROMPTS, j, t_j)
+                           if jr >= 0 and tr != eos and jr + 1 < len(p) + new_tokens)
+            assert all(rows <= sampling for rows, _, _ in reused_passes.passes), f"{at}: {reused_passes.passes}"
+        assert torch.equal(reused.tokens, cold.tokens), at
+        if reused.logits is not None:  # last stage: the recorded logits (next round's detection) agree too
+            torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{at}: {m}")
+        results.append(reused.tokens.tolist())
+    return results
+
+
+@dist_check(world_size=4)
+def regeneration_never_runs_an_empty_pass():
+    """Issue 13 at TP=2 and TP2xPP2 (lean stage; Megatron's path at TP=2): every regeneration edge
+    case equals the dense reference, with and without cache reuse, and no pass has zero rows."""
+    cfg = _tiny("llama", num_layers=2)
+    full = _sharp_full_state(cfg, seed=31, scale=6.0)
+    cases = regeneration_edge_cases(_dense(cfg, full))
+    for tp, pp in ((2, 1), (2, 2)):
+        parallel.initialize_model_parallel(tp, pp, models={"s": cfg})
+        model = build_model(cfg)
+        load_full_state_dict(model, full)
+        where = f"TP={tp} PP={pp}"
+        tokens = check_regeneration_edge_cases(model, cases, where)
+        if (tp, pp) == (2, 1):
+            tokens += check_regeneration_edge_cases(model, cases, where, megatron_path=True)
+        _same_on_all_ranks(tokens, where)

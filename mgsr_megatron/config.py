@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -24,7 +25,7 @@ ARCHITECTURES = ("llama", "gpt2", "opt")
 class ModelConfig:
     """One GPTModel (teacher or student). `vocab_size` is the TRUE vocabulary size."""
 
-    arch: str = "llama"  # llama (also Mistral/Qwen2 without sliding window) | gpt2 | opt
+    arch: Literal["llama", "gpt2", "opt"] = "llama"  # llama also covers Mistral/Qwen2 without sliding window
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int | None = None  # default: 4*hidden (gpt2/opt), 8/3*hidden rounded to 64 (llama)
@@ -39,8 +40,14 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     add_qkv_bias: bool = False  # Qwen2
     tie_embeddings: bool | None = None  # default per arch: gpt2/opt tied, llama untied
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 | bfloat16 | float16
     load: str | None = None  # checkpoint directory to load weights from (required for the teacher)
+    # activation recomputation, as Megatron's TransformerConfig names it (student only; the teacher
+    # runs forward-only): granularity None | full | selective (Megatron's default modules: core_attn);
+    # method uniform | block and num_layers with full only
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
 
 @dataclass
@@ -56,12 +63,12 @@ class ParallelConfig:
 class DataConfig:
     train_path: str | None = None  # JSONL or preprocessed prefix
     valid_path: str | None = None
-    format: str = "auto"  # auto | dolly | alpaca | prompt_response | messages
+    format: Literal["auto", "dolly", "alpaca", "prompt_response", "messages"] = "auto"
     tokenizer: str | None = None  # SentencePiece .model or HF tokenizer directory
     prompt_template: str = "{instruction}\n\n{input}\n\n### Response:\n"
     max_prompt_length: int = 256
     max_length: int = 512
-    overlong_policy: str = "drop"  # drop | truncate
+    overlong_policy: Literal["drop", "truncate"] = "drop"  # drop | truncate
     span_extractor: str = "phrase"  # phrase | nltk | window:N | word
     valid_fraction: float = 0.05
     split_seed: int = 1234
@@ -75,8 +82,13 @@ class MGSRConfig:
     w_span: float = 1.0
     temperature: float = 1.0
     # DAC-KL (method.md §2)
-    dac_mode: str = "learned"  # learned | fixed | off
-    band_norm: str = "tail_bucket"  # tail_bucket | renormalize
+    dac_mode: Literal["learned", "fixed", "off"] = "learned"  # learned | fixed | off
+    # the token-level divergence when dac_mode is off (the baselines: GKD uses jsd with beta 0.5)
+    kd_divergence: Literal["forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_forward_kl",
+                           "skew_reverse_kl"] = "forward_kl"
+    kd_beta: float = 0.5  # JSD's beta (GKD)
+    kd_alpha: float = 0.1  # skew KL's alpha (DistiLLM)
+    band_norm: Literal["tail_bucket", "renormalize"] = "tail_bucket"  # tail_bucket | renormalize
     k_feat: int = 64
     k_band: int = 256
     rho: float = 0.8
@@ -85,20 +97,21 @@ class MGSRConfig:
     fixed_l: float = 0.0
     fixed_u: float = 0.95
     # span loss (method.md §3)
-    span_distance: str = "kl_normalised"  # kl_normalised | l1 | l2
+    span_distance: Literal["kl_normalised", "l1", "l2"] = "kl_normalised"  # kl_normalised | l1 | l2
     # SCRG (method.md §1)
     scrg_rounds: int = 1
-    scrg_divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    scrg_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward_kl | reverse_kl | jsd
     scrg_delta: float = 0.0
-    scrg_teacher_token: str = "greedy"  # greedy | sampled
+    scrg_teacher_token: Literal["greedy", "sampled"] = "greedy"  # greedy | sampled
     max_new_tokens: int = 256
     # data schedule
-    data_schedule: str = "off_policy"  # off_policy | on_policy | ground_truth | seqkd
+    data_schedule: Literal["off_policy", "on_policy", "ground_truth", "seqkd"] = "off_policy"
     replay_capacity: int = 1000
     init_threshold: float = 0.0
     loss_eps: float = 0.1
     on_policy_lambda: float = 0.5
     sft_on_generated: bool = False
+    sft_warmup_iters: int = 0  # warm start: the first N steps train on ground truth only (no generation)
     loss_chunk_tokens: int = 1024
 
 
@@ -111,7 +124,16 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False  # Megatron's distributed optimizer: not wired in yet (planner only)
+    use_distributed_optimizer: bool = False  # Megatron's DistributedOptimizer (main weights + Adam sharded over DP)
+    grad_reduce_in_fp32: bool = True  # DDP gradient buffer and DP reduction in fp32 (bf16/fp16 students)
+    overlap_grad_reduce: bool = False  # overlap the DP gradient reduction with the backward pass
+    overlap_param_gather: bool = False  # distributed optimizer: overlap the parameter all-gather with forward
+    # fp16 loss scaling (Megatron's names): a constant loss_scale, or dynamic from initial_loss_scale
+    loss_scale: float | None = None
+    initial_loss_scale: float | None = None
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
 
 
 @dataclass
@@ -121,7 +143,7 @@ class ScheduleConfig:
     micro_batch_size: int = 2
     seq_length: int = 512
     lr_warmup_iters: int = 10
-    lr_decay_style: str = "cosine"
+    lr_decay_style: Literal["cosine", "constant"] = "cosine"
     eval_interval: int = 50  # validation loss (+ ROUGE-L on eval_prompts) every N steps; 0 = off
     eval_iters: int = 10  # validation micro-batches per evaluation
     eval_prompts: int = 64  # held-out prompts generated and scored (ROUGE-L, EM) per evaluation; 0 = off
@@ -135,6 +157,7 @@ class CheckpointConfig:
     save_interval: int = 100
     resume: str = "none"  # none | auto | <path>
     keep_last: int = 2
+    verify: bool = False  # --verify-checkpoint: check every loaded file's SHA-256 against its manifest.json
 
 
 @dataclass
@@ -168,9 +191,18 @@ MEGATRON_FLAGS = {
 }
 
 
+# Flags that take no value and set a boolean key.
+SWITCH_FLAGS = {"--verify-checkpoint": "checkpoint.verify"}
+
+
 def _coerce(value, annotation, key: str):
     """Check `value` against a field annotation (int|None, float, str, bool); ints are valid floats."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices or isinstance(value, bool):
+            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -225,6 +257,11 @@ def parse_overrides(argv: list[str]) -> dict:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in SWITCH_FLAGS:  # a flag without a value
+            section, _, fieldname = SWITCH_FLAGS[arg].partition(".")
+            out.setdefault(section, {})[fieldname] = True
+            i += 1
+            continue
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument '{arg}' (overrides look like --section.field=value)")
         name, eq, raw = arg[2:].partition("=")
@@ -261,4 +298,106 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_dict(cfg, data, str(path))
     if overrides:
         apply_dict(cfg, parse_overrides(overrides), "command line")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-config validation: called by train, plan, generate and eval right after load_config, before
+# any process group, data or model exists. Enum fields are `Literal` types checked by `_coerce`.
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _at_least(cfg, key: str, minimum, optional: bool = False) -> None:
+    section, _, name = key.partition(".")
+    value = getattr(getattr(cfg, section), name)
+    if value is None and optional:
+        return
+    _check(value is not None and value >= minimum, f"config key '{key}': must be >= {minimum}, got {value!r}")
+
+
+def _in_range(cfg, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    section, _, name = key.partition(".")
+    value = getattr(getattr(cfg, section), name)
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    _check(ok, f"config key '{key}': must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+               f", got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Every setting that can be checked without files or processes: positive sizes, ranges,
+    divisibility, batch layout, paths that must not overlap. Raises UserError naming the key."""
+    for name in ("teacher", "student"):
+        model = getattr(cfg, name)
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
+                    "make_vocab_size_divisible_by"):
+            _at_least(cfg, f"{name}.{key}", 1)
+        for key in ("ffn_hidden_size", "num_query_groups", "kv_channels"):
+            _at_least(cfg, f"{name}.{key}", 1, optional=True)
+        _in_range(cfg, f"{name}.norm_epsilon", 0.0, 1.0, low_open=True)
+        _in_range(cfg, f"{name}.rope_theta", 0.0, float("inf"), low_open=True)
+        if model.kv_channels is None:
+            _check(model.hidden_size % model.num_attention_heads == 0,
+                   f"{name}.hidden_size={model.hidden_size} is not divisible by "
+                   f"{name}.num_attention_heads={model.num_attention_heads}")
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+        if model.arch == "llama":
+            _check(head_dim % 2 == 0, f"{name}: head dimension {head_dim} (hidden_size / num_attention_heads or "
+                                      f"kv_channels) must be even for rotary position embeddings")
+        if model.num_query_groups is not None:
+            _check(model.num_attention_heads % model.num_query_groups == 0,
+                   f"{name}.num_attention_heads={model.num_attention_heads} is not divisible by "
+                   f"{name}.num_query_groups={model.num_query_groups}")
+    for key in ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                "parallel.distributed_timeout_minutes", "parallel.rendezvous_timeout_seconds",
+                "schedule.global_batch_size", "schedule.micro_batch_size", "schedule.seq_length",
+                "schedule.eval_max_new_tokens", "data.max_prompt_length", "data.max_length",
+                "mgsr.k_feat", "mgsr.k_band", "mgsr.clipnet_hidden", "mgsr.max_new_tokens",
+                "mgsr.loss_chunk_tokens", "logging.log_interval"):
+        _at_least(cfg, key, 1)
+    for key in ("schedule.train_iters", "schedule.lr_warmup_iters", "schedule.eval_interval",
+                "schedule.eval_iters", "schedule.eval_prompts", "schedule.max_nan_steps",
+                "checkpoint.save_interval", "checkpoint.keep_last", "mgsr.scrg_rounds", "mgsr.replay_capacity",
+                "mgsr.sft_warmup_iters", "mgsr.w_sft", "mgsr.w_dac", "mgsr.w_span", "mgsr.kappa",
+                "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.clip_grad"):
+        _at_least(cfg, key, 0)
+    sched = cfg.schedule
+    _check(sched.global_batch_size % sched.micro_batch_size == 0,
+           f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+           f"schedule.micro_batch_size={sched.micro_batch_size}")
+    _check(cfg.data.max_prompt_length <= cfg.data.max_length,
+           f"data.max_prompt_length={cfg.data.max_prompt_length} exceeds data.max_length={cfg.data.max_length}")
+    _in_range(cfg, "data.valid_fraction", 0.0, 1.0, high_open=True)
+    extractor = cfg.data.span_extractor
+    if extractor.startswith("window:"):
+        size = extractor.partition(":")[2]
+        _check(size.isdigit() and int(size) >= 1,
+               f"config key 'data.span_extractor': window size must be an integer >= 1, got {extractor!r}")
+    else:
+        _check(extractor in ("phrase", "nltk", "word"),
+               f"config key 'data.span_extractor': {extractor!r} is not one of phrase, nltk, word, window:N")
+    _in_range(cfg, "mgsr.temperature", 0.0, float("inf"), low_open=True)
+    _in_range(cfg, "mgsr.rho", 0.0, 1.0, low_open=True)
+    _in_range(cfg, "mgsr.fixed_l", 0.0, 1.0)
+    _in_range(cfg, "mgsr.fixed_u", 0.0, 1.0)
+    _check(cfg.mgsr.fixed_l < cfg.mgsr.fixed_u,
+           f"mgsr.fixed_l={cfg.mgsr.fixed_l} must be below mgsr.fixed_u={cfg.mgsr.fixed_u}")
+    _in_range(cfg, "mgsr.on_policy_lambda", 0.0, 1.0)
+    _in_range(cfg, "mgsr.kd_beta", 0.0, 1.0)
+    _in_range(cfg, "mgsr.kd_alpha", 0.0, 1.0)
+    _in_range(cfg, "optimizer.adam_beta1", 0.0, 1.0, high_open=True)
+    _in_range(cfg, "optimizer.adam_beta2", 0.0, 1.0, high_open=True)
+    _in_range(cfg, "optimizer.adam_eps", 0.0, 1.0, low_open=True)
+    _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume': expected none, auto or a directory")
+    if cfg.checkpoint.save:
+        save = Path(cfg.checkpoint.save).resolve()
+        for name in ("teacher", "student"):
+            load = getattr(cfg, name).load
+            if load:
+                source = Path(load).resolve()
+                _check(not (save == source or source.is_relative_to(save) or save.is_relative_to(source)),
+                       f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there would "
+                       f"overwrite or mix with the {name}'s checkpoint; choose another directory")
     return cfg

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mgsr_megatron import parallel
-from mgsr_megatron.config import load_config
+from mgsr_megatron.config import load_config, validate
 from mgsr_megatron.errors import UserError
 
 
@@ -30,7 +30,7 @@ def prepare_inference(args, overrides):
     bad input (config, checkpoint metadata, tokenizer, the input file) is reported before it loads."""
     from mgsr_megatron.models.checkpoint import TOKENIZER_DIR, read_model_config, resolve_checkpoint
 
-    cfg = load_config(args.config, overrides)
+    cfg = validate(load_config(args.config, overrides))
     directory = resolve_checkpoint(args.load)
     model_cfg = read_model_config(directory)
     tokenizer_path = args.tokenizer or (directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir()
@@ -53,7 +53,7 @@ def load_inference_model(cfg, directory, model_cfg):
                                        cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed,
                                        {"model": model_cfg})
     model = build_model(model_cfg)
-    load_model(model, directory)
+    load_model(model, directory, verify=cfg.checkpoint.verify)
     model.eval()
     return model
 

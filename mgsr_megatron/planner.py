@@ -25,8 +25,16 @@ without sequence parallelism), generalised to any element size e, GQA and FFN wi
   attention     s*b*e*(2*a*d + 2*g*d)/t          Q, K, V and the output projection's input
   scores        b*a*s*s*(2e + 1)/t               softmax output, its dropout mask and dropout output
   MLP           s*b*f*e*2/t (GELU/ReLU) or s*b*f*e*4/t (SwiGLU: fc1's 2f output, silu(gate), fc2 input)
-With e=2, g=a, f=4h and no gating this is exactly Korthikanti's formula. With full recomputation only
-each layer's input (s*b*h*e) is kept, plus one layer's full activations while it is recomputed.
+With e=2, g=a, f=4h and no gating this is exactly Korthikanti's formula. Activation recomputation as
+the student's config sets it (model.recompute_granularity / recompute_method / recompute_num_layers,
+Megatron's names, what the trainer passes to the TransformerConfig):
+  full, uniform, n    each chunk of n layers keeps only its input (s*b*h*e), plus one chunk's full
+                      activations (n layers, one micro-batch) while it is recomputed;
+  full, block, n      the first n layers of the stage keep only their inputs, the others everything,
+                      plus one layer's activations while it is recomputed;
+  selective           Megatron's default module (core_attn): the scores term is recomputed (kept for
+                      one layer at a time).
+The "with full recomputation" rows are full/uniform/1.
 The 1F1B pipeline schedule keeps min(PP - stage, micro-batches per step) micro-batches in flight on a
 stage. The last stage adds the student's logits (b*s*V_pad/t*e) per micro-batch.
 
@@ -47,7 +55,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mgsr_megatron.config import Config, ModelConfig, load_config
+from mgsr_megatron.config import Config, ModelConfig, load_config, validate
 from mgsr_megatron.errors import UserError
 
 GIB = 1024 ** 3
@@ -113,6 +121,28 @@ def layer_activation_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int) 
     return replicated + attention + scores + mlp
 
 
+def layer_scores_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int) -> int:
+    """The attention-scores part of a layer's activations (what selective recomputation drops)."""
+    e = DTYPE_BYTES[m.params_dtype]
+    return micro_batch * m.num_attention_heads * seq * seq * (2 * e + 1) // tp
+
+
+def recomputed_activation_bytes(granularity: str | None, method: str | None, num_layers: int | None, layers: int,
+                                per_layer: int, layer_inputs: int, scores: int, embedding_mask: int,
+                                in_flight: int) -> int:
+    """Activation bytes of one stage under Megatron's recomputation settings (module docstring)."""
+    if granularity == "full" and layers:
+        n = max(1, num_layers or 1)
+        if method == "block":
+            r = min(n, layers)
+            return in_flight * ((layers - r) * per_layer + r * layer_inputs + embedding_mask) + per_layer
+        chunks = -(-layers // n)
+        return in_flight * (chunks * layer_inputs + embedding_mask) + min(n, layers) * per_layer
+    if granularity == "selective":
+        return in_flight * (layers * (per_layer - scores) + embedding_mask) + scores
+    return in_flight * (layers * per_layer + embedding_mask)
+
+
 def logits_bytes(m: ModelConfig, tp: int, rows: int, seq: int) -> int:
     from mgsr_megatron.models.vocab import padded_vocab_size
 
@@ -132,8 +162,8 @@ class StagePlan:
     student_params: int
     student_states: float  # weights + grads + optimizer, with the configured optimizer
     student_states_other: float  # ... with the other choice (distributed <-> not)
-    activations: int  # no recomputation (what the trainer does)
-    activations_recompute: int  # full recomputation
+    activations: int  # as configured (student.recompute_*)
+    activations_recompute: int  # full recomputation (uniform, 1 layer per chunk)
     student_logits: int
     teacher_logits: int
     teacher_forward: int
@@ -184,6 +214,9 @@ def check_layout(cfg: Config, world_size: int, micro_batch: int | None = None) -
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     models = {"student": _resolved(cfg.student), "teacher": _resolved(cfg.teacher)}
     validate_layout(world_size, tp, pp, models)
+    from mgsr_megatron.training.optimizer import validate_settings
+
+    validate_settings(cfg, tp, pp)  # precision / optimizer / recomputation settings, as training checks them
     for name, m in models.items():
         try:
             padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
@@ -226,8 +259,12 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
         per_layer = layer_activation_bytes(student, tp, b, s)
         layer_inputs = s * b * student.hidden_size * DTYPE_BYTES[student.params_dtype]
         embedding_mask = s * b * student.hidden_size if first else 0  # embedding dropout mask (1 byte)
-        activations = in_flight * (layers * per_layer + embedding_mask)
-        recompute = in_flight * (layers * layer_inputs + embedding_mask) + per_layer
+        scores = layer_scores_bytes(student, tp, b, s)
+        activations = recomputed_activation_bytes(
+            student.recompute_granularity, student.recompute_method, student.recompute_num_layers,
+            layers, per_layer, layer_inputs, scores, embedding_mask, in_flight)
+        recompute = recomputed_activation_bytes("full", "uniform", 1, layers, per_layer, layer_inputs, scores,
+                                                embedding_mask, in_flight)
         teacher_forward = 0
         if uses_teacher:
             e_t = DTYPE_BYTES[teacher.params_dtype]
@@ -267,6 +304,14 @@ def largest_micro_batch(cfg: Config, world_size: int, gpu_memory_gib: float, rec
     return best
 
 
+def _recompute_name(m: ModelConfig) -> str:
+    if m.recompute_granularity is None:
+        return "no recomputation"
+    if m.recompute_granularity == "full":
+        return f"full recompute ({m.recompute_method} {m.recompute_num_layers})"
+    return "selective recompute"
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
@@ -290,7 +335,7 @@ def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_nam
         ("teacher weights", lambda st: st.teacher_weights),
         (f"student weights+grads+Adam ({opt_now} opt.)", lambda st: st.student_states),
         (f"  (with the {opt_other} optimizer)", lambda st: st.student_states_other),
-        ("activations, no recomputation", lambda st: st.activations),
+        (f"activations, {_recompute_name(cfg.student)}", lambda st: st.activations),
         ("  (with full recomputation)", lambda st: st.activations_recompute),
         ("student logits", lambda st: st.student_logits),
         ("teacher logits kept for the step", lambda st: st.teacher_logits),
@@ -320,7 +365,7 @@ def run_plan(args, overrides: list[str]) -> None:
         raise UserError(f"--nodes and --gpus-per-node must be >= 1 (got {args.nodes}, {args.gpus_per_node})")
     if args.gpu_memory_gib <= 0:
         raise UserError(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib})")
-    cfg = load_config(args.config, overrides)
+    cfg = validate(load_config(args.config, overrides))
     world = args.nodes * args.gpus_per_node
     p = plan(cfg, world, args.gpu_memory_gib)
     print(format_plan(cfg, p, args.nodes, args.gpus_per_node, args.config))

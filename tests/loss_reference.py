@@ -111,7 +111,9 @@ def objective(student, teacher, labels, sft_mask, kd_mask, pair_mask, clipnet, c
     terms = {"sft": sft(student, labels, sft_mask, vocab)}
     if cfg.dac_mode == "off":
         weight = kd_mask.double()
-        terms["dac_kl"] = (divergence(student, teacher, "forward_kl", cfg.temperature, vocab=vocab) * weight).sum() / weight.sum()
+        per_token = divergence(student, teacher, cfg.kd_divergence, cfg.temperature, cfg.kd_beta, cfg.kd_alpha,
+                               vocab=vocab)
+        terms["dac_kl"] = (per_token * weight).sum() / weight.sum()
         stats = None
     else:
         terms["dac_kl"], stats = dac(student, teacher, kd_mask, clipnet, cfg, vocab)

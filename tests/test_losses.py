@@ -115,6 +115,8 @@ OBJECTIVE_CASES = {
     "fixed_l1": dict(dac_mode="fixed", fixed_l=0.05, fixed_u=0.9, span_distance="l1"),
     "off_l2": dict(dac_mode="off", span_distance="l2"),
     "off_t1": dict(dac_mode="off", temperature=1.0),  # SFT gradient fused into the off-mode pass
+    "off_jsd": dict(dac_mode="off", kd_divergence="jsd", kd_beta=0.5),  # GKD: SFT apart from the divergence
+    "off_skew_rkl_t1": dict(dac_mode="off", kd_divergence="skew_reverse_kl", kd_alpha=0.2, temperature=1.0),
     "fixed_t1": dict(dac_mode="fixed", temperature=1.0),  # ... and into DAC-KL's band pass
     "kband_is_vocab": dict(k_band=PADDED, k_feat=PADDED, temperature=1.0),
     "one_chunk": dict(loss_chunk_tokens=1024),

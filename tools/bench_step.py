@@ -16,6 +16,12 @@ The two run alternately, step by step. Prints median times, the overhead ratio (
 The CPU defaults (teacher 8 x 768, student 4 x 512, V=32000) are still models whose vocabulary
 projection is a large part of their compute; the ratio falls as the models grow (see README).
     torchrun --nproc-per-node 8 tools/bench_step.py --bf16 --seq 1024   # on GPUs
+
+Peak memory with and without activation recomputation (each setting in its own process, since the
+CPU figure is the process's peak RSS; on GPU torch.cuda.max_memory_allocated):
+    python tools/bench_step.py --memory --student-layers 8 --student-hidden 512 --seq 512 --micro-batch 8
+prints, per setting (none / selective / full), the peak and the growth over the built-and-loaded
+process (what the training steps add: activations, logits, gradients, optimizer state).
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                        help="student activation recomputation (full: uniform, 1 layer per unit)")
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory of --steps training steps for each recomputation setting")
+    parser.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)  # one --memory child
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the accelerator's dense peak for the MFU line (H100 SXM bf16: 989)")
     return parser.parse_args()
 
 
@@ -82,6 +96,11 @@ def build(args, workdir: str):
     cfg.student = ModelConfig(num_layers=args.student_layers, hidden_size=args.student_hidden,
                               num_attention_heads=8, vocab_size=args.vocab, max_position_embeddings=args.seq,
                               params_dtype=dtype)
+    if args.recompute != "none":
+        cfg.student.recompute_granularity = args.recompute
+        if args.recompute == "full":
+            cfg.student.recompute_method, cfg.student.recompute_num_layers = "uniform", 1
+    cfg.optimizer.use_distributed_optimizer = args.distributed_optimizer
     cfg.parallel.tensor_model_parallel_size = args.tp
     cfg.schedule.seq_length = args.seq
     cfg.schedule.micro_batch_size = args.micro_batch
@@ -89,7 +108,8 @@ def build(args, workdir: str):
     parallel.initialize_model_parallel(args.tp, 1, seed=1, models={"teacher": cfg.teacher, "student": cfg.student})
     from megatron.core import parallel_state
 
-    cfg.schedule.global_batch_size = args.micro_batch * args.micro_batches * parallel_state.get_data_parallel_world_size()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    cfg.schedule.global_batch_size = args.micro_batch * args.micro_batches * dp_size
     cfg.mgsr.data_schedule = "ground_truth"
     teacher = build_teacher(cfg.teacher)
     with torch.no_grad():
@@ -111,7 +131,7 @@ def baseline_step(trainer) -> None:
     batches = [{k: v.to(platform.device()) for k, v in mb.items()}
                for mb in trainer.data.next_micro_batches(trainer.num_micro)]
     trainer._teacher_logits(batches)
-    trainer.student.zero_grad(set_to_none=True)
+    optim.zero_grads(trainer.student_ddp, trainer.optimizer, trainer.clipnet_optimizer)
     items = iter(batches)
 
     def forward_step(_iterator, model):
@@ -127,11 +147,22 @@ def baseline_step(trainer) -> None:
         return logits, loss_func
 
     b, s = batches[0]["tokens"].shape
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None, model=[trainer.student],
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None, model=[trainer.student_ddp],
                                 num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=False)
-    optim.sync_gradients(trainer.student, trainer.clipnet)
-    optim.clip_gradients(trainer.student, trainer.clipnet, trainer.cfg.optimizer.clip_grad)
-    trainer.optimizer.step()
+    optim.optimizer_step(trainer.student_ddp, trainer.optimizer, trainer.clipnet, trainer.clipnet_optimizer,
+                         trainer.cfg.optimizer.clip_grad)
+
+
+def step_flops(trainer, args) -> float:
+    """Model FLOPs of one step on one GPU (Megatron's convention: matmuls only, causal attention counted
+    in full): student forward + backward 3 x (2 N + 4 L s h) per token, teacher forward 2 N + 4 L s h."""
+    tokens = args.seq * args.micro_batch * args.micro_batches
+    def forward(model, layers, hidden):
+        n = sum(p.numel() for p in model.parameters())  # this rank's share (TP-split)
+        return tokens * (2 * n + 4 * layers * args.seq * hidden // args.tp)
+    student = 3 * forward(trainer.student, args.student_layers, args.student_hidden)
+    teacher = forward(trainer.teacher, args.teacher_layers, args.teacher_hidden) if trainer.teacher is not None else 0
+    return float(student + teacher)
 
 
 def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float]:
@@ -151,13 +182,58 @@ def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def peak_only(args) -> None:
+    """One --memory setting: build, then --steps full training steps; print the peak memory."""
+    import torch.distributed as dist
+
+    from mgsr_megatron import platform
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = build(args, workdir)
+        built = platform.peak_memory_bytes()
+        losses = [trainer.train_step()["loss"] for _ in range(args.steps)]
+        peak = platform.peak_memory_bytes()
+    if dist.get_rank() == 0:
+        print(f"PEAK {args.recompute} {peak} {built} {losses[-1]!r}", flush=True)
+
+
+def memory(args) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    base = [a for a in sys.argv[1:] if a not in ("--memory",)]
+    base = [a for i, a in enumerate(base) if a != "--recompute" and (i == 0 or base[i - 1] != "--recompute")]
+    rows = {}
+    for setting in ("none", "selective", "full"):
+        proc = subprocess.run([sys.executable, __file__, *base, "--peak-only", "--recompute", setting],
+                              capture_output=True, text=True, env={**os.environ, "MASTER_PORT": str(29600 + len(rows))})
+        found = re.search(r"PEAK (\S+) (\d+) (\d+) (\S+)", proc.stdout)
+        if proc.returncode or not found:
+            raise SystemExit(f"--recompute {setting} failed:\n{proc.stderr[-3000:]}")
+        rows[setting] = (int(found.group(2)), int(found.group(3)), float(found.group(4)))
+    kind = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
+    print(f"student {args.student_layers}x{args.student_hidden}, teacher {args.teacher_layers}x{args.teacher_hidden}, "
+          f"V={args.vocab}, {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, TP={args.tp}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} steps; {kind} per process, GiB")
+    print(f"{'recompute':<10} {'peak':>8} {'after build':>12} {'added by steps':>15} {'last loss':>12}")
+    for setting, (peak, built, loss) in rows.items():
+        print(f"{setting:<10} {peak / 2**30:8.3f} {built / 2**30:12.3f} {(peak - built) / 2**30:15.3f} {loss:12.6f}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.memory:
+        return memory(args)
+    if args.peak_only:
+        return peak_only(args)
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build(args, workdir)
         baseline, mgsr = timed_pairs(lambda: baseline_step(trainer), trainer.train_step, args.steps)
+        flops = step_flops(trainer, args)
     tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
     if dist.get_rank() == 0:
         print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "
@@ -167,6 +243,10 @@ def main() -> None:
         print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
         print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
         print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
+        achieved = flops / mgsr / 1e12
+        print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
+              f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"
+              + ("" if torch.cuda.is_available() else " (CPU: not meaningful)"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"stored dtype, {DTYPE_HELP} [the checkpoint's params_dtype]")
     exp.add_argument("--tokenizer", help="directory whose tokenizer files to copy [CKPT_DIR/tokenizer if present]")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    exp.add_argument("--verify-checkpoint", action="store_true",
+                     help="check the SHA-256 of every file read against the checkpoint's manifest.json")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
                   f"hidden={cfg.hidden_size}, dtype={cfg.params_dtype})")
         else:
             export_hf(args.megatron_path, args.hf_path, dtype=args.dtype, overwrite=args.overwrite,
-                      tokenizer=args.tokenizer, progress=not args.no_progress)
+                      tokenizer=args.tokenizer, progress=not args.no_progress, verify=args.verify_checkpoint)
             print(f"wrote {args.hf_path}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

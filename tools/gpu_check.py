@@ -7,7 +7,10 @@ Checks (each prints PASS/FAIL):
   losses        divergences, the MGSR objective and its gradients on the GPU equal the CPU values
   trainer       6 MGSR steps (ground truth + SCRG generation) on the GPU match the same run's CPU losses
                 within bf16/TF32-free fp32 tolerance
-then runs tools/bench_step.py in bf16 and prints its figures.
+  bf16 + dist.  a bf16 student with fp32 main weights in Megatron's distributed optimizer and full
+                recomputation: 6 steps close to fp32, peak memory next to the planner's figure
+then runs tools/bench_step.py in bf16 (times, tokens/s, MFU) and its --memory mode (peak memory with
+no / selective / full recomputation) and prints their figures.
 """
 
 from __future__ import annotations
@@ -119,6 +122,36 @@ def main() -> int:
         assert losses[-1] < losses[0], losses
         print(f"  losses: {[round(x, 4) for x in losses]}")
 
+    @check("trainer: bf16 student, fp32 main weights in Megatron's distributed optimizer, full recomputation")
+    def _():
+        from mgsr_megatron.planner import plan
+        from mgsr_megatron.training.run import build_trainer
+        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
+
+        root = Path(tempfile.mkdtemp(prefix="mgsr_gpu_bf16_"))
+        _build_files(root)
+        ensure_teacher(root)
+        losses = {}
+        for name, dtype, recompute in (("fp32", "float32", None), ("bf16", "bfloat16", "full")):
+            cfg = base_config(root)
+            cfg.student.params_dtype = dtype
+            cfg.optimizer.use_distributed_optimizer = True
+            if recompute:
+                cfg.student.recompute_granularity, cfg.student.recompute_method = "full", "uniform"
+                cfg.student.recompute_num_layers = 1
+            torch.cuda.reset_peak_memory_stats()
+            trainer = build_trainer(cfg)
+            losses[name] = [trainer.train_step()["loss"] for _ in range(6)]
+            peak = torch.cuda.max_memory_allocated()
+            planned = plan(cfg, 1, torch.cuda.get_device_properties(0).total_memory / 2 ** 30).worst().peak()
+            print(f"  {name}: losses {[round(x, 4) for x in losses[name]]}; peak allocated {peak / 2 ** 20:.1f} MiB, "
+                  f"planner {planned / 2 ** 20:.1f} MiB (ratio {peak / planned:.2f}; tiny model: the planner "
+                  f"counts no CUDA workspace)")
+            del trainer
+        assert all(torch.isfinite(torch.tensor(losses["bf16"]))), losses
+        diffs = [abs(a - b) / abs(b) for a, b in zip(losses["bf16"], losses["fp32"])]
+        assert max(diffs) < 3e-2, (diffs, losses)
+
     parallel.destroy()
     failed = [name for name, ok, _ in RESULTS if not ok]
     print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
@@ -126,6 +159,12 @@ def main() -> int:
                             "--micro-batch", "8", "--student-layers", "8", "--student-hidden", "1024",
                             "--teacher-layers", "16", "--teacher-hidden", "2048", "--steps", "5"],
                            env={**os.environ, "MASTER_PORT": "29556"}, capture_output=True, text=True)
+    print(bench.stdout[-2000:] or bench.stderr[-2000:])
+    bench = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_step.py"), "--bf16", "--seq", "1024",
+                            "--micro-batch", "4", "--student-layers", "8", "--student-hidden", "2048",
+                            "--teacher-layers", "8", "--teacher-hidden", "2048", "--steps", "3",
+                            "--distributed-optimizer", "--memory"],
+                           env={**os.environ, "MASTER_PORT": "29557"}, capture_output=True, text=True)
     print(bench.stdout[-2000:] or bench.stderr[-2000:])
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"{__import__('megatron.core').core.__version__}")

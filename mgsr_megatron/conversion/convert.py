@@ -31,6 +31,7 @@ from mgsr_megatron.models.checkpoint import (
     resolve_checkpoint,
     write_model_config,
 )
+from mgsr_megatron.models.trust import check_dist_checkpoint, verify_manifest, write_manifest
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 HF_CONFIG = "hf_config.json"
@@ -81,6 +82,7 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
     from mgsr_megatron.models.vocab import padded_vocab_size
 
     hf = HFCheckpoint(hf_path)
+    check_not_overlapping(Path(hf_path), Path(hf_path), Path(megatron_path), ("--megatron-path", "--hf-path"))
     cls, cfg = for_hf_config(hf.config)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -110,6 +112,7 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
             rows = hf.get("model.decoder.embed_positions.weight")[:OPT.POSITION_OFFSET].clone()
             save_file({"model.decoder.embed_positions.offset_rows": rows}, str(temporary / HF_EXTRA))
         hf.copy_tokenizer(temporary / TOKENIZER_DIR)
+        write_manifest(temporary)
         replace_directory(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -125,8 +128,19 @@ def _group_names(names: list[str], group) -> list[str]:
     return [n for n in names if layer_of(n) == group]
 
 
+def check_not_overlapping(given: Path, source: Path, output: Path,
+                          flags: tuple[str, str] = ("--hf-path", "--megatron-path")) -> None:
+    """A conversion's output may not equal, contain or lie inside its input (--overwrite would delete it).
+    `given` is the input as named, `source` what it resolved to (a run's checkpoints dir -> iter_N)."""
+    out = output.resolve()
+    for path in {given.resolve(), source.resolve()}:
+        if out == path or path.is_relative_to(out) or out.is_relative_to(path):
+            raise UserError(f"{flags[0]} {output} overlaps the input {flags[1]} {given}: the conversion would "
+                            f"overwrite its own input; choose an output directory outside it")
+
+
 def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None = None, overwrite: bool = False,
-              tokenizer: str | Path | None = None, progress: bool = True) -> Path:
+              tokenizer: str | Path | None = None, progress: bool = True, verify: bool = False) -> Path:
     """DIR (or a run's checkpoints dir) -> HF directory loadable by AutoModelForCausalLM.from_pretrained."""
     checkpoint = resolve_checkpoint(megatron_path)
     cfg = resolve(read_model_config(checkpoint))
@@ -134,6 +148,10 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if not (checkpoint / MODEL_DIR / "metadata.json").is_file():
         raise UserError(f"{checkpoint}: no weights ({MODEL_DIR}/metadata.json missing)")
+    check_not_overlapping(Path(megatron_path), checkpoint, Path(hf_path))
+    verify_manifest(checkpoint, hashes=verify, prefixes=(MODEL_DIR + "/", MODEL_CONFIG, HF_CONFIG, HF_EXTRA,
+                                                         TOKENIZER_DIR + "/"), required=verify)
+    check_dist_checkpoint(checkpoint / MODEL_DIR)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise UserError(f"--tokenizer {tokenizer}: directory not found")
     arch = BY_ARCH[cfg.arch](cfg)

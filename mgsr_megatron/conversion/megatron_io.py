@@ -215,15 +215,21 @@ class CheckpointReader:
         sh_tens = [t for v in wanted.values() for t in v]
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(wanted)
         pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=True)
+        from mgsr_megatron.models.trust import describe_load_error, load_errors, safe_loading
+
         reader = dcp.FileSystemReader(str(self.directory))
         try:
-            dcp.load(pyt_state_dict, storage_reader=reader, no_dist=True,
-                     planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=sh_tens))
+            with safe_loading():  # .metadata through the allow-list unpickler, torch.load weights_only
+                dcp.load(pyt_state_dict, storage_reader=reader, no_dist=True,
+                         planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=sh_tens))
+        except UserError:
+            raise
         except KeyError as exc:
-            missing = sorted({t.key for t in sh_tens} - set(reader.read_metadata().state_dict_metadata))
+            with safe_loading():
+                missing = sorted({t.key for t in sh_tens} - set(reader.read_metadata().state_dict_metadata))
             raise UserError(f"{self.directory}: checkpoint has no tensor(s) {', '.join(missing)}") from exc
-        except Exception as exc:  # noqa: BLE001 - shape mismatches come back as CheckpointingException
+        except load_errors() as exc:  # noqa: BLE001 - shape mismatches come back as CheckpointingException
             if "shape mismatch" in str(exc).lower():
                 raise UserError(f"{self.directory}: {str(exc).splitlines()[0]}") from exc
-            raise
+            raise describe_load_error(self.directory, exc) from exc
         return out

@@ -130,7 +130,8 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
 
     Returns the corrected batch and per-row statistics (tensors of shape [b]):
       corrected (bool), j (last corrected position, -1), d_j (its divergence, nan), teacher_token (-1),
-      rounds_used (how many rounds corrected the row); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
+      rounds_used (how many rounds corrected the row), continuation_changed (a regeneration changed the
+      tokens after j); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
     `temperature/top_k/top_p` are the student's sampling options (method: 1.0, 0, 1.0).
     `initial` skips the first student generation (it must come from `generate` on this student with
     the same prompts; used by tests and by callers who already sampled). `reuse_cache=False`
@@ -153,7 +154,8 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
              "j": torch.full((b,), -1, dtype=torch.int64, device=device),
              "d_j": torch.full((b,), float("nan"), dtype=torch.float64, device=device),
              "teacher_token": torch.full((b,), -1, dtype=torch.int64, device=device),
-             "rounds_used": torch.zeros(b, dtype=torch.int64, device=device), "per_round": []}
+             "rounds_used": torch.zeros(b, dtype=torch.int64, device=device),
+             "continuation_changed": torch.zeros(b, dtype=torch.bool, device=device), "per_round": []}
     for round_index in range(1, cfg.scrg_rounds + 1):
         decision = detect(teacher, student, out, vocab_size=vocab_size, divergence=cfg.scrg_divergence,
                           teacher_token=cfg.scrg_teacher_token, temperature=cfg.temperature,
@@ -168,11 +170,22 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
         stats["d_j"] = torch.where(fix, decision[:, 2], stats["d_j"])
         stats["teacher_token"] = torch.where(fix, t_j, stats["teacher_token"])
         stats["rounds_used"] += fix.long()
+        before = out
         out = regenerate(student, out, j, t_j, max_new_tokens=max_new_tokens, eos_id=eos_id,
                          vocab_size=vocab_size, reuse_cache=reuse_cache,
                          record_logits=round_index < cfg.scrg_rounds,  # the next round's detection
                          options=SamplingOptions(False, temperature, top_k, top_p, round_seed(seed, round_index)))
+        stats["continuation_changed"] |= _suffix_changed(before, out, j)
     return out, stats
+
+
+def _suffix_changed(before: GenerationOutput, after: GenerationOutput, j: torch.Tensor) -> torch.Tensor:
+    """Per row: the regenerated tokens after j differ from the first sample's (False where j < 0)."""
+    ends_before = (before.prompt_lengths + before.response_lengths).tolist()
+    ends_after = (after.prompt_lengths + after.response_lengths).tolist()
+    changed = [jr >= 0 and before.tokens[r, jr + 1:ends_before[r]].tolist()
+               != after.tokens[r, jr + 1:ends_after[r]].tolist() for r, jr in enumerate(j.tolist())]
+    return torch.tensor(changed, dtype=torch.bool, device=j.device)
 
 
 def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tensor, *, max_new_tokens: int,

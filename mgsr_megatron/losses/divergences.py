@@ -49,15 +49,17 @@ KINDS = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_forward
 CHUNK_TOKENS = 1024  # rows per step of the public divergence(): bounds the forward/backward temporaries
 
 
-def check_divergence_args(kind: str, temperature: float, beta: float, alpha: float) -> None:
+def check_divergence_args(kind: str, temperature: float, beta: float, alpha: float, prefix: str = "") -> None:
+    """One-line errors; `prefix` names the config keys (\"mgsr.kd_\" -> mgsr.kd_divergence, mgsr.kd_beta)."""
+    name = f"{prefix}divergence" if prefix else "kind"
     if kind not in KINDS:
-        raise UserError(f"kind={kind!r} is not a known divergence (choose from {', '.join(KINDS)})")
+        raise UserError(f"{name}={kind!r} is not a known divergence (choose from {', '.join(KINDS)})")
     if not temperature > 0:
         raise UserError(f"temperature={temperature} must be > 0")
     if not 0.0 <= beta <= 1.0:
-        raise UserError(f"beta={beta} must lie in [0, 1]")
+        raise UserError(f"{prefix}beta={beta} must lie in [0, 1]")
     if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"alpha={alpha} must lie in [0, 1]")
+        raise UserError(f"{prefix}alpha={alpha} must lie in [0, 1]")
 
 
 def _log_weight(w: float) -> float:

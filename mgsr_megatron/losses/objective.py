@@ -23,7 +23,12 @@ import torch
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses import dac_kl as dac
-from mgsr_megatron.losses.divergences import forward_kl_owned
+from mgsr_megatron.losses.divergences import (
+    check_divergence_args,
+    divergence_rows,
+    divergence_rows_grad,
+    forward_kl_owned,
+)
 from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
 from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
 from mgsr_megatron.losses.vocab_parallel import (
@@ -55,6 +60,8 @@ def check_config(cfg: MGSRConfig, shard, clipnet) -> None:
         raise UserError(f"mgsr.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
     if not cfg.kappa > 0:
         raise UserError(f"mgsr.kappa={cfg.kappa} must be > 0")
+    if cfg.w_dac and cfg.dac_mode == "off":
+        check_divergence_args(cfg.kd_divergence, cfg.temperature, cfg.kd_beta, cfg.kd_alpha, "mgsr.kd_")
     if cfg.w_dac and cfg.dac_mode != "off":
         check_k(cfg.k_band, "mgsr.k_band", shard)
         if cfg.dac_mode == "learned":
@@ -128,18 +135,25 @@ class _MGSRObjective(torch.autograd.Function):
                 weight = kd_w[rows]
                 with comm_tag("dac_kl"):
                     if plan["dac_mode"] == "off":
-                        kl, state["dac"] = forward_kl_owned(scaled_rows(rows_t, temperature),
-                                                            scaled_rows(rows_s, temperature), shard)
-                        lse_t, lse_s = state["dac"]
+                        if plan["fused_kd"]:  # forward KL: the lean path, its student lse serves SFT
+                            kl, state["dac"] = forward_kl_owned(scaled_rows(rows_t, temperature),
+                                                                scaled_rows(rows_s, temperature), shard)
+                            lse_t, lse_s = state["dac"]
+                            lse_check = lse_s
+                        else:
+                            kl, state["dac"] = divergence_rows(rows_s, rows_t, plan["kd_divergence"],
+                                                               temperature, plan["kd_beta"], plan["kd_alpha"], shard)
+                            lse_t, lse_check = state["dac"][:2]
                         extra = [torch.zeros_like(kl), torch.ones_like(kl), torch.full_like(kl, shard.vocab),
                                  torch.ones_like(kl)]
                     else:
                         kl, low, up, size, kept, lse_t, lse_s, state["dac"] = dac.dac_forward_rows(
                             rows_s, rows_t, clipnet=clipnet, **_dac_settings(plan))
+                        lse_check = lse_s
                         extra = [low, up, size, kept]
                 sums[1] += (kl * weight).sum()
                 stats[:4] += torch.stack([(x * weight).sum() for x in extra])
-                nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_s).all())
+                nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_check).all())
             if plan["w_sft"]:
                 if lse_s is not None and temperature == 1.0:
                     # CE = log-sum-exp - logit at the label; DAC-KL already has the student's global lse
@@ -177,7 +191,7 @@ class _MGSRObjective(torch.autograd.Function):
         with_sft = bool(plan["w_sft"]) and bool(counts[0] > 0)
         # At temperature 1 the SFT gradient softmax - onehot (the formula of Megatron's backward) shares
         # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
-        fuse_sft = with_sft and bool(plan["w_dac"]) and temperature == 1.0
+        fuse_sft = with_sft and bool(plan["w_dac"]) and temperature == 1.0 and plan["fused_kd"]
         grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
         for rows in ctx.idle:
             grad[rows] = 0.0
@@ -190,7 +204,11 @@ class _MGSRObjective(torch.autograd.Function):
             sft = (labels[rows], sft_w[rows] * coef[0]) if fuse_sft else None
             if plan["w_dac"]:
                 row_weight = kd_w[rows] * coef[1]
-                if plan["dac_mode"] == "off":
+                if not plan["fused_kd"]:
+                    grad_rows.copy_(divergence_rows_grad(rows_s, _take(teacher, rows), plan["kd_divergence"],
+                                                         temperature, plan["kd_beta"], plan["kd_alpha"],
+                                                         state["dac"], row_weight))
+                elif plan["dac_mode"] == "off":
                     _off_grad_into(grad_rows, rows_s, _take(teacher, rows), state["dac"], row_weight, temperature,
                                    shard, sft)
                 else:
@@ -286,7 +304,10 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *
     plan = {**weights, "chunk": int(cfg.loss_chunk_tokens), "shard": shard, "temperature": float(cfg.temperature),
             "dac_mode": cfg.dac_mode, "mode": cfg.dac_mode, "k_feat": cfg.k_feat, "k_band": cfg.k_band,
             "rho": cfg.rho, "kappa": cfg.kappa, "band_norm": cfg.band_norm, "fixed_l": cfg.fixed_l,
-            "fixed_u": cfg.fixed_u, "span_distance": cfg.span_distance,
+            "fixed_u": cfg.fixed_u, "span_distance": cfg.span_distance, "kd_divergence": cfg.kd_divergence,
+            "kd_beta": cfg.kd_beta, "kd_alpha": cfg.kd_alpha,
+            # DAC-KL and forward KL share the student's softmax with SFT; other divergences do not
+            "fused_kd": cfg.dac_mode != "off" or cfg.kd_divergence == "forward_kl",
             "megatron": megatron_tp_active(shard) if cfg.w_sft else False}
     vocab_local = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab_local)

@@ -284,3 +284,19 @@ def consecutive_runs(ids: list[int]):
         if i == len(ids) or ids[i] != ids[i - 1] + 1:
             yield start, ids[start], i - start
             start = i
+
+
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor, tp_group=None, chunk: int = 1024) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions softmax(logits) at the positions where `mask` > 0.
+
+    logits [..., V/TP] vocab-parallel (padded columns -inf), mask [...]; a diagnostic (no autograd):
+    2 all-reduces per chunk of `chunk` rows. Returns a float64 scalar (0 when the mask is empty).
+    """
+    with torch.no_grad():
+        rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1) > 0]
+        shard = shard_of(rows.shape[-1], tp_group)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start, end in chunks(rows.shape[0], chunk):
+            _, (entropy,) = log_softmax_stats([scaled_rows(rows[start:end], 1.0)], shard, entropy_of=(0,))
+            total += entropy.sum()
+        return total / max(rows.shape[0], 1)

@@ -75,6 +75,9 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1):
         bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16, pipeline_dtype=dtype,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        # activation recomputation (training only: Megatron skips it in eval mode, i.e. generation)
+        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
         **arch_options,
     )
 

@@ -6,12 +6,16 @@
     DIR/tokenizer/          optional tokenizer files
     DIR/hf_config.json      optional, written by the HF importer: the original HF config, reused at
                             export (architecture name, token ids)
+    DIR/manifest.json       size and SHA-256 of every other file (models/trust.py); sizes are checked
+                            at every load, hashes with `verify=True` (--verify-checkpoint)
 
 A run keeps `RUN/checkpoints/iter_0000100/` (the same entries plus trainer state) and
 `RUN/checkpoints/latest`, a text file naming the newest iteration directory.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at
-the end, so a crash never leaves a directory that looks complete.
+the end, so a crash never leaves a directory that looks complete; a failed write (disk full) removes
+the temporary directory and is one UserError naming the path and the cause. Loading runs no code from
+the files (models/trust.py) and reports damage as one line naming the file.
 """
 
 from __future__ import annotations
@@ -74,9 +78,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for base in (path, path / "checkpoints"):
         latest = base / LATEST
         if latest.is_file():
-            name = latest.read_text().strip()
+            try:
+                name = latest.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                raise UserError(f"{latest}: unreadable (damaged checkpoint directory)") from None
             target = base / name
-            if not name or not (target / MODEL_CONFIG).is_file():
+            if not name or "/" in name or "\\" in name or name in (".", "..") or \
+                    not (target / MODEL_CONFIG).is_file():
                 raise UserError(f"{latest} names '{name}', which is not a complete checkpoint")
             return target
     raise UserError(f"{path}: not a model checkpoint (no {MODEL_CONFIG}) and no '{LATEST}' file")
@@ -126,26 +134,73 @@ def save_model(model, directory: str | Path, model_cfg: ModelConfig,
     """Collective: every rank of the job calls it. Writes DIR/model_config.yaml and DIR/model/.
 
     `write_extra(tmp_dir)` (called on every rank after the model is written, before the rename) lets
-    the trainer add its own state to the same atomic directory. Returns the final directory.
+    the trainer add its own state to the same atomic directory. Rank 0 then records the size and
+    SHA-256 of every file in DIR/manifest.json and renames the directory into place. Returns the final
+    directory. A failure (disk full, permissions) removes the temporary directory, leaves any older
+    DIR untouched and raises a UserError naming the path and the cause (on every rank).
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mgsr_megatron.models.trust import describe_save_error, root_cause, write_manifest
 
     final = Path(directory)
     temporary = _temporary_sibling(final)
-    if _rank() == 0:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        (temporary / MODEL_DIR).mkdir(parents=True)
-        write_model_config(temporary, model_cfg)
-    _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(temporary / MODEL_DIR))
-    if write_extra is not None:
-        write_extra(temporary)
-    _barrier()
-    if _rank() == 0:
-        replace_directory(temporary, final)
-    _barrier()
+    failure = None
+    try:
+        if _rank() == 0:
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            (temporary / MODEL_DIR).mkdir(parents=True)
+            write_model_config(temporary, model_cfg)
+    except Exception as exc:  # noqa: BLE001 - reported below, after every rank knows
+        failure = exc
+    failure = _agree_on_failure(failure)
+    if failure is None:
+        try:
+            dist_checkpointing.save(model.sharded_state_dict(), str(temporary / MODEL_DIR))
+            if write_extra is not None:
+                write_extra(temporary)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
+            failure = exc
+        failure = _agree_on_failure(failure)
+    if failure is None and _rank() == 0:
+        try:
+            write_manifest(temporary)
+            replace_directory(temporary, final)
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+    failure = _agree_on_failure(failure)
+    if failure is not None:
+        if _rank() == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        _barrier()
+        if isinstance(failure, UserError):
+            raise failure
+        if isinstance(failure, BaseException) and not isinstance(root_cause(failure), OSError):
+            raise failure  # a bug, not the disk: keep its traceback (the partial directory is gone)
+        cause = failure if isinstance(failure, str) else describe_save_error(failure)
+        raise UserError(f"saving checkpoint {final} failed: {cause}; the partial directory was removed and "
+                        f"earlier checkpoints are unchanged") from None
     return final
+
+
+def _agree_on_failure(failure):
+    """Every rank learns whether any rank failed (so all raise together instead of hanging)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    import torch
+
+    flag = torch.tensor([1.0 if failure is not None else 0.0])
+    backend = dist.get_backend()
+    if backend == "nccl":
+        from mgsr_megatron import platform
+
+        flag = flag.to(platform.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0 and failure is None:
+        return "another rank failed to write its part (see its error)"
+    return failure
 
 
 def check_architecture(model, saved: ModelConfig, where: str) -> None:
@@ -172,11 +227,25 @@ def check_architecture(model, saved: ModelConfig, where: str) -> None:
                             f"being loaded has {field}={built_fields[field]!r}")
 
 
-def load_model(model, directory: str | Path) -> ModelConfig:
-    """Collective: load DIR/model into this rank's shard (strict). Returns the stored ModelConfig."""
+def load_model(model, directory: str | Path, verify: bool = False, require_manifest: bool | None = None) -> ModelConfig:
+    """Collective: load DIR/model into this rank's shard (strict). Returns the stored ModelConfig.
+
+    Before anything is read by Megatron/PyTorch: the manifest's sizes (SHA-256 too when `verify`,
+    which also requires a manifest), the dist checkpoint's metadata (allow-list unpickler), shard
+    files and common.pt. The load itself runs inside `safe_loading()`: no pickle can run code.
+    `require_manifest` (default: `verify`) makes a checkpoint without manifest.json an error; a teacher
+    is loaded with verify=True, require_manifest=cfg.checkpoint.verify (hashes whenever recorded).
+    """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from mgsr_megatron.models.trust import (
+        check_dist_checkpoint,
+        describe_load_error,
+        load_errors,
+        safe_loading,
+        verify_collective,
+    )
 
     directory = resolve_checkpoint(directory)
     saved = read_model_config(directory)
@@ -184,11 +253,16 @@ def load_model(model, directory: str | Path) -> ModelConfig:
     weights = directory / MODEL_DIR
     if not (weights / "metadata.json").is_file():
         raise UserError(f"{directory}: no weights ({MODEL_DIR}/metadata.json missing)")
+    verify_collective(directory, hashes=verify, prefixes=(MODEL_DIR + "/", MODEL_CONFIG),
+                      required=verify if require_manifest is None else require_manifest)
+    check_dist_checkpoint(weights)
     sharded = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.RAISE_ALL)
-    except (CheckpointingException, KeyError) as exc:
-        message = " ".join(str(exc).split())
-        raise UserError(f"{weights}: {message[:600]}") from exc
+        with safe_loading():
+            state = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.RAISE_ALL)
+    except UserError:
+        raise
+    except load_errors() as exc:  # noqa: BLE001 - damaged or foreign checkpoint: one line naming it
+        raise describe_load_error(weights, exc) from exc
     model.load_state_dict(state, strict=True)
     return saved

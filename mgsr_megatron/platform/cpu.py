@@ -6,10 +6,16 @@ and inference communication). Without CUDA, `activate()` installs three things, 
 (and asks PyTorch's CPU allocator for transparent huge pages, see below):
 
 1. `CudaToCpuMode`, a `TorchFunctionMode` that rewrites any `device` argument naming CUDA to the
-   CPU and turns `Tensor.cuda()` into a no-op;
+   CPU, turns `Tensor.cuda()` into a no-op and answers `Tensor.type()` of floating tensors with the
+   CUDA type name (Megatron's optimizers accept only `torch.cuda.{Float,Half,BFloat16}Tensor`);
 2. no-op stubs for the `torch.cuda` calls that only manage devices and streams
    (`current_device` answers "cpu" so `device=torch.cuda.current_device()` lands on the CPU);
-3. a CPU RNG tracker in place of `CudaRNGStatesTracker` (same names, same seeding rule).
+3. a CPU RNG tracker in place of `CudaRNGStatesTracker` (same names, same seeding rule), and the
+   "CUDA" RNG state that activation recomputation saves/restores mapped to the CPU generator's, and
+   the mode re-entered in the backward functions that recompute the forward;
+4. the distributed optimizer's gradient reduce-scatter (DDP grad buffers) as an all-reduce that keeps
+   the local shard: the same summation as the plain optimizer's all-reduce, so both optimizers give
+   bit-identical gradients on gloo (gloo's own reduce-scatter sums in another order).
 
 It is never active on a CUDA machine. `check_megatron_compat()` verifies the Megatron functions
 this module relies on still exist, so an upgrade fails loudly in the tests instead of silently.
@@ -44,9 +50,64 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_CUDA_TYPE_NAMES = {f"torch.{n}Tensor": f"torch.cuda.{n}Tensor" for n in ("Float", "Half", "BFloat16")}
+
+
+def reduce_scatter_via_all_reduce(output, input, op=None, group=None, async_op=False):
+    """`dist.reduce_scatter_tensor` for gloo: all-reduce the whole buffer, keep this rank's shard.
+
+    Megatron's DDP passes a shard view of `input` as `output` (then nothing is copied); synchronous
+    also when `async_op` is asked (a handle of None is what Megatron expects after a coalesced call)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(input, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    shard = input.view(-1).chunk(dist.get_world_size(group))[dist.get_rank(group)]
+    if output.data_ptr() != shard.data_ptr():
+        output.copy_(shard.view_as(output))
+    return None
+
+
+def _install_rng_state_calls() -> None:
+    """Activation recomputation saves and restores the "CUDA" RNG state around the recomputed forward;
+    on CPU that state is the CPU generator's, which the same code restores itself."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def _install_recompute_mode() -> None:
+    """Activation recomputation re-runs Megatron's forward inside the backward pass. `backward()` itself
+    goes through this mode's handler, and a mode is inactive inside its own handler, so the recomputed
+    forward would meet `device="cuda"` (the causal mask) unadapted: the recomputing backward functions
+    re-enter the mode."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    for name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
+        cls = getattr(mp_random, name, None)
+        if cls is None or getattr(cls, "_mgsr_cpu_mode", False):
+            continue
+
+        def backward(ctx, *grads, _original=cls.backward):
+            with _MODE:
+                return _original(ctx, *grads)
+
+        cls.backward = staticmethod(backward)
+        cls._mgsr_cpu_mode = True
+
+
+def _install_collectives() -> None:
+    from megatron.core.distributed import param_and_grad_buffer
+
+    param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter_via_all_reduce
 
 
 class _NullStream:
@@ -165,11 +226,16 @@ def _install_cuda_stubs() -> None:
 
 def check_megatron_compat() -> None:
     """Fail loudly if Megatron-Core no longer has what this adapter replaces."""
+    from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.tensor_parallel import random as mp_random
 
+    if not hasattr(param_and_grad_buffer, "dist_reduce_scatter_func"):
+        raise RuntimeError("mgsr_megatron.platform.cpu supports megatron-core 0.16.1: "
+                           "param_and_grad_buffer.dist_reduce_scatter_func is gone; update the CPU adapter")
     required = ["CudaRNGStatesTracker", "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
                 "_MODEL_PARALLEL_RNG_TRACKER_NAME", "_DATA_PARALLEL_RNG_TRACKER_NAME",
-                "_EXPERT_PARALLEL_RNG_TRACKER_NAME", "get_cuda_rng_tracker"]
+                "_EXPERT_PARALLEL_RNG_TRACKER_NAME", "get_cuda_rng_tracker", "_get_cuda_rng_state",
+                "_set_cuda_rng_state"]
     missing = [name for name in required if not hasattr(mp_random, name)]
     if missing:
         import megatron.core
@@ -189,6 +255,9 @@ def activate() -> None:
     check_megatron_compat()
     _install_cuda_stubs()
     _install_rng_tracker()
+    _install_collectives()
+    _install_rng_state_calls()
+    _install_recompute_mode()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     # Back multi-MB CPU tensors with transparent huge pages: without, the page faults of every fresh

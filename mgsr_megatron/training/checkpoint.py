@@ -2,17 +2,23 @@
 
     RUN/checkpoints/iter_0000100/
         model_config.yaml, model/     the student (models/checkpoint.py; loadable at any TP/PP)
-        optimizer/                    the student's AdamW moments, dist_checkpointing, sharded like the
-                                      parameters (so they reshard with them)
+        optimizer/                    the student's Megatron optimizer (`optimizer.sharded_state_dict`):
+                                      Adam moments and, for bf16/fp16, fp32 main weights, stored like
+                                      the parameters (so they reshard with them; the distributed
+                                      optimizer's shards are gathered over DP into that form)
         common.pt                     step, AdamW step count, ClipNet and its optimizer, data position,
-                                      batch settings, layout (written by the ClipNet's owner rank)
+                                      batch settings, optimizer kind + precision, layout (written by the
+                                      ClipNet's owner rank)
         schedule_dp{d}.pt             data schedule and replay buffer of data-parallel replica d
         rng/rank{r}.pt                RNG states of global rank r (used when the layout is unchanged)
     RUN/checkpoints/latest            names the newest complete iteration directory; written last
 
 The directory is assembled under a temporary name and renamed into place, then `latest` is replaced
 with an atomic rename, so a crash at any moment leaves the previous checkpoint intact and `latest`
-pointing at it. Everything is loaded with `weights_only=True`.
+pointing at it. Everything is loaded with `weights_only=True`; the dist checkpoints' `.metadata` with an
+allow-list unpickler (models/trust.py), so no file of a checkpoint can run code. `manifest.json`
+records size and SHA-256 of every file. Saving step N sets aside iterations >= N left by a rolled-back
+run as `abandoned_iter_*`; pruning (keep_last) never removes the checkpoint just written.
 """
 
 from __future__ import annotations
@@ -26,7 +32,16 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.models.checkpoint import LATEST, load_model, resolve_checkpoint, save_model
+from mgsr_megatron.models.checkpoint import LATEST, _agree_on_failure, load_model, resolve_checkpoint, save_model
+from mgsr_megatron.models.trust import (
+    check_dist_checkpoint,
+    describe_load_error,
+    describe_save_error,
+    load_errors,
+    load_torch_file,
+    safe_loading,
+    verify_collective,
+)
 
 ITER_FORMAT = "iter_{:07d}"
 
@@ -48,25 +63,103 @@ def _layout() -> dict:
             "dp": parallel_state.get_data_parallel_world_size()}
 
 
-def _optimizer_sharded_state(optimizer, model, is_loading: bool):
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
+# The distributed optimizer's state in its canonical per-parameter form (gathered over DP at save): each
+# main weight and Adam moment is stored like its parameter, so it reshards across TP/PP/DP (megatron-core
+# 0.16.1's torch_dist backend no longer writes the flattened fully_sharded_model_space format).
+_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if is_loading:  # the loader fills tensors of the local shapes
-        for p in params:
-            optimizer.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
-    state = optimizer.state_dict()
-    id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    return state
+
+def _optimizer_sharded_state(optimizer, model, is_loading: bool):
+    """Megatron's `optimizer.sharded_state_dict` (FP32Optimizer, Float16Optimizer: Adam moments and fp32
+    main weights sharded like their parameters; DistributedOptimizer: the same, gathered over DP)."""
+    if is_loading:
+        _fill_empty_adam_state(optimizer)
+    return optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=is_loading, metadata=_SHARDING)
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, with a workaround for megatron-core 0.16.1's distributed optimizer over
+    torch's AdamW (no Transformer Engine / Apex, e.g. on CPU): its loader gives every parameter's state
+    ONE shared `step` tensor (AdamW then increments it once per parameter) and then fails copying the
+    per-parameter state because `step` is not among the checkpoint's tensors. The parameter state is
+    loaded with `step` set aside, and every parameter gets its own copy of it."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    part = parts[0]
+    if len(parts) != 1 or not isinstance(part, DistributedOptimizer) or \
+            not isinstance(part.optimizer, torch.optim.AdamW) or \
+            state.get("param_state_sharding_type") != _SHARDING["distrib_optim_sharding_type"]:
+        optimizer.load_state_dict(state)
+        return
+    param_state = state.pop("param_state")
+    state.pop("param_state_sharding_type")
+    part.load_state_dict(state)  # param groups, step, grad scaler
+    steps = {p: s.pop("step") for p, s in part.optimizer.state.items() if "step" in s}
+    try:
+        part.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for p, step in steps.items():
+            part.optimizer.state[p]["step"] = step.detach().clone()
+
+
+def _fill_empty_adam_state(optimizer) -> None:
+    """A fresh torch AdamW has no state yet; the distributed optimizer's state_dict needs one `step` per
+    parameter. Zero tensors of the local shapes (what Megatron's own dummy step would leave, without
+    touching the weights); the checkpoint overwrites them."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        if not isinstance(part, DistributedOptimizer) or inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def optimizer_kind(cfg) -> dict:
+    """What the optimizer state of a run depends on; a resume must match it (checked before building)."""
+    return {"distributed": bool(cfg.optimizer.use_distributed_optimizer),
+            "params_dtype": cfg.student.params_dtype}
+
+
+def _check_optimizer_kind(cfg, directory: Path, common: dict) -> None:
+    """The optimizer state's layout depends on the optimizer kind and the student's precision (fp32 main
+    weights exist only for bf16/fp16): a resume must keep both. Checkpoints written before the field
+    existed hold plain AdamW state of their own precision."""
+    saved = common.get("optimizer_kind") or {"distributed": False, "params_dtype": None}
+    wanted = optimizer_kind(cfg)
+    if saved["distributed"] != wanted["distributed"]:
+        raise UserError(f"{directory}: the run used optimizer.use_distributed_optimizer={saved['distributed']}, "
+                        f"this run has {wanted['distributed']}; the optimizer state cannot be converted "
+                        f"(keep the setting, or start a new run from the weights with student.load)")
+    if saved["params_dtype"] is not None and saved["params_dtype"] != wanted["params_dtype"]:
+        raise UserError(f"{directory}: the run trained student.params_dtype={saved['params_dtype']}, this run has "
+                        f"{wanted['params_dtype']}; the optimizer state cannot be converted (keep the "
+                        f"precision, or start a new run from the weights with student.load)")
+
+
+def check_resume_optimizer(cfg) -> None:
+    """Before any model is built: a resume (checkpoint.resume) whose optimizer kind or precision changed
+    is refused with one line. A missing/unreadable checkpoint is left to the loader's own errors."""
+    directory = find_resume(cfg)
+    if directory is None or not (directory / "common.pt").is_file():
+        return
+    try:
+        common = _load_file(directory / "common.pt")
+    except UserError:
+        return  # the loader reports damaged files with their own checks
+    _check_optimizer_kind(cfg, directory, common)
 
 
 def _adam_step(optimizer) -> float:
-    steps = {float(s["step"]) for s in optimizer.state.values() if "step" in s}
+    """Adam's step count (for the record; the optimizer state carries it). `optimizer` is Megatron's
+    (possibly chained) optimizer around torch AdamW instances."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer]) if o.optimizer is not None]
+    steps = {float(s["step"]) for o in inner for s in o.state.values() if "step" in s}
     return steps.pop() if steps else 0.0
 
 
@@ -111,33 +204,111 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
                         "clipnet_optimizer": trainer.clipnet_optimizer.state_dict(),
                         "data": trainer.data.state_dict(), "skipped_steps": trainer.skipped_steps,
                         "global_batch_size": trainer.cfg.schedule.global_batch_size,
+                        "optimizer_kind": optimizer_kind(trainer.cfg),
                         "micro_batch_size": trainer.cfg.schedule.micro_batch_size,
                         "layout": _layout()}, tmp / "common.pt")
 
-    root.mkdir(parents=True, exist_ok=True)
+    check_save_target(trainer.cfg, root)
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _set_aside_abandoned(root, trainer.step)
+        except OSError as exc:
+            error = exc
+    error = _agree_on_failure(error)
+    if error is not None:
+        cause = error if isinstance(error, str) else describe_save_error(error)
+        raise UserError(f"saving checkpoint {final} failed: {cause}") from None
     save_model(trainer.student, final, trainer.cfg.student, write_extra=write_state)
     if rank == 0:
-        _write_latest(root, final.name)
-        _prune(root, trainer.cfg.checkpoint.keep_last)
+        try:
+            _write_latest(root, final.name)
+        except OSError as exc:
+            error = exc
+        if error is None:
+            _prune(root, trainer.cfg.checkpoint.keep_last, keep=final.name)
+    error = _agree_on_failure(error)
+    if error is not None:
+        raise UserError(f"{root / LATEST}: could not be updated to {final.name} "
+                        f"({describe_save_error(error) if not isinstance(error, str) else error}); "
+                        f"the checkpoint itself is complete") from None
     dist.barrier()
     return final
 
 
+def check_save_target(cfg, root: str | Path | None = None) -> None:
+    """checkpoint.save may not equal, contain or lie inside teacher.load / student.load."""
+    root = Path(root if root is not None else cfg.checkpoint.save).resolve()
+    for name in ("teacher", "student"):
+        load = getattr(cfg, name).load
+        if not load:
+            continue
+        source = Path(load).resolve()
+        if root == source or source.is_relative_to(root) or root.is_relative_to(source):
+            raise UserError(f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there "
+                            f"would overwrite or mix with the {name}'s checkpoint; choose another directory")
+
+
+ABANDONED_PREFIX = "abandoned_"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("iter_") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def _set_aside_abandoned(root: Path, step: int) -> None:
+    """Iterations at or after the step being saved belong to a run that was rolled back (or to an
+    earlier run in the same directory): rename them `abandoned_iter_NNNNNNN` instead of mixing them in."""
+    for path in sorted(root.glob("iter_*")):
+        number = _step_of(path)
+        if number is None or number < step or not path.is_dir():
+            continue
+        target = root / f"{ABANDONED_PREFIX}{path.name}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = root / f"{ABANDONED_PREFIX}{path.name}.{suffix}"
+        path.rename(target)
+        print(f"checkpoint: {path} is later than the step being saved ({step}); set aside as {target.name}",
+              flush=True)
+    latest = root / LATEST
+    if latest.is_file() and not (root / latest.read_text().strip()).is_dir():
+        remaining = sorted((p for p in root.glob("iter_*") if p.is_dir() and _step_of(p) is not None), key=_step_of)
+        if remaining:  # until the new checkpoint is complete, `latest` names the newest one kept
+            _write_latest(root, remaining[-1].name)
+        else:
+            latest.unlink()
+
+
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
-    with open(tmp, "w") as stream:
-        stream.write(name + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, root / LATEST)
+    try:
+        with open(tmp, "w") as stream:
+            stream.write(name + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: str | None = None) -> None:
+    """Delete all but the newest `keep_last` iteration directories (by step number); never `keep`
+    (the checkpoint just written) nor the one `latest` names."""
     if keep_last <= 0:
         return
-    iterations = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    protected = {keep}
+    if (root / LATEST).is_file():
+        protected.add((root / LATEST).read_text().strip())
+    iterations = sorted((p for p in root.glob("iter_*") if p.is_dir() and _step_of(p) is not None), key=_step_of)
     for old in iterations[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in protected:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_resume(cfg) -> Path | None:
@@ -153,33 +324,47 @@ def find_resume(cfg) -> Path | None:
 
 
 def _load_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"checkpoint file missing: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: one clear line
-        raise UserError(f"{path}: cannot be read as a checkpoint file ({type(exc).__name__})") from None
+    """weights_only=True (no code runs); a missing, damaged or code-carrying file is one line naming it."""
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint state file (holds a {type(state).__name__})")
+    return state
 
 
-def load_checkpoint(trainer, directory: str | Path) -> None:
-    """Collective. Restores student, optimizers, ClipNet, data position, schedule, RNG (same layout)."""
+COMMON_KEYS = ("step", "adam_step", "clipnet", "clipnet_optimizer", "data", "global_batch_size", "layout")
+
+
+def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> None:
+    """Collective. Restores student, optimizers, ClipNet, data position, schedule, RNG (same layout).
+
+    Every file is checked against the checkpoint's manifest first (sizes; SHA-256 too with `verify`)."""
     from megatron.core import dist_checkpointing, parallel_state
 
     directory = resolve_checkpoint(directory)
+    verify_collective(directory, hashes=verify, required=verify)
     common = _load_file(directory / "common.pt")
+    missing = [key for key in COMMON_KEYS if key not in common]
+    if missing:
+        raise UserError(f"{directory / 'common.pt'}: not a training state (no {', '.join(missing)})")
     sched = trainer.cfg.schedule
     if common["global_batch_size"] != sched.global_batch_size:
         raise UserError(f"{directory}: the run used schedule.global_batch_size={common['global_batch_size']}, "
                         f"this run has {sched.global_batch_size}; resuming would change the data order and "
                         f"the optimisation (start a new run, or keep the global batch size)")
+    _check_optimizer_kind(trainer.cfg, directory, common)
     load_model(trainer.student, directory)
     if not (directory / "optimizer" / "metadata.json").is_file():
         raise UserError(f"{directory}: optimizer/metadata.json missing (incomplete checkpoint)")
+    check_dist_checkpoint(directory / "optimizer")
     sharded = _optimizer_sharded_state(trainer.optimizer, trainer.student, True)
-    state = dist_checkpointing.load(sharded, str(directory / "optimizer"))
-    for param_state in state["state"].values():
-        param_state["step"] = torch.tensor(common["adam_step"])
-    trainer.optimizer.load_state_dict(state)
+    try:
+        with safe_loading():
+            state = dist_checkpointing.load(sharded, str(directory / "optimizer"))
+    except UserError:
+        raise
+    except load_errors() as exc:  # noqa: BLE001 - damaged optimizer state: one line naming it
+        raise describe_load_error(directory / "optimizer", exc) from exc
+    _load_optimizer_state(trainer.optimizer, state)
     trainer.clipnet.load_state_dict(common["clipnet"])
     trainer.clipnet_optimizer.load_state_dict(common["clipnet_optimizer"])
     trainer.data.load_state_dict(common["data"])

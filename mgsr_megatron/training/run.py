@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mgsr_megatron import parallel
-from mgsr_megatron.config import Config
+from mgsr_megatron.config import Config, validate
 from mgsr_megatron.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from mgsr_megatron.training.data import TrainingData
 from mgsr_megatron.training.metrics import MetricsLogger
@@ -30,6 +30,7 @@ def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
     """Distributed start-up, data and models (validation happens before any weights are loaded)."""
     from megatron.core import parallel_state
 
+    validate(cfg)
     check_generation_fits(cfg)
     parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes,
                               rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_seconds)
@@ -64,7 +65,7 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tu
     trainer = build_trainer(cfg, uses_teacher)
     resume_dir = find_resume(cfg)
     if resume_dir is not None:
-        load_checkpoint(trainer, resume_dir)
+        load_checkpoint(trainer, resume_dir, verify=cfg.checkpoint.verify)
     rank0 = dist.get_rank() == 0
     log = MetricsLogger(cfg.logging.output_dir, cfg.schedule.train_iters, cfg.logging.log_interval, rank0,
                         cfg.logging.tensorboard, cfg.logging.progress_bar, start_step=trainer.step)

@@ -5,8 +5,10 @@ One iteration (design.md §1):
   2. the teacher runs forward-only through the pipeline; its vocab-parallel logits stay on the last stage;
   3. the student runs Megatron's forward-backward schedule over the micro-batches; the loss on the last
      stage is w_sft*SFT + w_dac*DAC-KL + w_span*span against the kept teacher logits;
-  4. gradients are synchronised (DP average, tied embeddings), clipped by the global norm, and AdamW
-     steps the student and the ClipNet; the LR follows warm-up + cosine.
+  4. Megatron's DDP reduces the student's gradients (DP average, tied embeddings) into fp32 buffers, one
+     global norm clips student + ClipNet, Megatron's optimizer steps the student (fp32 main weights for
+     bf16/fp16, optionally sharded over DP) and an fp32 AdamW the ClipNet; the LR follows warm-up + cosine
+     (training/optimizer.py).
 
 The loss of a step is the mean of the micro-batch losses over all micro-batches of all DP ranks, each
 micro-batch loss being a mean over its own tokens, so TP/PP/DP layouts give the same numbers.
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from mgsr_megatron import platform
 from mgsr_megatron.config import Config
 from mgsr_megatron.errors import UserError
+from mgsr_megatron.losses.vocab_parallel import mean_entropy
 from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
 from mgsr_megatron.models.builder import check_same_vocab
 from mgsr_megatron.models.pipeline import forward_logits
@@ -32,7 +35,7 @@ from mgsr_megatron.training import optimizer as optim
 
 # The exit code of a run stopped by SIGTERM/SIGUSR1 after its checkpoint was written (SLURM requeue).
 EXIT_PREEMPTED = 143 - 128 + 100  # 115: distinct from errors (1, 2) and from a kill (137, 143)
-METRIC_KEYS = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "band_size", "kept_mass")
+METRIC_KEYS = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "band_size", "kept_mass", "teacher_entropy")
 
 
 @dataclass
@@ -42,6 +45,15 @@ class StepBatch:
     micro_batches: list[dict]
     source: str  # ground_truth | generate | replay
     stats: dict = field(default_factory=dict)
+
+
+def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
+    """Diagnostics of this rank's generated responses: share without EOS (cut at max_new_tokens),
+    mean length, distinct-2 over token ids (x100; repetition shows as a low value)."""
+    bigrams = [tuple(r[i:i + 2]) for r in responses for i in range(len(r) - 1)]
+    return {"gen_no_eos": sum(not r or r[-1] != eos_id for r in responses) / max(len(responses), 1),
+            "gen_mean_len": sum(map(len, responses)) / max(len(responses), 1),
+            "gen_distinct_2": 100.0 * len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
 
 
 class PreemptionFlag:
@@ -63,9 +75,10 @@ class PreemptionFlag:
 
 def validate_batch_layout(cfg: Config, dp_size: int) -> int:
     """Number of micro-batches per step on each DP rank; clear errors for impossible settings."""
-    if cfg.optimizer.use_distributed_optimizer:
-        raise UserError("optimizer.use_distributed_optimizer=true: Megatron's distributed optimizer is not "
-                        "wired into the trainer yet (plain AdamW with a DP all-reduce is used); set it to false")
+    from mgsr_megatron.training.checkpoint import check_resume_optimizer
+
+    optim.validate_settings(cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    check_resume_optimizer(cfg)
     sched = cfg.schedule
     per_step = sched.micro_batch_size * dp_size
     if sched.global_batch_size % per_step:
@@ -102,10 +115,13 @@ class Trainer:
         if cfg.student.load:
             from mgsr_megatron.models.checkpoint import load_model
 
-            load_model(self.student, cfg.student.load)
+            load_model(self.student, cfg.student.load, verify=cfg.checkpoint.verify)
         self.teacher = self._load_teacher() if self.uses_teacher else None
         self.clipnet = self._build_clipnet()
-        self.optimizer = optim.build_optimizer(self.student, cfg.optimizer)
+        # Megatron's DDP wrapper + optimizer (fp32 main weights for bf16/fp16, optionally distributed);
+        # self.student stays the bare GPTModel (generation, checkpoints), self.student_ddp is trained
+        self.student_ddp, self.optimizer = optim.build_student_optimizer(
+            self.student, cfg.optimizer, cfg.student.params_dtype)
         self.clipnet_optimizer = optim.build_optimizer(self.clipnet, cfg.optimizer)
         self.schedule = self._build_schedule() if self.uses_teacher else None
         self.step = 0
@@ -122,7 +138,8 @@ class Trainer:
         # one float64 sum per tensor, not a copy of the weights: a 13B teacher must not be held twice
         fingerprint = lambda: torch.stack([p.detach().double().sum() for p in teacher.parameters()])
         before = fingerprint()
-        load_model(teacher, self.cfg.teacher.load)
+        # a teacher's hashes are always checked when it has a manifest (--verify-checkpoint: it must)
+        load_model(teacher, self.cfg.teacher.load, verify=True, require_manifest=self.cfg.checkpoint.verify)
         unchanged = torch.equal(before, fingerprint())
         flag = torch.tensor([1.0 if unchanged else 0.0], device=platform.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -156,8 +173,9 @@ class Trainer:
         return batch
 
     def _next_batch_cpu(self) -> StepBatch:
-        decision = self.schedule.decide(self.step, self.cfg.schedule.train_iters) if self.uses_teacher \
-            else "ground_truth"
+        warm = self.step < self.cfg.mgsr.sft_warmup_iters  # warm start: no generated rows yet
+        decision = self.schedule.decide(self.step, self.cfg.schedule.train_iters) \
+            if self.uses_teacher and not warm else "ground_truth"
         if decision == "ground_truth":
             return StepBatch(self.data.next_micro_batches(self.num_micro), "ground_truth")
         if decision == "replay":
@@ -174,7 +192,7 @@ class Trainer:
         """
         from mgsr_megatron.generation import generate, scrg
 
-        samples, corrected, positions = [], [], []
+        samples, corrected, positions, changed = [], [], [], []
         for k, prompts in enumerate(self.data.next_prompt_micro_batches(self.num_micro)):
             global_index = k * self.dp_size + self.dp_rank
             seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 10_007 + global_index) % (2 ** 31)
@@ -182,17 +200,19 @@ class Trainer:
             if self.schedule.use_scrg:
                 out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, **options)
                 corrected.append(stats["corrected"])
+                changed.append(stats["continuation_changed"][stats["corrected"]])
                 positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
             else:
                 out = generate(self.teacher, prompts, max_new_tokens=self.cfg.mgsr.max_new_tokens, **options)
             samples += list(zip(prompts, out.responses()))
         self.student.train()
         self.schedule.push(samples)
-        batch_stats = {}
+        batch_stats = generation_stats([response for _, response in samples], self.data.eos_id)
         if corrected:
-            j = torch.cat(positions)
-            batch_stats = {"scrg_corrected": float(torch.cat(corrected).float().mean()),
-                           "scrg_mean_j": float(j.float().mean()) if j.numel() else float("nan")}
+            j, changed = torch.cat(positions), torch.cat(changed)
+            batch_stats.update(scrg_corrected=float(torch.cat(corrected).float().mean()),
+                               scrg_mean_j=float(j.float().mean()) if j.numel() else float("nan"),
+                               scrg_changed=float(changed.float().mean()) if changed.numel() else float("nan"))
         return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
 
     # ------------------------------------------------------------------------------------------ step
@@ -223,6 +243,9 @@ class Trainer:
                     student_logits, teacher, labels=mb["labels"], sft_mask=mb["sft_mask"],
                     kd_mask=mb["kd_mask"], span_pair_mask=mb["span_pair_mask"], clipnet=self.clipnet,
                     cfg=cfg.mgsr, tp_group=self.tp_group)
+                # the teacher's entropy on this batch's response rows: ground truth vs generated (source)
+                metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
+                    teacher, mb["kd_mask"], self.tp_group, cfg.mgsr.loss_chunk_tokens)
                 reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(())
                                         for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
                 return loss, {"metrics": reported}
@@ -231,7 +254,7 @@ class Trainer:
 
         b, s = micro_batches[0]["tokens"].shape
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=None, model=[self.student],
+            forward_step_func=forward_step, data_iterator=None, model=[self.student_ddp],
             num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict:
@@ -273,13 +296,11 @@ class Trainer:
     def train_step(self) -> dict:
         start = time.time()
         lr = optim.learning_rate(self.step, self.cfg.optimizer, self.cfg.schedule)
-        for group in self.optimizer.param_groups + self.clipnet_optimizer.param_groups:
-            group["lr"] = lr
+        optim.set_learning_rate(self.optimizer, self.clipnet_optimizer, lr, self.cfg.optimizer)
         batch = self.next_batch()
         self.student.train()
         teacher_logits = self._teacher_logits(batch.micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.clipnet_optimizer.zero_grad(set_to_none=True)
+        optim.zero_grads(self.student_ddp, self.optimizer, self.clipnet_optimizer)
         outputs = self._forward_backward(batch.micro_batches, teacher_logits)
         metrics = self._reduce_metrics(outputs)
         grad_norm = float("nan")
@@ -291,10 +312,10 @@ class Trainer:
                                 f"schedule.max_nan_steps={self.cfg.schedule.max_nan_steps}); stopping")
         else:
             self.nan_steps_in_row = 0
-            optim.sync_gradients(self.student, self.clipnet)
-            grad_norm = optim.clip_gradients(self.student, self.clipnet, self.cfg.optimizer.clip_grad)
-            self.optimizer.step()
-            self.clipnet_optimizer.step()
+            grad_norm = optim.optimizer_step(self.student_ddp, self.optimizer, self.clipnet,
+                                             self.clipnet_optimizer, self.cfg.optimizer.clip_grad)
+            if math.isnan(grad_norm):  # fp16 loss scaling found inf/NaN gradients: step skipped
+                self.skipped_steps += 1
         self.step += 1
         tokens = sum(int(mb["loss_mask"].numel()) for mb in batch.micro_batches) * self.dp_size
         elapsed = time.time() - start

@@ -81,6 +81,8 @@ CASES = {
     "learned_renormalize": dict(band_norm="renormalize", span_distance="l2"),
     "fixed_l1": dict(dac_mode="fixed", fixed_l=0.05, fixed_u=0.9, span_distance="l1"),
     "off": dict(dac_mode="off", temperature=1.0),
+    "off_jsd": dict(dac_mode="off", kd_divergence="jsd", kd_beta=0.3),  # GKD's loss, SFT computed apart
+    "off_reverse_kl_t1": dict(dac_mode="off", kd_divergence="reverse_kl", temperature=1.0),
     "kband_is_vocab": dict(k_band=PADDED, temperature=1.0),
 }
 
@@ -218,3 +220,19 @@ def divergence_property_tp2():
                                      f"vocab={vocab}/{padded} T={temperature} beta={beta} alpha={alpha}")
 
     property_()
+
+
+@dist_check(world_size=4)
+def mean_entropy_matches_dense_tp124():
+    """The trainer's teacher-entropy diagnostic: padded columns excluded, masked rows skipped, chunked."""
+    from mgsr_megatron.losses.vocab_parallel import mean_entropy
+
+    _, teacher, _, _, kd_mask, _ = _batch(seed=3)
+    probs = torch.softmax(teacher[..., :VOCAB].double(), dim=-1)
+    dense = -(probs * probs.log()).sum(-1)
+    expected = dense[kd_mask > 0].mean()
+    for tp in (1, 2, 4):
+        parallel.initialize_model_parallel(tp)
+        for chunk in (1, 3, 1024):
+            _check(f"TP={tp} chunk={chunk} mean entropy", mean_entropy(_shard(teacher), kd_mask, chunk=chunk),
+                   expected)

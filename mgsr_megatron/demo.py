@@ -3,15 +3,17 @@
   1. (one process) build the embedded instruction corpus, train a SentencePiece tokenizer on it and
      preprocess it into Megatron indexed files: all rows for the teacher; for the students a small
      labelled subset plus the remaining rows as prompts without responses;
-  2. (torchrun, 2 processes) train the teacher (data parallel), then two students from the same init
-     with the same number of steps: plain SFT on the labelled subset (the baseline) and full MGSR
-     (SFT + DAC-KL + span + SCRG samples on all prompts) under TP=2, loading the teacher's checkpoint
-     re-sharded to TP=2;
+  2. (torchrun, 2 processes) train the teacher (data parallel; reused by a later demo with the same
+     settings, keyed by their hash), then, for every training seed, the students from the same
+     initialisation with the same number of steps: plain SFT on the labelled subset (the baseline) and
+     MGSR (SFT + DAC-KL + span on the labelled rows, SCRG samples on all prompts after a warm start)
+     under TP=2, loading the teacher's checkpoint re-sharded to TP=2;
   3. evaluate teacher and students on held-out prompts (ROUGE-L, exact match; overall and per task
-     family; mean and spread over seeds), print a table, write `demo_report.json` and a plot.
+     family; each student's score is the mean over sampling seeds, reported as the mean and spread over
+     training seeds), print a table, write `demo_report.json` and a plot.
 
-With `--ablation` it also trains the paper's component ablation (SFT, KD with forward KL, + DAC-KL,
-+ span, + SCRG = MGSR) with the same data and steps.
+With `--ablation` it also trains the baselines and the paper's component ladder at the same steps:
+SeqKD, KD (forward KL), GKD (on-policy JSD), + DAC-KL, + span, on-policy without SCRG, + SCRG = MGSR.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from mgsr_megatron.config import Config, ModelConfig, apply_dict, parse_overrides
+from mgsr_megatron.data.demo_corpus import FAMILIES
 
 DEMO_TEMPLATE = "{instruction}\n"
 
@@ -65,8 +68,11 @@ def default_config(output_dir: Path) -> Config:
     return cfg
 
 
-DEMO_SETTINGS = {"teacher_iters": 450, "labelled_fraction": 0.1, "n_train": 4000, "n_eval": 240,
-                 "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16}
+# The teacher recipe was measured (docs/quality.md): lr 3e-3 left the 4x256 teacher barely better than a
+# student trained on a tenth of its data; lr 1e-3 for 600 steps gives it something to teach.
+DEMO_SETTINGS = {"teacher_iters": 600, "teacher_lr": 1e-3, "teacher_min_lr": 1e-4, "labelled_fraction": 0.1,
+                 "n_train": 4000, "n_eval": 240, "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16,
+                 "train_seeds": (1, 2), "families": FAMILIES}
 
 
 # ----------------------------------------------------------------------------------------- step 1
@@ -77,10 +83,13 @@ def prepare_data(out: Path, settings: dict) -> None:
     from mgsr_megatron.data.preprocess import preprocess
 
     data = out / "data"
-    if (data / "student.train.json").is_file() and (data / "teacher.train.json").is_file():
+    key = json.dumps({k: list(settings[k]) if k == "families" else settings[k]
+                      for k in ("n_train", "n_eval", "labelled_fraction", "families")}, sort_keys=True)
+    if (data / "student.train.json").is_file() and (data / "teacher.train.json").is_file() \
+            and (data / "key.json").is_file() and (data / "key.json").read_text() == key:
         return
     paths = write_demo_corpus(data / "corpus", n_train=settings["n_train"], n_eval=settings["n_eval"],
-                              labelled_fraction=settings["labelled_fraction"])
+                              labelled_fraction=settings["labelled_fraction"], families=tuple(settings["families"]))
     _train_tokenizer(paths["train"], data / "tokenizer.model")
     data_cfg = DataConfig(format="prompt_response", prompt_template=DEMO_TEMPLATE, max_prompt_length=24,
                           max_length=40, valid_fraction=0.0)
@@ -88,6 +97,7 @@ def prepare_data(out: Path, settings: dict) -> None:
     preprocess([paths["train"]], str(data / "teacher"), tokenizer, data_cfg, workers=1, progress=False)
     preprocess([paths["train_labelled"], paths["train_prompts"]], str(data / "student"), tokenizer, data_cfg,
                workers=1, progress=False, prompts_only=True)
+    (data / "key.json").write_text(key)
 
 
 def _train_tokenizer(corpus: Path, model_path: Path) -> None:
@@ -108,18 +118,27 @@ def _variant(base: Config, out: Path, name: str, **mgsr) -> Config:
     return cfg
 
 
+SFT = dict(w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
+# The component ladder of the paper's ablation plus the baselines of its peers; every variant trains
+# for the same steps from the same initialisation (per training seed) on the same data.
+ABLATION = {
+    "seqkd": dict(data_schedule="seqkd", dac_mode="off", w_span=0.0),  # KD on the teacher's samples
+    "kd_forward_kl": dict(data_schedule="ground_truth", dac_mode="off", w_span=0.0),
+    "gkd_jsd": dict(data_schedule="on_policy", scrg_rounds=0, dac_mode="off", kd_divergence="jsd", kd_beta=0.5,
+                    w_span=0.0),
+    "kd_dac_kl": dict(data_schedule="ground_truth", w_span=0.0),
+    "kd_dac_kl_span": dict(data_schedule="ground_truth"),
+    "on_policy_no_scrg": dict(scrg_rounds=0),  # MGSR's sampling without the teacher's correction
+}
+ABLATION_ORDER = ("sft_student", "seqkd", "kd_forward_kl", "gkd_jsd", "kd_dac_kl", "kd_dac_kl_span",
+                  "on_policy_no_scrg", "mgsr_student")
+
+
 def student_variants(base: Config, out: Path, ablation: bool) -> dict[str, Config]:
-    sft_only = dict(w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
-    variants = {"sft_student": _variant(base, out, "sft_student", **sft_only),
-                "mgsr_student": _variant(base, out, "mgsr_student")}
+    names = {"sft_student": SFT, "mgsr_student": {}}
     if ablation:
-        variants.update({
-            "kd_forward_kl": _variant(base, out, "kd_forward_kl", dac_mode="off", w_span=0.0,
-                                      data_schedule="ground_truth"),
-            "kd_dac_kl": _variant(base, out, "kd_dac_kl", w_span=0.0, data_schedule="ground_truth"),
-            "kd_dac_kl_span": _variant(base, out, "kd_dac_kl_span", data_schedule="ground_truth"),
-        })
-    return variants
+        names.update(ABLATION)
+    return {name: _variant(base, out, name, **names[name]) for name in ABLATION_ORDER if name in names}
 
 
 def _params(model) -> int:
@@ -132,18 +151,72 @@ def _params(model) -> int:
     return int(count.item())
 
 
-def _train_and_evaluate(cfg: Config, eval_items, tokenizer, settings: dict, uses_teacher=None) -> dict:
+def _train_and_evaluate(cfg: Config, eval_items, tokenizer, settings: dict) -> dict:
     from mgsr_megatron.evaluation.evaluate import evaluate
     from mgsr_megatron.training.run import train
 
     start = time.time()
-    _, trainer = train(cfg, uses_teacher=uses_teacher)
+    _, trainer = train(cfg)
     seconds = time.time() - start
     result = evaluate(trainer.student, eval_items, tokenizer, vocab_size=cfg.student.vocab_size,
                       max_new_tokens=settings["eval_max_new_tokens"], seeds=settings["eval_seeds"])
     result.update(params=_params(trainer.student), train_seconds=round(seconds, 1),
                   eval_seconds=round(time.time() - start - seconds, 1), steps=cfg.schedule.train_iters)
     return result
+
+
+def over_training_seeds(runs: list[dict]) -> dict:
+    """One model's result over training seeds: the mean of every score, `*_std` = the spread (population
+    standard deviation) over the training seeds, `eval_*_std` = the mean spread over evaluation seeds."""
+    import statistics
+
+    scores = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not k.endswith("_std")]
+    result = {k: statistics.fmean(run[k] for run in runs) for k in scores}
+    for key in ("rouge_l", "exact_match"):
+        result[f"{key}_std"] = statistics.pstdev(run[key] for run in runs) if len(runs) > 1 else 0.0
+        result[f"eval_{key}_std"] = statistics.fmean(run[f"{key}_std"] for run in runs)
+    result.update(params=runs[0]["params"], train_seeds=len(runs), examples=runs[0].get("examples", {}),
+                  per_seed=[{k: run[k] for k in ("train_seed", "rouge_l", "exact_match", "train_seconds")}
+                            for run in runs])
+    return result
+
+
+def teacher_key(base: Config, settings: dict) -> str:
+    """What the teacher's checkpoint depends on: a later demo with the same key reuses it."""
+    import dataclasses
+    import hashlib
+
+    keys = ("teacher_iters", "teacher_lr", "teacher_min_lr", "n_train", "n_eval", "families")
+    payload = {"model": dataclasses.asdict(base.teacher), "settings": {k: str(settings[k]) for k in keys},
+               "schedule": [base.schedule.global_batch_size, base.schedule.seq_length, base.parallel.seed]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_teacher(base: Config, out: Path, settings: dict, eval_items, tokenizer) -> tuple[Path, dict]:
+    """The teacher's checkpoint and evaluation: trained (DP over every rank), or reused when
+    `teacher/key.json` records the same settings (the first demo pays for it, later ones do not)."""
+    import torch.distributed as dist
+
+    teacher_cfg = _variant(base, out, "teacher", **SFT)
+    teacher_cfg.student = copy.deepcopy(base.teacher)  # the teacher is trained as a "student" of SFT
+    teacher_cfg.data.train_path = str(out / "data" / "teacher.train")
+    teacher_cfg.parallel.tensor_model_parallel_size = 1  # data parallel: the fastest layout on 2 cores
+    teacher_cfg.schedule.micro_batch_size = max(1, base.schedule.global_batch_size // dist.get_world_size())
+    teacher_cfg.schedule.train_iters = settings["teacher_iters"]
+    teacher_cfg.optimizer.lr, teacher_cfg.optimizer.min_lr = settings["teacher_lr"], settings["teacher_min_lr"]
+    record = out / "teacher" / "key.json"
+    key = teacher_key(base, settings)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key and (Path(teacher_cfg.checkpoint.save) / "latest").exists():
+            return Path(teacher_cfg.checkpoint.save), dict(saved["result"], reused=True)
+    result = _train_and_evaluate(teacher_cfg, eval_items, tokenizer, settings)
+    if dist.get_rank() == 0:
+        tmp = record.with_suffix(".partial")
+        tmp.write_text(json.dumps({"key": key, "result": result}))
+        tmp.replace(record)
+    dist.barrier()
+    return Path(teacher_cfg.checkpoint.save), result
 
 
 def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dict:
@@ -159,51 +232,53 @@ def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dic
     tokenizer = load_tokenizer(base.data.tokenizer)
     eval_items = PromptDataset.from_jsonl(out / "data" / "corpus" / "eval.jsonl", tokenizer, base.data)
 
-    teacher_cfg = _variant(base, out, "teacher", w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
-    teacher_cfg.student = copy.deepcopy(base.teacher)  # the teacher is trained as a "student" of SFT
-    teacher_cfg.data.train_path = str(out / "data" / "teacher.train")
-    teacher_cfg.parallel.tensor_model_parallel_size = 1  # data parallel: the fastest layout on 2 cores
-    teacher_cfg.schedule.micro_batch_size = max(1, base.schedule.global_batch_size // dist.get_world_size())
-    teacher_cfg.schedule.train_iters = settings["teacher_iters"]
-    report = {"teacher": _train_and_evaluate(teacher_cfg, eval_items, tokenizer, settings, uses_teacher=False)}
-    teacher_dir = Path(teacher_cfg.checkpoint.save)
-
+    teacher_dir, teacher_result = train_teacher(base, out, settings, eval_items, tokenizer)
+    report = {"teacher": teacher_result}
     base = copy.deepcopy(base)
     base.teacher.load = str(teacher_dir)
-    for name, cfg in student_variants(base, out, ablation).items():
-        report[name] = _train_and_evaluate(cfg, eval_items, tokenizer, settings)
+    runs: dict[str, list[dict]] = {}
+    for seed in settings["train_seeds"]:
+        seeded = copy.deepcopy(base)
+        seeded.parallel.seed = seed  # the student's initialisation, data order and sampling noise
+        for name, cfg in student_variants(seeded, out / f"seed{seed}", ablation).items():
+            runs.setdefault(name, []).append(dict(_train_and_evaluate(cfg, eval_items, tokenizer, settings),
+                                                  train_seed=seed))
+    report.update({name: over_training_seeds(results) for name, results in runs.items()})
     report["seconds"] = round(time.time() - started, 1)
-    report["layout"] = {"teacher": "DP=2", "students": f"TP={base.parallel.tensor_model_parallel_size}"}
+    report["layout"] = {"teacher": f"DP={dist.get_world_size()}",
+                        "students": f"TP={base.parallel.tensor_model_parallel_size}"}
     report["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
     if ablation:
-        report["ablation"] = {name: {k: report[name][k] for k in ("rouge_l", "exact_match", "rouge_l_std")}
-                              for name in ("sft_student", "kd_forward_kl", "kd_dac_kl", "kd_dac_kl_span",
-                                           "mgsr_student")}
+        report["ablation"] = {name: {k: report[name][k] for k in ("rouge_l", "rouge_l_std", "exact_match",
+                                                                  "exact_match_std", "train_seconds")}
+                              for name in ABLATION_ORDER}
     if rank0:
-        write_report(report, out)
+        write_report(report, out, first_seed=settings["train_seeds"][0])
     parallel.destroy()
     return report
 
 
-def write_report(report: dict, out: Path) -> None:
+def write_report(report: dict, out: Path, first_seed: int) -> None:
     families = sorted(k.split("/", 1)[1] for k in report["teacher"] if k.startswith("rouge_l/"))
-    models = [k for k in report if isinstance(report[k], dict) and "rouge_l" in report[k]]
-    lines = [f"{'model':<16}{'params':>10}{'ROUGE-L':>10}{'+-':>6}{'EM':>8}{'+-':>6}{'train s':>9}  "
+    models = [k for k in report if isinstance(report[k], dict) and "rouge_l" in report[k] and k != "ablation"]
+    lines = [f"{'model':<18}{'params':>10}{'ROUGE-L':>9}{'+-':>6}{'EM':>7}{'+-':>6}{'train s':>9}  "
              + "  ".join(f"{f[:10]:>10}" for f in families)]
     for name in models:
         r = report[name]
-        lines.append(f"{name:<16}{r['params']:>10,}{r['rouge_l']:>10.1f}{r['rouge_l_std']:>6.1f}"
-                     f"{r['exact_match']:>8.1f}{r['exact_match_std']:>6.1f}{r['train_seconds']:>9.0f}  "
+        lines.append(f"{name:<18}{r['params']:>10,}{r['rouge_l']:>9.1f}{r['rouge_l_std']:>6.1f}"
+                     f"{r['exact_match']:>7.1f}{r['exact_match_std']:>6.1f}{r['train_seconds']:>9.0f}  "
                      + "  ".join(f"{r['rouge_l/' + f]:>10.1f}" for f in families))
     table = "\n".join(lines)
-    print("\n" + table + f"\n(ROUGE-L per family in the right columns; mean and spread over "
-          f"{report['teacher']['seeds']} seeds; total {report['seconds']:.0f} s)")
+    seeds = report["settings"]
+    print("\n" + table + f"\n(students: mean and spread over training seeds {seeds['train_seeds']}, each "
+          f"scored as the mean over sampling seeds {seeds['eval_seeds']}; teacher: spread over sampling seeds; "
+          f"ROUGE-L per family on the right; total {report['seconds']:.0f} s)")
     (out / "demo_table.txt").write_text(table + "\n")
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     try:
         from mgsr_megatron.plotting import plot_runs
 
-        plot_runs({name: out / name / "metrics.jsonl" for name in models if name != "teacher"},
+        plot_runs({name: out / f"seed{first_seed}" / name / "metrics.jsonl" for name in models if name != "teacher"},
                   out / "demo_curves.png")
     except ImportError:
         pass
@@ -216,9 +291,11 @@ def run_demo(args, overrides: list[str]) -> None:
     out = Path(args.output_dir).resolve()
     settings = dict(DEMO_SETTINGS)
     if args.quick:
-        settings.update(teacher_iters=60, n_train=600, n_eval=36, eval_seeds=(10,), labelled_fraction=0.25)
+        settings.update(teacher_iters=60, n_train=600, n_eval=36, eval_seeds=(10,), labelled_fraction=0.25,
+                        train_seeds=(1,))
     for key, value in (("teacher_iters", args.teacher_iters), ("n_eval", args.eval_prompts),
-                       ("eval_seeds", tuple(args.seeds) if args.seeds else None)):
+                       ("eval_seeds", tuple(args.seeds) if args.seeds else None),
+                       ("train_seeds", tuple(args.train_seeds) if args.train_seeds else None)):
         if value is not None:
             settings[key] = value
     if not launch.already_distributed():
@@ -230,6 +307,8 @@ def run_demo(args, overrides: list[str]) -> None:
         base.schedule.train_iters = 30
     if args.student_iters:
         base.schedule.train_iters = args.student_iters
+    # warm start (docs/quality.md): on-policy samples of a student that cannot answer yet cost it 3 points
+    base.mgsr.sft_warmup_iters = base.schedule.train_iters // 2
     if overrides:
         apply_dict(base, parse_overrides(overrides), "command line")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -12,7 +12,13 @@ import torch
 from mgsr_megatron.config import DataConfig
 from mgsr_megatron.data import preprocess as preprocess_module
 from mgsr_megatron.data.collate import collate, collate_prompts
-from mgsr_megatron.data.demo_corpus import DEMO_PROMPT_TEMPLATE, FAMILIES, build_demo_corpus, write_demo_corpus
+from mgsr_megatron.data.demo_corpus import (
+    _GENERATORS,
+    DEMO_PROMPT_TEMPLATE,
+    FAMILIES,
+    build_demo_corpus,
+    write_demo_corpus,
+)
 from mgsr_megatron.data.indexed import InstructionDataset, PromptDataset, Sample
 from mgsr_megatron.data.preprocess import preprocess
 from mgsr_megatron.data.sampler import DistributedResumableSampler
@@ -293,6 +299,10 @@ def test_sampler_shards_disjointly_and_resumes():
 
 def test_demo_corpus(tmp_path):
     corpus = build_demo_corpus(n_train=1200, n_eval=120, labelled_fraction=0.25, seed=3)
+    every_family = build_demo_corpus(n_train=300, n_eval=30, seed=3, families=tuple(_GENERATORS))
+    assert {r["family"] for r in every_family.train} == set(_GENERATORS)
+    with pytest.raises(ValueError, match="unknown demo task families"):
+        build_demo_corpus(n_train=30, n_eval=3, families=("units", "poetry"))
     assert corpus == build_demo_corpus(n_train=1200, n_eval=120, labelled_fraction=0.25, seed=3)
     assert corpus.train != build_demo_corpus(n_train=1200, n_eval=120, seed=4).train
     assert len(corpus.train) == 1200 and len(corpus.train_labelled) == 300 and len(corpus.train_prompts) == 900
@@ -303,7 +313,7 @@ def test_demo_corpus(tmp_path):
         counts = {f: sum(r["family"] == f for r in rows) for f in FAMILIES}
         assert max(counts.values()) - min(counts.values()) <= len(rows) // 10, counts
     # responses are right (checked by recomputing a few families independently)
-    for row in corpus.train + corpus.eval:
+    for row in corpus.train + corpus.eval + every_family.train:
         prompt, response = row["prompt"], row["response"]
         if m := re.fullmatch(r"what is (\d+) ([+-]|times) (\d+)", prompt):
             a, op, b = int(m[1]), m[2], int(m[3])
@@ -311,6 +321,10 @@ def test_demo_corpus(tmp_path):
         elif m := re.fullmatch(r"sort (ascending|descending): ([\d ]+)", prompt):
             values = sorted(map(int, m[2].split()), reverse=m[1] == "descending")
             assert response == " ".join(map(str, values))
+        elif m := re.fullmatch(r"reverse the words: ([a-z ]+)", prompt):
+            assert response == " ".join(reversed(m[1].split()))
+        elif m := re.fullmatch(r"is (\w+) in: ([a-z ]+)", prompt):
+            assert response == f"{m[1]} is {'' if m[1] in m[2].split() else 'not '}in the list"
         elif m := re.fullmatch(r"table: (.*)\. color of (\w+)\?", prompt):
             table = dict(entry.split() for entry in m[1].split(", "))
             assert response == f"{m[2]} is {table[m[2]]}"

@@ -1,14 +1,19 @@
 """The embedded demo corpus: a deterministic generator of instruction/response pairs (no downloads).
 
-Six task families, each a small skill a few-million-parameter model can learn on 2 CPU cores:
+Task families (`build_demo_corpus(families=...)`), each a small skill a few-million-parameter model
+can learn on 2 CPU cores; the demo uses FAMILIES:
 
-    arithmetic   "what is 23 + 58"                                   -> "81"
-    sorting      "sort ascending: 7 42 9 15"                         -> "7 9 15 42"
-    strings      "reverse the words: red fox jumps" / "uppercase: lamp" / "first letters: ..."
     units        "convert 3 km to m"                                 -> "3 km is 3000 m"
     lookup       "table: zorvia red, mivren blue, kest green. color of kest?" -> "kest is green"
                  (fact lookup over a small table the generator builds inside the prompt)
     compare      "which is larger: 37 or 52" -> "52 is larger than 37" / "count the words: ..." -> "4"
+    reverse      "reverse the words: red fox jumps"                  -> "jumps fox red"
+    membership   "is fox in: red fox jumps"                           -> "fox is in the list"
+  and, not in the demo's set (a 4 x 256 teacher stays below 25 ROUGE-L on them in 600 steps, so they
+  only add noise to a comparison of students; docs/quality.md):
+    arithmetic   "what is 23 + 58"                                   -> "81"
+    sorting      "sort ascending: 7 42 9 15"                         -> "7 9 15 42"
+    strings      "reverse the words: ..." / "uppercase: lamp" / "first letters: ..."
 
 Every row is {"prompt", "response", "family"} (format prompt_response, prompt template
 DEMO_PROMPT_TEMPLATE). Sequences stay under ~40 tokens with a 512-piece SentencePiece BPE vocabulary.
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_PROMPT_TEMPLATE = "{instruction}\n"
-FAMILIES = ("arithmetic", "sorting", "strings", "units", "lookup", "compare")
+FAMILIES = ("units", "lookup", "compare", "reverse", "membership")
 
 _WORDS = ("red fox jumps over lazy dog sun moon star tree river stone cloud rain wind fire lamp door book "
           "cat bird fish road hill lake snow leaf rock sand ship wolf bear frog apple bread honey salt milk "
@@ -103,8 +108,26 @@ def _compare(rng: random.Random):
     return f"count the words: {' '.join(words)}", str(len(words))
 
 
+def _reverse(rng: random.Random):
+    words = rng.sample(_WORDS, rng.randint(3, 4))
+    return f"reverse the words: {' '.join(words)}", " ".join(reversed(words))
+
+
+def _membership(rng: random.Random):
+    words = rng.sample(_WORDS, rng.randint(3, 5))
+    probe = rng.choice(words) if rng.random() < 0.5 else rng.choice([w for w in _WORDS if w not in words])
+    answer = f"{probe} is in the list" if probe in words else f"{probe} is not in the list"
+    return f"is {probe} in: {' '.join(words)}", answer
+
+
+def _successor(rng: random.Random):
+    a = rng.randint(0, 98)
+    return f"what comes after {a}", f"{a + 1} comes after {a}"
+
+
 _GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "strings": _strings, "units": _units,
-               "lookup": _lookup, "compare": _compare}
+               "lookup": _lookup, "compare": _compare, "reverse": _reverse, "membership": _membership,
+               "successor": _successor}
 
 
 @dataclass
@@ -116,17 +139,20 @@ class DemoCorpus:
 
 
 def build_demo_corpus(n_train: int = 4000, n_eval: int = 300, labelled_fraction: float = 1.0,
-                      seed: int = 0) -> DemoCorpus:
+                      seed: int = 0, families: tuple[str, ...] = FAMILIES) -> DemoCorpus:
     """Deterministic for a given (n_train, n_eval, labelled_fraction, seed); families in equal shares,
     round-robin, so every prefix of the rows is balanced too."""
     if not 0.0 <= labelled_fraction <= 1.0:
         raise ValueError(f"labelled_fraction must be in [0, 1], got {labelled_fraction}")
+    unknown = sorted(set(families) - set(_GENERATORS))
+    if unknown or not families:
+        raise ValueError(f"unknown demo task families {unknown} (known: {', '.join(_GENERATORS)})")
     rng = random.Random(seed)
     seen: set[str] = set()
     rows = []
     attempts = 0
     while len(rows) < n_train + n_eval:
-        family = FAMILIES[len(rows) % len(FAMILIES)]
+        family = families[len(rows) % len(families)]
         prompt, response = _GENERATORS[family](rng)
         attempts += 1
         if attempts > 50 * (n_train + n_eval):

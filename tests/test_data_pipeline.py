@@ -344,3 +344,20 @@ def test_demo_corpus(tmp_path):
     stats = preprocess([paths["train_prompts"]], tmp_path / "demo_prompts", tok.name, data_cfg, workers=1,
                        prompts_only=True, progress=False)
     assert stats.samples["train"] + stats.samples["valid"] == 900
+
+
+def test_sampler_steps_hold_the_same_samples_at_every_dp_size_across_epochs():
+    """122 samples, micro-batch 2, global batch 8: a 2-sample tail per epoch. Wrapping per window skipped
+    a different tail at DP=1, 2 and 4 (steps from 16 on differed); wrapping at step boundaries does not."""
+    n, mbs, global_batch, steps = 122, 2, 8, 40
+
+    def step_sets(dp):
+        ranks = [DistributedResumableSampler(n, mbs, r, dp, seed=9, step_samples=global_batch) for r in range(dp)]
+        micro = global_batch // (mbs * dp)
+        return [sorted(i for sampler in ranks for _ in range(micro) for i in next(sampler)) for _ in range(steps)]
+
+    reference = step_sets(1)
+    assert reference == step_sets(2) == step_sets(4)
+    assert len({tuple(s) for s in reference}) == steps  # 40 steps over 2.6 epochs, no step repeated
+    with pytest.raises(UserError, match="one training step takes 8"):
+        DistributedResumableSampler(6, mbs, 0, 1, step_samples=global_batch)

@@ -22,9 +22,11 @@ from mgsr_megatron.errors import UserError
 class _IndexedSampler:
     """A resumable sampler over a subset of a dataset's indices."""
 
-    def __init__(self, indices: np.ndarray, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+    def __init__(self, indices: np.ndarray, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 step_samples: int):
         self.indices = indices
-        self.sampler = DistributedResumableSampler(len(indices), micro_batch_size, dp_rank, dp_size, seed)
+        self.sampler = DistributedResumableSampler(len(indices), micro_batch_size, dp_rank, dp_size, seed,
+                                                   step_samples=step_samples)
 
     def next(self) -> list[int]:
         return [int(self.indices[i]) for i in next(self.sampler)]
@@ -45,8 +47,9 @@ class TrainingData:
         self.extractor = get_span_extractor(cfg.data.span_extractor)
         labelled = np.nonzero(self.dataset.tokens.sequence_lengths[1::2])[0]  # rows with a response
         mbs, seed = cfg.schedule.micro_batch_size, cfg.parallel.seed
-        self.ground_truth = _IndexedSampler(labelled, mbs, dp_rank, dp_size, seed)
-        self.prompts = _IndexedSampler(np.arange(len(self.dataset)), mbs, dp_rank, dp_size, seed + 1)
+        step = cfg.schedule.global_batch_size  # epochs wrap at step boundaries: the same at every DP size
+        self.ground_truth = _IndexedSampler(labelled, mbs, dp_rank, dp_size, seed, step)
+        self.prompts = _IndexedSampler(np.arange(len(self.dataset)), mbs, dp_rank, dp_size, seed + 1, step)
         self.valid = self._open_valid(cfg)
 
     def _open_valid(self, cfg: Config):

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 STEPS = 40
@@ -161,6 +163,35 @@ def test_sigkill_then_resume_is_exact_with_bf16_distributed_optimizer(tmp_path):
     assert actual == expected, f"resumed from {resumed_from}: losses differ"
 
 
+@pytest.mark.parametrize("dtype,extra", [("bfloat16", []), ("float16", ["--optimizer.initial_loss_scale=65536"])])
+def test_plain_optimizer_16bit_checkpoint_resume_auto_is_exact(tmp_path, dtype, extra):
+    """`mgsr train` with a bf16 student (fp16 with dynamic loss scaling) and the plain Megatron optimizer:
+    saving used to fail ("Param id 10 does not match any model sharded param": the fp32 norm weights and
+    qkv biases next to the 16-bit weights); now `--resume auto` from the step-4 checkpoint repeats the
+    uninterrupted run's steps 5-8 exactly (fp32 main weights, Adam moments, step, loss scaler restored)."""
+    import json
+
+    from tests.dist.training_setup import _build_files
+    from tests.test_training_process import write_config
+
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    _build_files(data_root)
+    run_dir = tmp_path / "run"
+    config = write_config(data_root, run_dir, train_iters=8)
+    cmd = [sys.executable, "-m", "mgsr_megatron", "train", "--config", str(config),
+           f"--student.params_dtype={dtype}", "--student.add_qkv_bias=true", *extra]
+    subprocess.run(cmd, env=ENV, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000008"
+    (checkpoints / "latest").write_text("iter_0000004\n")  # as if the run had died after step 4's save
+    subprocess.run(cmd + ["--resume", "auto"], env=ENV, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [(row["step"], row["loss"]) for row in rows if row["kind"] == "train"]
+    assert [step for step, _ in steps] == [*range(1, 9), *range(5, 9)], steps
+    assert steps[8:] == steps[4:8], f"resumed losses {steps[8:]} != uninterrupted {steps[4:8]}"
+
+
 def _bad(cfg, match: str, tp: int = 1, pp: int = 1):
     import pytest
 
@@ -229,3 +260,31 @@ def test_resume_with_another_optimizer_kind_or_precision_is_refused(tmp_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_16bit_model_is_16bit_throughout_and_matches_fp32(arch):
+    """Megatron's Float16Module convention: a bf16 model holds no fp32 norm (a GPT-2/OPT LayerNorm's
+    fp32 output entering a bf16 linear layer failed the first forward); its logits equal those of the
+    same weights in fp32 up to bf16 rounding."""
+    import torch
+
+    from mgsr_megatron import parallel
+    from mgsr_megatron.config import ModelConfig
+    from mgsr_megatron.models import build_model
+    from mgsr_megatron.models.pipeline import forward_logits
+
+    parallel.init_distributed()
+    parallel.initialize_model_parallel(1, 1, seed=7)
+    settings = dict(arch=arch, num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256,
+                    max_position_embeddings=32)
+    bf16 = build_model(ModelConfig(**settings, params_dtype="bfloat16")).eval()
+    fp32 = build_model(ModelConfig(**settings)).eval()
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        for target, source in zip(fp32.parameters(), bf16.parameters(), strict=True):
+            target.copy_(source.float())
+    tokens = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    low, high = forward_logits(bf16, [tokens])[0].float(), forward_logits(fp32, [tokens])[0]
+    assert torch.isfinite(low).all()
+    assert (low - high).abs().max() <= 0.05 * high.abs().max(), (low - high).abs().max()

@@ -108,6 +108,11 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     model.true_vocab_size = cfg.vocab_size
+    if config.params_dtype is not torch.float32:
+        # the local spec builds its norms in torch's default dtype; as Megatron's Float16Module does,
+        # the whole model runs in the 16-bit dtype (a GPT-2/OPT LayerNorm's fp32 output cannot enter a
+        # bf16 linear layer); the optimizer keeps fp32 main weights of every parameter
+        model.to(config.params_dtype)
     if platform.cuda_available() and not any(p.is_meta for p in model.parameters()):
         model.to(platform.device())  # CPU initialisation (layout-independent), then onto the GPU
     return model

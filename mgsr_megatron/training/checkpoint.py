@@ -71,10 +71,64 @@ _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 def _optimizer_sharded_state(optimizer, model, is_loading: bool):
     """Megatron's `optimizer.sharded_state_dict` (FP32Optimizer, Float16Optimizer: Adam moments and fp32
-    main weights sharded like their parameters; DistributedOptimizer: the same, gathered over DP)."""
+    main weights sharded like their parameters; DistributedOptimizer: the same, gathered over DP).
+    The plain bf16/fp16 optimizer goes through `_float16_sharded_state` (see there)."""
+    from megatron.core.optimizer import Float16OptimizerWithFloat16Params
+
     if is_loading:
         _fill_empty_adam_state(optimizer)
-    return optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=is_loading, metadata=_SHARDING)
+    model_state = model.sharded_state_dict()
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) == 1 and isinstance(parts[0], Float16OptimizerWithFloat16Params):
+        return _float16_sharded_state(parts[0], model_state, is_loading)
+    if any(isinstance(part, Float16OptimizerWithFloat16Params) for part in parts):
+        raise NotImplementedError("checkpoints of a chain of several bf16/fp16 Megatron optimizers")
+    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_SHARDING)
+
+
+def _float16_sharded_state(part, model_state: dict, is_loading: bool) -> dict:
+    """`Float16OptimizerWithFloat16Params.sharded_state_dict` of megatron-core 0.16.1, with the optimizer's
+    parameter ids mapped onto the model's sharded parameters correctly.
+
+    Megatron numbers the parameters of its id map over the 16-bit parameters only (`float16_groups`), but
+    torch numbers the optimizer state over every parameter of every group, and the student keeps
+    parameters in float32 next to its bf16/fp16 ones (the local spec's RMSNorm/LayerNorm weights and
+    biases, which Megatron's own training casts with Float16Module): their ids (the no-decay group, after
+    the 16-bit matrices) were in no map ("Param id 10 does not match any model sharded param"), and a
+    group mixing both kinds would have paired the fp32 main weights with the wrong ids. Here every
+    optimizer parameter (the fp32 main copy of a 16-bit parameter, or an fp32 parameter itself) is mapped
+    to its model parameter in torch's order, and each group's main weights take the ids of their own
+    positions. Same stored form as Megatron's: `optimizer.state.{exp_avg,exp_avg_sq}.<param key>` for
+    every parameter, `optimizer.state.fp32_param.<param key>` for the 16-bit ones, one common step; it
+    loads back through the class's own `load_state_dict`."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+
+    if is_loading:
+        part.init_state_fn(part.optimizer, part.config)  # moments to load into (Megatron does the same)
+    state = part.state_dict()
+    model_of_main = {id(main): param for params, mains in zip(part.float16_groups, part.fp32_from_float16_groups)
+                     for param, main in zip(params, mains)}
+    groups = part.optimizer.param_groups
+    ordered = [model_of_main.get(id(p), p) for group in groups for p in group["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_state, ordered)
+    saved_groups = state["optimizer"]["param_groups"]
+    assert len(saved_groups) == len(groups) == len(state["fp32_from_fp16_params"])
+    mains = [[make_sharded_optimizer_tensor(id_map[index], main, prefix="optimizer.state.fp32_param")
+              for index, main in zip(saved["params"], group["params"]) if id(main) in model_of_main]
+             for saved, group in zip(saved_groups, groups)]
+    # by group number, groups without 16-bit parameters left out: dist_checkpointing keeps an empty list
+    # in the common part and merges it back by position, with the wrong group (`_load_optimizer_state`
+    # turns this back into Megatron's list)
+    state["fp32_from_fp16_params"] = {number: group for number, group in enumerate(mains) if group}
+    step = part._extract_common_per_param_step(state["optimizer"])
+    optim_state_to_sharding_state(state["optimizer"], id_map, exclude_keys="step")
+    if step:  # one step shared by all parameters, as Megatron stores it
+        state["optimizer"]["state"]["common_step"] = step
+    return state
 
 
 def _load_optimizer_state(optimizer, state: dict) -> None:
@@ -82,11 +136,15 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     torch's AdamW (no Transformer Engine / Apex, e.g. on CPU): its loader gives every parameter's state
     ONE shared `step` tensor (AdamW then increments it once per parameter) and then fails copying the
     per-parameter state because `step` is not among the checkpoint's tensors. The parameter state is
-    loaded with `step` set aside, and every parameter gets its own copy of it."""
-    from megatron.core.optimizer import DistributedOptimizer
+    loaded with `step` set aside, and every parameter gets its own copy of it. The plain bf16/fp16
+    optimizer's fp32 main weights come back in `_float16_sharded_state`'s form and go in as Megatron's."""
+    from megatron.core.optimizer import DistributedOptimizer, Float16OptimizerWithFloat16Params
 
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     part = parts[0]
+    if len(parts) == 1 and isinstance(part, Float16OptimizerWithFloat16Params):
+        mains = state["fp32_from_fp16_params"]  # `_float16_sharded_state`'s form: {group number: [...]}
+        state["fp32_from_fp16_params"] = [mains.get(number, []) for number in range(len(part.float16_groups))]
     if len(parts) != 1 or not isinstance(part, DistributedOptimizer) or \
             not isinstance(part.optimizer, torch.optim.AdamW) or \
             state.get("param_state_sharding_type") != _SHARDING["distrib_optim_sharding_type"]:

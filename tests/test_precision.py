@@ -41,7 +41,7 @@ def _config(root: Path, dtype: str):
     return cfg
 
 
-def _weights(model) -> "torch.Tensor":
+def _weights(model):
     import torch
 
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])

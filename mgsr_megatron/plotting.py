@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CURVES = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "kept_mass", "grad_norm")
+CURVES = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "kept_mass", "grad_norm", "teacher_entropy",
+          "gen_mean_len", "gen_distinct_2", "scrg_changed")
 
 
 def read_metrics(path: str | Path, kind: str = "train") -> list[dict]:

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, required=True)
     plan.add_argument("--gpus-per-node", type=int, required=True)
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    plan.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                      help="cpu: plan CPU training processes (--gpus-per-node counts processes, "
+                           "--gpu-memory-gib is one process's memory); adds the measured process runtime")
     return parser
 
 

@@ -49,6 +49,15 @@ Generation happens before the training forward/backward of the same step, so the
     static (teacher weights + student states) + max(generation phase, training phase).
 A GPU fits the plan if the peak is at most (1 - RESERVE_FRACTION) of its memory (CUDA context, NCCL
 buffers and allocator fragmentation take the rest).
+
+`--device cpu` plans one training process on CPU (the CPU adapter runs the same Megatron code, at the
+same precision and with the same states, so every row above holds; --gpus-per-node then counts processes
+and --gpu-memory-gib is the memory of one process). What a GPU's memory does not hold but a process's
+resident set does, the interpreter, torch, Megatron and every module the trainer imports, the gloo
+process groups and their threads, the data's tokenizer and indices, the allocator's arenas, is one
+measured row, CPU_RUNTIME_BYTES (see there). The peak is then comparable with the peak RSS that
+`mgsr train` logs on CPU (metrics.jsonl `mem_gib`, platform.peak_memory_bytes); tests/test_plan_cpu_rss.py
+checks it for the tiny example within 15%.
 """
 
 from __future__ import annotations
@@ -61,6 +70,16 @@ from mgsr_megatron.errors import UserError
 GIB = 1024 ** 3
 RESERVE_FRACTION = 0.10
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# What one `mgsr train` process on CPU holds besides the planned rows: the peak RSS of the tiny example
+# (examples/tiny/config.yaml: 2 processes, TP=2, its data and on-policy schedule, 2 ground-truth and 2
+# SCRG steps) with student and teacher shrunk to 1 layer, hidden 16, minus this planner's rows for those
+# minimal models (1.5 MiB of weights, states and activations), measured with
+# `python -m tests.test_plan_cpu_rss runtime DIR` (after `... setup DIR`): 0.3867 GiB (396.0 MiB) - 1.5 MiB
+# = 394.5 MiB, on torch 2.13 (CPU), Megatron-Core 0.16.1, Python 3.11, Linux x86-64. It moves with those
+# versions and a little with the layout (each gloo process group has its threads); the planner adds it
+# once per process.
+CPU_RUNTIME_BYTES = int(394.5 * 2 ** 20)
+DEVICES = ("gpu", "cpu")
 
 
 def _resolved(model: ModelConfig) -> ModelConfig:
@@ -170,9 +189,11 @@ class StagePlan:
     kv_cache: int
     scoring_logits: int
     in_flight: int
+    runtime: int = 0  # the CPU process runtime (CPU_RUNTIME_BYTES) with --device cpu; 0 on GPU
 
     def peak(self, recompute: bool = False, other_optimizer: bool = False) -> float:
-        static = self.teacher_weights + (self.student_states_other if other_optimizer else self.student_states)
+        static = self.runtime + self.teacher_weights \
+            + (self.student_states_other if other_optimizer else self.student_states)
         training = self.teacher_logits + max(
             self.teacher_forward,
             (self.activations_recompute if recompute else self.activations) + self.student_logits)
@@ -194,6 +215,7 @@ class Plan:
     generator: str | None  # student | teacher | None
     stages: list[StagePlan]
     gpu_bytes: float
+    device: str = "gpu"
 
     @property
     def usable_bytes(self) -> float:
@@ -235,8 +257,13 @@ def check_layout(cfg: Config, world_size: int, micro_batch: int | None = None) -
     return dp
 
 
-def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch: int | None = None) -> Plan:
+def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch: int | None = None,
+         device: str = "gpu") -> Plan:
+    """The memory of one GPU (device="gpu") or of one CPU training process (device="cpu") per stage."""
     from mgsr_megatron.training.trainer import Trainer
+
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
 
     dp = check_layout(cfg, world_size, micro_batch)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -287,19 +314,21 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
             activations=activations, activations_recompute=recompute,
             student_logits=in_flight * logits_bytes(student, tp, b, s) if last else 0,
             teacher_logits=logits_bytes(teacher, tp, num_micro * b, s) if last and uses_teacher else 0,
-            teacher_forward=teacher_forward, kv_cache=kv, scoring_logits=scoring, in_flight=in_flight))
+            teacher_forward=teacher_forward, kv_cache=kv, scoring_logits=scoring, in_flight=in_flight,
+            runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0))
     return Plan(world_size, tp, pp, dp, b, num_micro, s, distributed, uses_teacher, generator, stages,
-                gpu_memory_gib * GIB)
+                gpu_memory_gib * GIB, device)
 
 
-def largest_micro_batch(cfg: Config, world_size: int, gpu_memory_gib: float, recompute: bool = False) -> int | None:
+def largest_micro_batch(cfg: Config, world_size: int, gpu_memory_gib: float, recompute: bool = False,
+                        device: str = "gpu") -> int | None:
     """The largest micro-batch b with global_batch % (b*DP) == 0 whose plan fits (None if none does)."""
     dp = check_layout(cfg, world_size, 1)
     best = None
     for b in range(1, cfg.schedule.global_batch_size // dp + 1):
         if cfg.schedule.global_batch_size % (b * dp):
             continue
-        if plan(cfg, world_size, gpu_memory_gib, micro_batch=b).fits(recompute=recompute):
+        if plan(cfg, world_size, gpu_memory_gib, micro_batch=b, device=device).fits(recompute=recompute):
             best = b
     return best
 
@@ -320,8 +349,9 @@ def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_nam
     worst = p.worst()
     opt_now = "distributed" if p.distributed_optimizer else "plain"
     opt_other = "plain" if p.distributed_optimizer else "distributed"
+    unit = "CPU process(es)" if p.device == "cpu" else "GPU(s)"
     lines = [
-        f"mgsr plan {config_name}: {nodes} node(s) x {gpus_per_node} GPU(s) of {p.gpu_bytes / GIB:g} GiB "
+        f"mgsr plan {config_name}: {nodes} node(s) x {gpus_per_node} {unit} of {p.gpu_bytes / GIB:g} GiB "
         f"= world {p.world_size}: TP={p.tp} PP={p.pp} DP={p.dp}",
         f"  batch: global {cfg.schedule.global_batch_size} = micro {p.micro_batch} x DP {p.dp} x "
         f"{p.num_micro} micro-batches/step; seq_length {p.seq_length}; generator: {p.generator or 'none'}",
@@ -329,9 +359,11 @@ def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_nam
         f"({cfg.student.params_dtype}), teacher "
         + (f"{stage_params(_resolved(cfg.teacher), 1, 1, 0) / 1e9:.3f} B params ({cfg.teacher.params_dtype})"
            if p.uses_teacher else "not used"),
-        "  per GPU, GiB                                  " + "".join(f"  stage {st.stage}" for st in p.stages),
+        ("  per CPU process, GiB                          " if p.device == "cpu" else
+         "  per GPU, GiB                                  ") + "".join(f"  stage {st.stage}" for st in p.stages),
     ]
-    rows = [
+    rows = [("CPU process runtime (measured constant)", lambda st: st.runtime)] if p.device == "cpu" else []
+    rows += [
         ("teacher weights", lambda st: st.teacher_weights),
         (f"student weights+grads+Adam ({opt_now} opt.)", lambda st: st.student_states),
         (f"  (with the {opt_other} optimizer)", lambda st: st.student_states_other),
@@ -352,24 +384,25 @@ def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_nam
     verdict = "FITS" if p.fits() else "DOES NOT FIT"
     lines.append(f"  {verdict}: worst stage {worst.stage} needs {worst.peak() / GIB:.2f} GiB of {usable / GIB:.2f} "
                  f"usable ({100 * (1 - RESERVE_FRACTION):.0f}% of {p.gpu_bytes / GIB:g} GiB)")
-    best = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB)
-    best_re = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB, recompute=True)
+    best = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB, device=p.device)
+    best_re = largest_micro_batch(cfg, p.world_size, p.gpu_bytes / GIB, recompute=True, device=p.device)
     lines.append(f"  largest micro-batch that fits (global batch divisible by micro x DP): "
                  f"{best if best else 'none'}; with full recomputation: {best_re if best_re else 'none'}")
     return "\n".join(lines)
 
 
 def run_plan(args, overrides: list[str]) -> None:
-    """CLI entry: `mgsr plan --config F --nodes N --gpus-per-node G [--gpu-memory-gib M] [--a.b=v ...]`."""
+    """CLI entry: `mgsr plan --config F --nodes N --gpus-per-node G [--gpu-memory-gib M] [--device cpu]
+    [--a.b=v ...]`."""
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise UserError(f"--nodes and --gpus-per-node must be >= 1 (got {args.nodes}, {args.gpus_per_node})")
     if args.gpu_memory_gib <= 0:
         raise UserError(f"--gpu-memory-gib must be positive (got {args.gpu_memory_gib})")
     cfg = validate(load_config(args.config, overrides))
     world = args.nodes * args.gpus_per_node
-    p = plan(cfg, world, args.gpu_memory_gib)
+    p = plan(cfg, world, args.gpu_memory_gib, device=getattr(args, "device", "gpu"))
     print(format_plan(cfg, p, args.nodes, args.gpus_per_node, args.config))
 
 
-__all__ = ["plan", "largest_micro_batch", "format_plan", "run_plan", "layer_params", "stage_params",
+__all__ = ["CPU_RUNTIME_BYTES", "plan", "largest_micro_batch", "format_plan", "run_plan", "layer_params", "stage_params",
            "layer_activation_bytes", "state_bytes_per_param", "kv_cache_bytes", "check_layout"]

@@ -176,3 +176,27 @@ def test_cli_prints_the_plan(tmp_path, capsys):
     assert "world 8: TP=2 PP=2 DP=2" in out and "FITS" in out and "stage 1" in out
     with pytest.raises(UserError, match="--nodes and --gpus-per-node must be >= 1"):
         run_plan(Namespace(config=str(path), nodes=0, gpus_per_node=4, gpu_memory_gib=1.0), [])
+
+
+def test_cpu_device_adds_the_measured_process_runtime(tmp_path, capsys):
+    """--device cpu: every row of the GPU plan plus one row, the process runtime (CPU_RUNTIME_BYTES);
+    tests/test_plan_cpu_rss.py checks the sum against a CPU run's peak RSS."""
+    import yaml
+
+    from mgsr_megatron.planner import CPU_RUNTIME_BYTES
+
+    cfg = small_config()
+    gpu, cpu = plan(cfg, 8, 1.0), plan(cfg, 8, 1.0, device="cpu")
+    for a, b in zip(gpu.stages, cpu.stages):
+        assert b.peak() - a.peak() == CPU_RUNTIME_BYTES and a.runtime == 0
+    with pytest.raises(UserError, match="--device must be one of gpu, cpu"):
+        plan(cfg, 8, 1.0, device="tpu")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"student": vars(cfg.student), "teacher": vars(cfg.teacher),
+                                    "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2},
+                                    "schedule": {"global_batch_size": 8, "micro_batch_size": 2, "seq_length": 32}}))
+    run_plan(Namespace(config=str(path), nodes=1, gpus_per_node=8, gpu_memory_gib=1.0, device="cpu"), [])
+    out = capsys.readouterr().out
+    assert "8 CPU process(es) of 1 GiB" in out and "per CPU process, GiB" in out
+    row = next(line for line in out.splitlines() if "CPU process runtime (measured constant)" in line)
+    assert row.split()[-1] == f"{CPU_RUNTIME_BYTES / GIB:.2f}", row

@@ -48,3 +48,37 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     err = (actual - expected).abs().max().item()
     if not err <= atol:
         raise AssertionError(f"{what}: max abs error {err:.3g} > {atol}")
+
+
+_SUBWORLDS = [0]
+
+
+def in_smaller_world(size: int, fn, rendezvous_dir):
+    """Run `fn()` as a job of `size` processes: the default process group is torn down, ranks
+    0..size-1 form a new world of `size` ranks (Megatron and the trainer see world size `size`, as in
+    a torchrun launch of that size, without paying a second launch's imports), the other ranks wait,
+    then all ranks form the launch's world again. Returns fn()'s value on ranks < size, None elsewhere."""
+    import datetime
+
+    from mgsr_megatron import parallel
+
+    rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    _SUBWORLDS[0] += 1
+    tag = f"{rendezvous_dir}/world_{_SUBWORLDS[0]}"
+    timeout = datetime.timedelta(minutes=10)
+    parallel.destroy()
+    result, error = None, None
+    if rank < size:
+        dist.init_process_group(backend, init_method=f"file://{tag}_small", rank=rank, world_size=size,
+                                timeout=timeout)
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised once the full world is back
+            error = exc
+        finally:
+            parallel.destroy()
+    dist.init_process_group(backend, init_method=f"file://{tag}_full", rank=rank, world_size=world,
+                            timeout=timeout)
+    if error is not None:
+        raise error
+    return result

@@ -404,5 +404,5 @@ def run_plan(args, overrides: list[str]) -> None:
     print(format_plan(cfg, p, args.nodes, args.gpus_per_node, args.config))
 
 
-__all__ = ["CPU_RUNTIME_BYTES", "plan", "largest_micro_batch", "format_plan", "run_plan", "layer_params", "stage_params",
-           "layer_activation_bytes", "state_bytes_per_param", "kv_cache_bytes", "check_layout"]
+__all__ = ["CPU_RUNTIME_BYTES", "plan", "largest_micro_batch", "format_plan", "run_plan", "layer_params",
+           "stage_params", "layer_activation_bytes", "state_bytes_per_param", "kv_cache_bytes", "check_layout"]

@@ -21,6 +21,8 @@ from mgsr_megatron.config import Config, DataConfig
 
 TEMPLATE = "{instruction}\n"
 SEQ = 40  # schedule.seq_length = data.max_length, as in the demo
+# the corpus these rows were written against (the truncation below depends on its tokenizer)
+WAVE1_FAMILIES = ("arithmetic", "sorting", "strings", "units", "lookup", "compare")
 HAND_PROMPT, HAND_RESPONSE = "name three animals", "the quick brown fox ran to the big red barn"
 CRAFTED = [  # responses whose text does not survive encode -> decode, and one that preprocessing truncates
     ("repeat with spaces", "green  apple   pie and  red plum"),
@@ -39,13 +41,13 @@ def data(tmp_path_factory):
     from mgsr_megatron.training.data import TrainingData
 
     root = tmp_path_factory.mktemp("generated_rows")
-    corpus = build_demo_corpus(n_train=240, n_eval=4)
+    corpus = build_demo_corpus(n_train=240, n_eval=4, families=WAVE1_FAMILIES)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in corpus.train]
     rows += [{"prompt": p, "response": r} for p, r in CRAFTED] + [{"prompt": HAND_PROMPT, "response": HAND_RESPONSE}]
     # the tokenizer knows the demo rows of the span check below too (the demo trains it on its corpus), and
     # the hand row's words are frequent enough to be single pieces; the unknown-symbols row stays unknown
     known = rows[:-len(CRAFTED) - 1] + [{"prompt": p, "response": r} for p, r in CRAFTED if "\u03a9" not in r]
-    known += build_demo_corpus(n_train=600, n_eval=0, seed=3).train
+    known += build_demo_corpus(n_train=600, n_eval=0, seed=3, families=WAVE1_FAMILIES).train
     texts = [r["prompt"] for r in known] + [r["response"] for r in known] + [HAND_RESPONSE] * 200
     train_sentencepiece(texts, root / "tok.model", vocab_size=256)
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -56,6 +58,7 @@ def data(tmp_path_factory):
     cfg.data.tokenizer, cfg.data.train_path = str(root / "tok.model"), str(root / "data.train")
     cfg.student.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
     cfg.schedule.seq_length, cfg.schedule.micro_batch_size = SEQ, 5  # 245 rows: 49 micro-batches
+    cfg.schedule.global_batch_size = 5  # one micro-batch per step (the sampler wraps epochs at steps)
     return TrainingData(cfg, dp_rank=0, dp_size=1)
 
 
@@ -209,7 +212,7 @@ def test_spans_agree_on_the_demo_corpus_at_scale(data):
                      overlong_policy="truncate")
     counts = {"prompt_dropped": 0, "prompt_truncated": 0, "length_dropped": 0, "response_truncated": 0}
     disagree = []
-    for k, row in enumerate(build_demo_corpus(n_train=600, n_eval=0, seed=3).train):
+    for k, row in enumerate(build_demo_corpus(n_train=600, n_eval=0, seed=3, families=WAVE1_FAMILIES).train):
         example = parse_row({"prompt": row["prompt"], "response": row["response"]}, "prompt_response", TEMPLATE,
                             f"row {k}")
         _, response_ids, spans = tokenize_example(example, tok, extractor, cfg, counts)

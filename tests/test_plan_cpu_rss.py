@@ -7,9 +7,9 @@ its own layout: 2 processes, TP=2), within 15%.
 `python -m tests.test_plan_cpu_rss runtime DIR` then measures planner.CPU_RUNTIME_BYTES (see `runtime`).
 
 Measured (2 cores, 2026-12-05): runtime 396.0 - 1.5 = 394.5 MiB; the tiny example's peak RSS
-0.408-0.409 GiB against the plan's 0.401 GiB (-2%). The models' share of the example is small: plan 16 MiB (15 MiB above the
-minimal models' 1.5 MiB), measured 22-23 MiB above the minimal run, so this test mostly checks the
-runtime row and that nothing the planner leaves out grows with the models at this size.
+0.408-0.409 GiB against the plan's 0.401 GiB (-2%). The models' share of the example is small: plan
+16 MiB (15 MiB above the minimal models' 1.5 MiB), measured 22-23 MiB above the minimal run, so this test
+mostly checks the runtime row and that nothing the planner leaves out grows with the models at this size.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_interrupted_save_keeps_previous_checkpoint(data_root, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--schedule.global_batch_size=3", "global_batch_size=3 is not a multiple of micro_batch_size*DP = 2*1"),
+    ("--schedule.global_batch_size=3", "global_batch_size=3 is not a multiple of schedule.micro_batch_size=2"),
     ("--schedule.seq_length=64", "seq_length=64 exceeds teacher.max_position_embeddings=48"),
     ("--data.train_path=/no/such", "/no/such.json not found"),
     ("--student.vocab_size=300", "has 256 tokens but student.vocab_size=300"),

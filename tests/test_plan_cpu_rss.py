@@ -39,15 +39,10 @@ MINIMAL = dict(num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_s
 def setup(root: Path) -> None:
     """Data and two teacher checkpoints (not at their random init, which the trainer refuses): the
     example's 4x256 teacher, and a minimal one (MINIMAL) for `runtime`."""
-    import copy
-
-    import torch
-
     from mgsr_megatron import parallel
     from mgsr_megatron.config import load_config
     from mgsr_megatron.demo import DEMO_SETTINGS, prepare_data
-    from mgsr_megatron.models import build_teacher
-    from mgsr_megatron.models.checkpoint import save_model
+    from tests.dist.training_setup import save_perturbed_teacher
 
     prepare_data(root, {**DEMO_SETTINGS, "n_train": 400, "n_eval": 8})
     parallel.init_distributed()
@@ -55,13 +50,7 @@ def setup(root: Path) -> None:
         cfg = load_config(EXAMPLE)
         for key, value in shape.items():
             setattr(cfg.teacher, key, value)
-        parallel.initialize_model_parallel(1, 1, seed=11)
-        teacher = build_teacher(cfg.teacher)
-        noise = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for param in teacher.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=noise))
-        save_model(teacher, root / name, copy.deepcopy(cfg.teacher))
+        save_perturbed_teacher(cfg.teacher, root / name)
     parallel.destroy()
 
 

@@ -130,10 +130,9 @@ def test_cpu_adapter_serves_megatron_optimizer_and_recomputation():
 def test_sigkill_then_resume_is_exact_with_bf16_distributed_optimizer(tmp_path):
     """A whole `mgsr train` job at DP=2 (bf16 student, fp32 main weights sharded by Megatron's distributed
     optimizer) killed with SIGKILL and resumed with --resume auto gives the uninterrupted run's losses."""
-    import signal
 
     from tests.dist.training_setup import _build_files
-    from tests.test_training_process import losses, wait_for, write_config
+    from tests.test_training_process import kill_then_resume, losses, write_config
 
     data_root = tmp_path / "data"
     data_root.mkdir()
@@ -149,15 +148,7 @@ def test_sigkill_then_resume_is_exact_with_bf16_distributed_optimizer(tmp_path):
     subprocess.run(cmd(write_config(data_root, reference_dir, train_iters=12)), env=ENV, check=True, cwd=ROOT,
                    capture_output=True, timeout=900)
     config = write_config(data_root, killed_dir, train_iters=12)
-    proc = subprocess.Popen(cmd(config), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_for(lambda: (killed_dir / "checkpoints" / "latest").is_file() or proc.poll() is not None, 600,
-             "the first checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed_from = (killed_dir / "checkpoints" / "latest").read_text().strip()
-    subprocess.run(cmd(config, "--resume", "auto"), env=ENV, check=True, cwd=ROOT, capture_output=True,
-                   timeout=900)
+    resumed_from = kill_then_resume(cmd, config, killed_dir, 600, 900)
     expected, actual = losses(reference_dir), losses(killed_dir)
     assert sorted(actual) == sorted(expected) == list(range(1, 13))
     assert actual == expected, f"resumed from {resumed_from}: losses differ"

@@ -70,22 +70,28 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(data_root, tmp_path):
-    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(train_cmd(write_config(data_root, reference_dir)), env=ENV, check=True, cwd=ROOT,
-                   capture_output=True, timeout=600)
-    config = write_config(data_root, killed_dir)
-    proc = subprocess.Popen(train_cmd(config), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+def kill_then_resume(cmd, config: Path, run_dir: Path, first_save_timeout: float, resume_timeout: float) -> str:
+    """Start `cmd(config)`, SIGKILL its whole process group once the first checkpoint exists, run
+    `cmd(config, "--resume", "auto")` to the end; returns the checkpoint it resumed from."""
+    proc = subprocess.Popen(cmd(config), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (killed_dir / "checkpoints" / "latest").is_file() or proc.poll() is not None, 300,
-             "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file() or proc.poll() is not None,
+             first_save_timeout, "the first checkpoint")
     # the whole job dies, as on a node failure or a scheduler's cgroup kill (killing only the trainer
     # would orphan the multiprocessing Manager that Megatron's async checkpoint writer starts)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed_from = (killed_dir / "checkpoints" / "latest").read_text().strip()
-    subprocess.run(train_cmd(config, "--resume", "auto"), env=ENV, check=True, cwd=ROOT, capture_output=True,
-                   timeout=600)
+    resumed_from = (run_dir / "checkpoints" / "latest").read_text().strip()
+    subprocess.run(cmd(config, "--resume", "auto"), env=ENV, check=True, cwd=ROOT, capture_output=True,
+                   timeout=resume_timeout)
+    return resumed_from
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(data_root, tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(train_cmd(write_config(data_root, reference_dir)), env=ENV, check=True, cwd=ROOT,
+                   capture_output=True, timeout=600)
+    resumed_from = kill_then_resume(train_cmd, write_config(data_root, killed_dir), killed_dir, 300, 600)
     expected, actual = losses(reference_dir), losses(killed_dir)
     assert sorted(actual) == sorted(expected) == list(range(1, 41))
     assert actual == expected, f"resumed from {resumed_from}: losses differ"

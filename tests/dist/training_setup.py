@@ -90,17 +90,21 @@ def ensure_student_init(root: Path) -> str:
 
 def ensure_teacher(root: Path) -> None:
     """A teacher checkpoint whose weights are NOT the random init (the trainer refuses those)."""
+    if (root / "teacher" / "model_config.yaml").is_file():
+        return
+    save_perturbed_teacher(base_config(root).teacher, root / "teacher")
+
+
+def save_perturbed_teacher(model_cfg, directory: Path) -> None:
+    """Build `model_cfg` at TP=PP=1, move every weight off its random init (small fixed noise) and save."""
     from mgsr_megatron import parallel
     from mgsr_megatron.models import build_teacher
     from mgsr_megatron.models.checkpoint import save_model
 
-    if (root / "teacher" / "model_config.yaml").is_file():
-        return
-    cfg = base_config(root)
     parallel.initialize_model_parallel(1, 1, seed=11)
-    teacher = build_teacher(cfg.teacher)
+    teacher = build_teacher(model_cfg)
     noise = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in teacher.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=noise))
-    save_model(teacher, root / "teacher", copy.deepcopy(cfg.teacher))
+    save_model(teacher, directory, copy.deepcopy(model_cfg))

@@ -112,7 +112,7 @@ def ref_divergence(lp: np.ndarray, lq: np.ndarray, kind: str) -> np.ndarray:
 
 
 def ref_scrg(student, teacher, prompts, cfg, *, eos_id, seed):
-    """Method.md section 1, one row at a time. Returns (responses, per-round [(j, t_j, d_j)] lists)."""
+    """method.md section 1, one row at a time. Returns (responses, per-round [(j, t_j, d_j)] lists)."""
     from mgsr_megatron.generation.scrg import round_seed  # only the seed schedule is shared
 
     opts = dict(greedy=False, temperature=1.0, top_k=0, top_p=1.0)

@@ -42,6 +42,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # default per arch: gpt2/opt tied, llama untied
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 | bfloat16 | float16
     load: str | None = None  # checkpoint directory to load weights from (required for the teacher)
+    # teacher only: accept a checkpoint whose provenance.json records neither training nor an HF import
+    # (train_iters 0, hand-made, older than the record); refused by default
+    allow_untrained: bool = False
     # activation recomputation, as Megatron's TransformerConfig names it (student only; the teacher
     # runs forward-only): granularity None | full | selective (Megatron's default modules: core_attn);
     # method uniform | block and num_layers with full only
@@ -179,6 +182,11 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training loads the teacher: a KD term (DAC-KL or span) is on, or rows are generated."""
+        return bool(self.mgsr.w_dac or self.mgsr.w_span or self.mgsr.data_schedule != "ground_truth")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,13 +4,15 @@
                   --seed S] --max-new-tokens N [--tensor-model-parallel-size 2]
     mgsr eval --load CKPT --data EVAL.jsonl [--seeds 10 20 30 40 50 | --greedy] [--output RESULTS.jsonl]
 
-Input lines hold `prompt` (text; the data.prompt_template is NOT applied: the text is the prompt) or
-`prompt_ids` (token ids). Output lines are the input lines plus `output_ids` and `output` (text, when
+Input lines hold `prompt` (text; the data.prompt_template is NOT applied: the text is the prompt,
+encoded as the tokenizer encodes prompts, with its BOS if it adds one) or `prompt_ids` (token ids, which
+need no tokenizer). Output lines are the input lines plus `output_ids` and `output` (text, when
 a tokenizer is known). Rows are split over data-parallel replicas and written by rank 0 in input order.
-`mgsr eval` prints one JSON line (ROUGE-L / exact match: mean and spread over the seeds, per task family,
-distinct-2, `seeds`, `greedy`, `examples`) and appends it to --output; `--greedy` decodes greedily,
-once (the seeds are not used). Bad input (the input file, a prompt that does not fit the model's
-context or vocabulary) is reported before the model is loaded.
+`mgsr eval` needs a reference (a response or `references`) on every row and prints one JSON line
+(ROUGE-L / exact match: mean and spread over the seeds, per task family, distinct-2, `seeds`, `greedy`,
+`examples`) and appends it to --output; `--greedy` decodes greedily, once (the seeds are not used).
+Bad input (the input file, a prompt that does not fit the model's context or vocabulary, a tokenizer
+other than the checkpoint's) is reported before the model is loaded.
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ from mgsr_megatron.errors import UserError
 
 def prepare_inference(args, overrides):
     """(cfg, checkpoint directory, model_cfg, tokenizer or None): everything but the model, so that
-    bad input (config, checkpoint metadata, tokenizer, the input file) is reported before it loads."""
-    from mgsr_megatron.models.checkpoint import TOKENIZER_DIR, read_model_config, resolve_checkpoint
+    bad input (config, checkpoint metadata, tokenizer, the input file) is reported before it loads.
+    The tokenizer is --tokenizer, else the checkpoint's tokenizer/ (when it holds one), else
+    data.tokenizer; one whose hash differs from the checkpoint's recorded one is refused."""
+    from mgsr_megatron.data.tokenizer import has_tokenizer_files, load_tokenizer
+    from mgsr_megatron.models.checkpoint import (
+        TOKENIZER_DIR,
+        check_tokenizer_hash,
+        read_model_config,
+        resolve_checkpoint,
+    )
 
     cfg = validate(load_config(args.config, overrides))
     directory = resolve_checkpoint(args.load)
     model_cfg = read_model_config(directory)
-    tokenizer_path = args.tokenizer or (directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir()
-                                        else cfg.data.tokenizer)
-    tokenizer = None
-    if tokenizer_path:
-        from mgsr_megatron.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_path)
+    own = directory / TOKENIZER_DIR
+    tokenizer_path = args.tokenizer or (own if has_tokenizer_files(own) else cfg.data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    check_tokenizer_hash(directory, tokenizer, "--load")
     return cfg, directory, model_cfg, tokenizer
 
 
@@ -99,7 +106,7 @@ def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list
                 raise UserError(f"{path}:{number}: text 'prompt' needs a tokenizer (--tokenizer)")
             if not isinstance(row["prompt"], str):
                 raise UserError(f"{path}:{number}: 'prompt' must be a string")
-            ids = tokenizer.encode(row["prompt"])
+            ids = tokenizer.encode_prompt(row["prompt"])
         else:
             raise UserError(f"{path}:{number}: missing field 'prompt' (text) or 'prompt_ids'")
         if not ids:
@@ -170,6 +177,10 @@ def evaluate_file(args, overrides) -> None:
     items = PromptDataset.from_jsonl(args.data, tokenizer, cfg.data)
     if len(items) == 0:
         raise UserError(f"{args.data}: no evaluation rows")
+    unscored = next((item for item in items if not item.references), None)
+    if unscored is not None:  # it would score 0 and pull the mean down without a word
+        raise UserError(f"{unscored.source}: no reference answer to score against (give the row a response "
+                        f"or 'references')")
     check_prompts([item.prompt_ids.tolist() for item in items], model_cfg, args.max_new_tokens,
                   lambda i: f"{args.data}: row {i + 1} ({items[i].prompt[:40]!r})")
     model = load_inference_model(cfg, directory, model_cfg)

@@ -260,8 +260,6 @@ def check_layout(cfg: Config, world_size: int, micro_batch: int | None = None) -
 def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch: int | None = None,
          device: str = "gpu") -> Plan:
     """The memory of one GPU (device="gpu") or of one CPU training process (device="cpu") per stage."""
-    from mgsr_megatron.training.trainer import Trainer
-
     if device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
 
@@ -272,7 +270,7 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
     b = sched.micro_batch_size if micro_batch is None else micro_batch
     s = sched.seq_length
     num_micro = sched.global_batch_size // (b * dp)
-    uses_teacher = Trainer.needs_teacher(cfg)
+    uses_teacher = cfg.needs_teacher
     generator = None
     if uses_teacher and mgsr.data_schedule != "ground_truth":
         generator = "teacher" if mgsr.data_schedule == "seqkd" else "student"

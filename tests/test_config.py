@@ -68,3 +68,14 @@ def test_parse_overrides_types():
 def test_every_section_roundtrips():
     assert set(Config().to_dict()) == {"teacher", "student", "parallel", "data", "mgsr", "optimizer",
                                        "schedule", "checkpoint", "logging"}
+
+
+@pytest.mark.parametrize("overrides,needed", [
+    ([], True),  # the MGSR default: DAC-KL, span and on-policy rows
+    (["--mgsr.w_dac=0", "--mgsr.w_span=0", "--mgsr.data_schedule=ground_truth"], False),  # SFT only
+    (["--mgsr.w_dac=0", "--mgsr.w_span=0", "--mgsr.data_schedule=seqkd"], True),  # generated rows
+    (["--mgsr.w_span=0", "--mgsr.data_schedule=ground_truth"], True),  # DAC-KL on ground truth
+    (["--mgsr.w_dac=0", "--mgsr.data_schedule=ground_truth"], True),  # span loss alone
+])
+def test_needs_teacher(overrides, needed):
+    assert load_config(None, overrides).needs_teacher is needed

@@ -131,6 +131,11 @@ def test_imported_directory_layout(converted):
     assert read_model_config(tmp / "opt_meg").arch == "opt"
     assert (tmp / "gpt2_meg" / "model" / "metadata.json").is_file()
     assert not list(tmp.glob(".*.tmp")), "temporary directories left behind"
+    for kind in KINDS:  # save_pretrained writes no tokenizer: no tokenizer/ (generate then needs none)
+        assert not (tmp / f"{kind}_meg" / "tokenizer").exists(), kind
+        has_generation_config = (tmp / f"{kind}_hf" / "generation_config.json").is_file()
+        assert (tmp / f"{kind}_meg" / "generation_config.json").is_file() == has_generation_config, kind
+        assert (tmp / f"{kind}_out" / "generation_config.json").is_file() == has_generation_config, kind
 
 
 # ---------------------------------------------------------------------------------------------------

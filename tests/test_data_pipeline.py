@@ -13,9 +13,9 @@ from mgsr_megatron.config import DataConfig
 from mgsr_megatron.data import preprocess as preprocess_module
 from mgsr_megatron.data.collate import collate, collate_prompts
 from mgsr_megatron.data.demo_corpus import (
-    _GENERATORS,
     DEMO_PROMPT_TEMPLATE,
     FAMILIES,
+    GENERATORS,
     build_demo_corpus,
     write_demo_corpus,
 )
@@ -102,8 +102,10 @@ def test_workers_and_chunking_do_not_change_output(corpus, prepared, tmp_path):
 
 
 def test_split_is_fixed_by_the_seed(corpus, tmp_path):
-    a = preprocess([corpus / "rows.jsonl"], tmp_path / "a", corpus / "tok.model", cfg(split_seed=7), workers=1, progress=False)
-    b = preprocess([corpus / "rows.jsonl"], tmp_path / "b", corpus / "tok.model", cfg(split_seed=8), workers=1, progress=False)
+    a = preprocess([corpus / "rows.jsonl"], tmp_path / "a", corpus / "tok.model", cfg(split_seed=7), workers=1,
+                   progress=False)
+    b = preprocess([corpus / "rows.jsonl"], tmp_path / "b", corpus / "tok.model", cfg(split_seed=8), workers=1,
+                   progress=False)
     rows_a = (tmp_path / "a.valid.rows.jsonl").read_text()
     assert rows_a != (tmp_path / "b.valid.rows.jsonl").read_text()
     assert 0 < a.samples["valid"] < len(ROWS) // 2 and 0 < b.samples["valid"] < len(ROWS) // 2
@@ -170,7 +172,7 @@ def test_overlong_policies_are_counted(corpus, tmp_path):
 def test_preprocessing_restarts_from_finished_chunks(corpus, prepared, tmp_path, monkeypatch):
     reference_prefix, _ = prepared
     prefix = tmp_path / "data"
-    original = preprocess_module._write_chunk
+    original = preprocess_module.write_chunk
     calls = []
 
     def crash_after_two(result, vocab_size):
@@ -179,14 +181,16 @@ def test_preprocessing_restarts_from_finished_chunks(corpus, prepared, tmp_path,
         calls.append(1)
         original(result, vocab_size)
 
-    monkeypatch.setattr(preprocess_module, "_write_chunk", crash_after_two)
+    monkeypatch.setattr(preprocess_module, "write_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10, progress=False)
+        preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10,
+                   progress=False)
     # nothing was published: a reader refuses the half-done output
     with pytest.raises(UserError, match=r"data.train.json not found: .* is not a preprocessed dataset"):
         InstructionDataset(f"{prefix}.train")
-    monkeypatch.setattr(preprocess_module, "_write_chunk", original)
-    stats = preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10, progress=False)
+    monkeypatch.setattr(preprocess_module, "write_chunk", original)
+    stats = preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10,
+                       progress=False)
     assert stats.chunks_reused == 2 and stats.samples == prepared[1].samples
     for suffix in (".train.bin", ".train.idx", ".valid.bin", ".train.spans.idx", ".train.rows.jsonl"):
         assert open(f"{prefix}{suffix}", "rb").read() == open(f"{reference_prefix}{suffix}", "rb").read()
@@ -299,8 +303,8 @@ def test_sampler_shards_disjointly_and_resumes():
 
 def test_demo_corpus(tmp_path):
     corpus = build_demo_corpus(n_train=1200, n_eval=120, labelled_fraction=0.25, seed=3)
-    every_family = build_demo_corpus(n_train=300, n_eval=30, seed=3, families=tuple(_GENERATORS))
-    assert {r["family"] for r in every_family.train} == set(_GENERATORS)
+    every_family = build_demo_corpus(n_train=300, n_eval=30, seed=3, families=tuple(GENERATORS))
+    assert {r["family"] for r in every_family.train} == set(GENERATORS)
     with pytest.raises(ValueError, match="unknown demo task families"):
         build_demo_corpus(n_train=30, n_eval=3, families=("units", "poetry"))
     assert corpus == build_demo_corpus(n_train=1200, n_eval=120, labelled_fraction=0.25, seed=3)
@@ -334,8 +338,8 @@ def test_demo_corpus(tmp_path):
     texts = [r["prompt"] for r in corpus.train] + [r["response"] for r in corpus.train]
     train_sentencepiece(texts, tmp_path / "tok.model", vocab_size=512)
     tok = load_tokenizer(tmp_path / "tok.model")
-    lengths = [len(tok.encode(DEMO_PROMPT_TEMPLATE.format(instruction=r["prompt"]))) + len(tok.encode(r["response"])) + 1
-               for r in corpus.train + corpus.eval]
+    lengths = [len(tok.encode(DEMO_PROMPT_TEMPLATE.format(instruction=r["prompt"]))) + len(tok.encode(r["response"]))
+               + 1 for r in corpus.train + corpus.eval]
     assert max(lengths) < 40
     # and the whole corpus goes through preprocessing, prompts-only part included
     data_cfg = DataConfig(prompt_template=DEMO_PROMPT_TEMPLATE, valid_fraction=0.05, max_length=64)

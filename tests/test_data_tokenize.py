@@ -90,7 +90,7 @@ def test_bad_tokenizer_paths(tmp_path):
     with pytest.raises(UserError, match=r"notes.txt: not a SentencePiece model"):
         load_tokenizer(not_model)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"empty: not a tokenizer directory \(no tokenizer.json; found nothing\)"):
+    with pytest.raises(UserError, match=r"empty: not a tokenizer directory \(no tokenizer.json, .*; found nothing\)"):
         load_tokenizer(tmp_path / "empty")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
@@ -123,7 +123,8 @@ def test_each_format_parses(tmp_path):
         "Capital of France?\n\n### Response:\n", "user: hello\nassistant:\n\n### Response:\n"]
     assert [e.response for e in examples] == ["apple", "5", "hi", "Paris", "hi there"]
     assert examples[3].family == "facts" and examples[3].source.endswith("mixed.jsonl:4")
-    forced = list(read_jsonl(write_lines(tmp_path / "a.jsonl", [rows[1]]), fmt="alpaca", template="{instruction}: {input}"))
+    forced = list(read_jsonl(write_lines(tmp_path / "a.jsonl", [rows[1]]), fmt="alpaca",
+                             template="{instruction}: {input}"))
     assert forced[0].prompt == "Add: 2 and 3"
 
 
@@ -133,7 +134,8 @@ def test_each_format_parses(tmp_path):
     (b'{"instruction": "x", "context": "c"}', r"bad.jsonl:2: missing field 'response'"),
     (b'{"prompt": "x", "response": "  "}', r"bad.jsonl:2: empty response in field 'response'"),
     (b'{"prompt": "caf\xe9", "response": "y"}', r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', r"bad.jsonl:2: field 'messages': the last message must have role 'assistant'"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}',
+     r"bad.jsonl:2: field 'messages': the last message must have role 'assistant'"),
     (b'[1, 2]', r"bad.jsonl:2: expected a JSON object, got list"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
@@ -189,7 +191,7 @@ def test_phrase_spans_to_sentencepiece_token_ranges(sp_tok):
         ranges = get_span_extractor("phrase")(text, offsets)
         # independent check: decoding the token range gives back exactly the phrase
         assert [sp_tok.decode(ids[a:b]).strip() for a, b in ranges] == phrases
-        for a, b in ranges:  # the tokens right outside a range do not overlap its phrase
+        for a, _end in ranges:  # the tokens right outside a range do not overlap its phrase
             assert a == 0 or offsets[a - 1][1] <= offsets[a][0] + 1
     # the same spans are found online from generated ids (no text available)
     text = "the quick brown fox jumps over the lazy dog"

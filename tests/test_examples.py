@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from mgsr_megatron.config import load_config
+from mgsr_megatron.models.builder import resolve
 from mgsr_megatron.parallel import validate_layout
-from mgsr_megatron.planner import _resolved, plan, stage_params
+from mgsr_megatron.planner import plan, stage_params
 from mgsr_megatron.training.trainer import validate_batch_layout
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -42,7 +43,7 @@ def test_layout_valid_on_stated_cluster(name):
     per_node = cluster["gpus_per_node"] or cluster["cpus_per_node"]
     world = cluster["nodes"] * per_node
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    validate_layout(world, tp, pp, {"student": _resolved(cfg.student), "teacher": _resolved(cfg.teacher)})
+    validate_layout(world, tp, pp, {"student": resolve(cfg.student), "teacher": resolve(cfg.teacher)})
     dp = world // (tp * pp)
     assert validate_batch_layout(cfg, dp) >= 1
     assert cfg.data.max_prompt_length + cfg.mgsr.max_new_tokens <= cfg.schedule.seq_length
@@ -62,8 +63,8 @@ def test_plan_fits_and_sizes_are_the_papers_models(name):
     p = plan(cfg, cluster["nodes"] * cluster["gpus_per_node"], cluster["gpu_memory_gib"])
     assert p.fits(), f"{name} does not fit its stated cluster"
     teacher, student = HF_PARAMS[name]
-    assert stage_params(_resolved(cfg.teacher), 1, 1, 0) == pytest.approx(teacher, rel=5e-3)
-    assert stage_params(_resolved(cfg.student), 1, 1, 0) == pytest.approx(student, rel=5e-3)
+    assert stage_params(resolve(cfg.teacher), 1, 1, 0) == pytest.approx(teacher, rel=5e-3)
+    assert stage_params(resolve(cfg.student), 1, 1, 0) == pytest.approx(student, rel=5e-3)
     assert cfg.teacher.vocab_size == cfg.student.vocab_size
 
 

@@ -141,7 +141,7 @@ def test_hand_built_row(data):
     index = next(i for i in range(len(data.dataset)) if data.dataset[i].prompt_ids.tolist() == prompt)
     from mgsr_megatron.data.collate import collate
 
-    ground_truth = data._finish(collate([data.dataset[index]], data.pad_id, SEQ), generated=False)
+    ground_truth = data.with_loss_masks(collate([data.dataset[index]], data.pad_id, SEQ), generated=False)
     generated = _generated(data, [(prompt, response + [tok.eos_id])])
     P, R = len(prompt), len(response) + 1  # the response ends with EOS
     tokens = prompt + response + [tok.eos_id] + [data.pad_id] * (SEQ - P - R)
@@ -183,7 +183,7 @@ def test_response_without_eos_is_a_truncated_row(data):
     assert len(sample.prompt_ids) + len(sample.response_ids) == SEQ and tok.eos_id not in sample.response_ids
     from mgsr_megatron.data.collate import collate
 
-    ground_truth = data._finish(collate([sample], data.pad_id, SEQ), generated=False)
+    ground_truth = data.with_loss_masks(collate([sample], data.pad_id, SEQ), generated=False)
     generated = _generated(data, [(sample.prompt_ids.tolist(), sample.response_ids.tolist())])
     for field in FIELDS:
         assert torch.equal(ground_truth[field], generated[field]), field

@@ -21,6 +21,7 @@ from tests.dist.check_generation import (
     _dense,
     _sharp_full_state,
     _tiny,
+    megatron_inference_path,
     ref_generate,
     ref_gumbel,
     ref_sample,
@@ -113,7 +114,9 @@ def test_lean_stage_is_used_and_megatron_path_is_the_fallback(models):
     student, _ = models
     assert unsupported_reason(student) is None and PipelineStepper(student, 3, 16).path == "lean"
     opts = dict(max_new_tokens=7, eos_id=249, vocab_size=VOCAB, seed=2)
-    lean, megatron = generate(student, PROMPTS, **opts), generate(student, PROMPTS, megatron_path=True, **opts)
+    lean = generate(student, PROMPTS, **opts)
+    with megatron_inference_path():
+        megatron = generate(student, PROMPTS, **opts)
     assert megatron.stepper.path == "megatron" and torch.equal(lean.tokens, megatron.tokens)
     student.config.sequence_parallel = True  # a layout the lean stage does not cover
     try:
@@ -177,8 +180,9 @@ def test_regeneration_computes_only_rows_without_cache(models):
     assert {rows for rows, offset in fed if offset >= j[0]} == {2}
     torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4)
     # Megatron's static cache decodes whole batches: every row is fed from min j, same tokens
-    megatron = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2,
-                        record_logits=True, megatron_path=True)
+    with megatron_inference_path():
+        megatron = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2,
+                            record_logits=True)
     assert megatron.stepper.path == "megatron" and torch.equal(megatron.tokens, out.tokens)
     assert torch.equal(regenerate(student, megatron, j, t_j, **common).tokens, reused.tokens)
     nothing = torch.full_like(j, -1)

@@ -42,7 +42,7 @@ def setup(root: Path) -> None:
     from mgsr_megatron import parallel
     from mgsr_megatron.config import load_config
     from mgsr_megatron.demo import DEMO_SETTINGS, prepare_data
-    from tests.dist.training_setup import save_perturbed_teacher
+    from mgsr_megatron.training.smoke import save_perturbed_teacher
 
     prepare_data(root, {**DEMO_SETTINGS, "n_train": 400, "n_eval": 8})
     parallel.init_distributed()

@@ -41,7 +41,7 @@ def test_cpu_rng_tracker_forks_independent_streams():
     from megatron.core import tensor_parallel
 
     platform.activate()
-    cpu._install_rng_tracker()
+    cpu.install_rng_tracker()
     tracker = tensor_parallel.get_cuda_rng_tracker()
     tracker.add("a", 11)
     before = torch.get_rng_state()

@@ -24,7 +24,7 @@ STEPS = 40
 
 
 def _config(root: Path, dtype: str):
-    from tests.dist.training_setup import base_config
+    from mgsr_megatron.training.smoke import base_config
 
     cfg = base_config(root)
     cfg.student.num_layers, cfg.student.hidden_size, cfg.student.ffn_hidden_size = 2, 128, None
@@ -67,10 +67,10 @@ def main(out: str) -> None:
     import torch
 
     from mgsr_megatron import parallel
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
 
     root = Path(tempfile.mkdtemp(prefix="mgsr_precision_"))
-    _build_files(root)
+    build_files(root)
     parallel.init_distributed()
     init32, end32, losses32 = _train(root, "float32")
     init16, end16, losses16 = _train(root, "bfloat16")
@@ -124,19 +124,19 @@ def test_cpu_adapter_serves_megatron_optimizer_and_recomputation():
     assert torch.zeros(1, dtype=torch.int64).type() == "torch.LongTensor"
     assert torch.zeros(1).type(torch.float16).dtype == torch.float16  # conversions untouched
     assert param_and_grad_buffer.dist_reduce_scatter_func is cpu.reduce_scatter_via_all_reduce
-    assert mp_random.CheckpointFunction._mgsr_cpu_mode
+    assert mp_random.CheckpointFunction.mgsr_cpu_mode
 
 
 def test_sigkill_then_resume_is_exact_with_bf16_distributed_optimizer(tmp_path):
     """A whole `mgsr train` job at DP=2 (bf16 student, fp32 main weights sharded by Megatron's distributed
     optimizer) killed with SIGKILL and resumed with --resume auto gives the uninterrupted run's losses."""
 
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
     from tests.test_training_process import kill_then_resume, losses, write_config
 
     data_root = tmp_path / "data"
     data_root.mkdir()
-    _build_files(data_root)
+    build_files(data_root)
     extra = ["--optimizer.use_distributed_optimizer=true", "--student.params_dtype=bfloat16"]
 
     def cmd(config, *more):
@@ -162,12 +162,12 @@ def test_plain_optimizer_16bit_checkpoint_resume_auto_is_exact(tmp_path, dtype, 
     uninterrupted run's steps 5-8 exactly (fp32 main weights, Adam moments, step, loss scaler restored)."""
     import json
 
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
     from tests.test_training_process import write_config
 
     data_root = tmp_path / "data"
     data_root.mkdir()
-    _build_files(data_root)
+    build_files(data_root)
     run_dir = tmp_path / "run"
     config = write_config(data_root, run_dir, train_iters=8)
     cmd = [sys.executable, "-m", "mgsr_megatron", "train", "--config", str(config),

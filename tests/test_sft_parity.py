@@ -31,11 +31,11 @@ STEPS = 80
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     from mgsr_megatron import parallel
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
 
     parallel.init_distributed()
     path = tmp_path_factory.mktemp("sft_parity")
-    _build_files(path)  # corpus (incl. 12 held-out prompts), SentencePiece tokenizer of 256, indexed rows
+    build_files(path)  # corpus (incl. 12 held-out prompts), SentencePiece tokenizer of 256, indexed rows
     return path
 
 

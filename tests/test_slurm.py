@@ -197,8 +197,8 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_work")
     (root / "examples").symlink_to(ROOT / "examples")
     prepare = ("import sys; from pathlib import Path; "
-               "from tests.dist.training_setup import _build_files, ensure_teacher, base_config; "
-               "root = Path(sys.argv[1]); _build_files(root); ensure_teacher(root)")
+               "from mgsr_megatron.training.smoke import build_files, ensure_teacher, base_config; "
+               "root = Path(sys.argv[1]); build_files(root); ensure_teacher(root)")
     _run([sys.executable, "-c", prepare, str(root)], timeout=300, cwd=ROOT,
          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     cfg = yaml.safe_load((ROOT / "examples" / "tiny" / "config.yaml").read_text())

@@ -36,11 +36,11 @@ def run(cmd, **kw):
 def test_hf_to_megatron_train_and_back(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
 
     data = tmp_path / "data"
     data.mkdir()
-    _build_files(data)  # tokenizer with 256 pieces + preprocessed rows
+    build_files(data)  # tokenizer with 256 pieces + preprocessed rows
     torch.manual_seed(0)
     hf_config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
 
     root = tmp_path_factory.mktemp("train_data")
-    _build_files(root)
+    build_files(root)
     return root
 
 

@@ -41,13 +41,13 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from tests.dist.training_setup import _build_files
+    from mgsr_megatron.training.smoke import build_files
     from tests.test_training_process import write_config
 
     root = tmp_path_factory.mktemp("trust")
     data = root / "data"
     data.mkdir()
-    _build_files(data)
+    build_files(data)
     config = write_config(data, root / "run", train_iters=2)
     result = subprocess.run([sys.executable, "-m", "mgsr_megatron", "train", "--config", str(config),
                              "--checkpoint.save_interval=1", "--checkpoint.keep_last=0"],
@@ -342,14 +342,14 @@ def test_rollback_sets_later_iterations_aside_and_keeps_the_new_checkpoint(train
 
 
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
-    from mgsr_megatron.training.checkpoint import _prune
+    from mgsr_megatron.training.checkpoint import prune_checkpoints
 
     for name in ("iter_0000009", "iter_0000010", "iter_0000100"):
         (tmp_path / name).mkdir()
     (tmp_path / "latest").write_text("iter_0000009\n")
-    _prune(tmp_path, 1, keep="iter_0000009")
+    prune_checkpoints(tmp_path, 1, keep="iter_0000009")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000009", "iter_0000100", "latest"]
-    _prune(tmp_path, 1, keep="iter_0000100")  # by step number, not by name
+    prune_checkpoints(tmp_path, 1, keep="iter_0000100")  # by step number, not by name
     assert (tmp_path / "iter_0000100").is_dir()
 
 

@@ -7,7 +7,8 @@ In one run, on the same ground-truth batch and models:
   mgsr      Trainer.train_step(): the same, with SFT + DAC-KL (ClipNet) + span loss in place of the plain
             cross entropy, plus the step's bookkeeping and metrics — the full MGSR step on a
             ground-truth batch. The difference is the distillation machinery.
-The two run alternately, step by step. Prints median times, the overhead ratio (target: mgsr <= 1.15 x baseline) and tokens/s.
+The two run alternately, step by step. Prints median times, the overhead ratio (target: mgsr <= 1.15 x
+baseline) and tokens/s.
 
     python tools/bench_step.py                      # CPU defaults (single process, ~2 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
@@ -117,6 +118,7 @@ def build(args, workdir: str):
             param.add_(1e-3)
     save_model(teacher, f"{workdir}/teacher", cfg.teacher)
     cfg.teacher.load = f"{workdir}/teacher"
+    cfg.teacher.allow_untrained = True  # a timing teacher: its weights are the random init plus a constant
     return Trainer(cfg, SyntheticData(args.vocab, args.seq, args.micro_batch))
 
 
@@ -130,7 +132,7 @@ def baseline_step(trainer) -> None:
 
     batches = [{k: v.to(platform.device()) for k, v in mb.items()}
                for mb in trainer.data.next_micro_batches(trainer.num_micro)]
-    trainer._teacher_logits(batches)
+    trainer.teacher_forward(batches)
     optim.zero_grads(trainer.student_ddp, trainer.optimizer, trainer.clipnet_optimizer)
     items = iter(batches)
 

@@ -109,12 +109,11 @@ def main() -> int:
 
     @check("trainer: 6 MGSR steps on the GPU (SCRG + ground truth), finite and decreasing")
     def _():
-        sys.path.insert(0, str(ROOT))
         from mgsr_megatron.training.run import build_trainer
-        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
+        from mgsr_megatron.training.smoke import base_config, build_files, ensure_teacher
 
         root = Path(tempfile.mkdtemp(prefix="mgsr_gpu_"))
-        _build_files(root)
+        build_files(root)
         ensure_teacher(root)
         trainer = build_trainer(base_config(root))
         losses = [trainer.train_step()["loss"] for _ in range(6)]
@@ -126,10 +125,10 @@ def main() -> int:
     def _():
         from mgsr_megatron.planner import plan
         from mgsr_megatron.training.run import build_trainer
-        from tests.dist.training_setup import _build_files, base_config, ensure_teacher
+        from mgsr_megatron.training.smoke import base_config, build_files, ensure_teacher
 
         root = Path(tempfile.mkdtemp(prefix="mgsr_gpu_bf16_"))
-        _build_files(root)
+        build_files(root)
         ensure_teacher(root)
         losses = {}
         for name, dtype, recompute in (("fp32", "float32", None), ("bf16", "bfloat16", "full")):

@@ -18,7 +18,7 @@ import torch
 
 from mgsr_megatron.config import ModelConfig
 from mgsr_megatron.conversion.architectures import BY_ARCH, OPT, for_hf_config
-from mgsr_megatron.conversion.hf_io import TOKENIZER_FILES, HFCheckpoint, HFWriter
+from mgsr_megatron.conversion.hf_io import GENERATION_CONFIG, TOKENIZER_FILES, HFCheckpoint, HFWriter
 from mgsr_megatron.conversion.megatron_io import CheckpointReader, layer_of, write_checkpoint
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.models.builder import resolve
@@ -26,10 +26,12 @@ from mgsr_megatron.models.checkpoint import (
     MODEL_CONFIG,
     MODEL_DIR,
     TOKENIZER_DIR,
+    provenance_of,
     read_model_config,
     replace_directory,
     resolve_checkpoint,
     write_model_config,
+    write_provenance,
 )
 from mgsr_megatron.models.trust import check_dist_checkpoint, verify_manifest, write_manifest
 
@@ -73,7 +75,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
               make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True) -> ModelConfig:
-    """HF directory -> DIR/{model_config.yaml, model/, tokenizer/, hf_config.json}. Returns the ModelConfig.
+    """HF directory -> DIR/{model_config.yaml, model/, hf_config.json, provenance.json, tokenizer/ (when the
+    HF directory holds a vocabulary), generation_config.json (when it has one)}. Returns the ModelConfig.
 
     `tp`/`pp` are the layout the checkpoint is meant for: it loads at any layout, but this one is
     checked up front (heads, query groups, FFN and padded vocabulary divisible by TP; layers by PP).
@@ -111,13 +114,30 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
 
             rows = hf.get("model.decoder.embed_positions.weight")[:OPT.POSITION_OFFSET].clone()
             save_file({"model.decoder.embed_positions.offset_rows": rows}, str(temporary / HF_EXTRA))
-        hf.copy_tokenizer(temporary / TOKENIZER_DIR)
+        if (hf.path / GENERATION_CONFIG).is_file():
+            shutil.copyfile(hf.path / GENERATION_CONFIG, temporary / GENERATION_CONFIG)
+        tokenizer = _imported_tokenizer(hf, temporary / TOKENIZER_DIR)
+        write_provenance(temporary, provenance_of(tokenizer, imported={"source": str(hf.path.resolve())}))
         write_manifest(temporary)
         replace_directory(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return cfg
+
+
+def _imported_tokenizer(hf: HFCheckpoint, destination: Path):
+    """Copy the HF directory's tokenizer (if any) and read it, for the hash the checkpoint records; a
+    tokenizer that `transformers` cannot read is copied but not recorded (the weights are still good)."""
+    from mgsr_megatron.data.tokenizer import load_tokenizer
+
+    if not hf.copy_tokenizer(destination):
+        return None
+    try:
+        return load_tokenizer(destination)
+    except UserError as exc:
+        print(f"import: the tokenizer in {hf.path} is not recorded in provenance.json ({exc})", flush=True)
+        return None
 
 
 def _group_names(names: list[str], group) -> list[str]:
@@ -150,7 +170,7 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
         raise UserError(f"{checkpoint}: no weights ({MODEL_DIR}/metadata.json missing)")
     check_not_overlapping(Path(megatron_path), checkpoint, Path(hf_path))
     verify_manifest(checkpoint, hashes=verify, prefixes=(MODEL_DIR + "/", MODEL_CONFIG, HF_CONFIG, HF_EXTRA,
-                                                         TOKENIZER_DIR + "/"), required=verify)
+                                                         GENERATION_CONFIG, TOKENIZER_DIR + "/"), required=verify)
     check_dist_checkpoint(checkpoint / MODEL_DIR)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise UserError(f"--tokenizer {tokenizer}: directory not found")
@@ -197,6 +217,11 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, temporary / name)
+        # imports keep it beside the weights; older ones kept it in tokenizer/
+        for origin in (checkpoint / GENERATION_CONFIG, checkpoint / TOKENIZER_DIR / GENERATION_CONFIG):
+            if origin.is_file():
+                shutil.copyfile(origin, temporary / GENERATION_CONFIG)
+                break
         replace_directory(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -18,7 +18,9 @@ from mgsr_megatron.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt")
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"  # the model's, not the tokenizer's: kept beside the weights
 
 
 class HFCheckpoint:
@@ -45,12 +47,11 @@ class HFCheckpoint:
 
         candidates = [(self.path / INDEX, "safetensors"), (self.path / "model.safetensors", "safetensors"),
                       (self.path / "pytorch_model.bin.index.json", "bin"), (self.path / "pytorch_model.bin", "bin")]
-        for file, kind in candidates:
-            if file.is_file():
-                break
-        else:
+        found = [(file, kind) for file, kind in candidates if file.is_file()]
+        if not found:
             raise UserError(f"--hf-path {self.path}: no weights (model.safetensors, {INDEX}, "
                             f"pytorch_model.bin or pytorch_model.bin.index.json)")
+        file, kind = found[0]
         if file.suffix == ".json":
             try:
                 weight_map = json.loads(file.read_text())["weight_map"]
@@ -84,6 +85,12 @@ class HFCheckpoint:
         return handle.get_tensor(name)
 
     def copy_tokenizer(self, destination: Path) -> list[str]:
+        """The tokenizer's files, when there is a vocabulary among them (configs alone are no tokenizer:
+        `destination` is then not created)."""
+        from mgsr_megatron.data.tokenizer import has_tokenizer_files
+
+        if not has_tokenizer_files(self.path):
+            return []
         files = [name for name in TOKENIZER_FILES if (self.path / name).is_file()]
         if files:
             destination.mkdir(parents=True, exist_ok=True)

@@ -46,12 +46,9 @@ def meta_model(cfg: ModelConfig):
     if (parallel_state.get_tensor_model_parallel_world_size() != 1
             or parallel_state.get_pipeline_model_parallel_world_size() != 1):
         raise RuntimeError("conversion needs parallel_state initialised with TP=1 and PP=1")
-    from unittest import mock
-
-    from mgsr_megatron import platform
-
-    # build_model ends with `.to(platform.device())`; a meta model must stay on meta (no memory, no GPU)
-    with torch.device("meta"), mock.patch.object(platform, "device", lambda: torch.device("meta")):
+    # parameters created under torch.device("meta") stay there: build_model moves a model onto the GPU
+    # only when its parameters are real (no memory, no GPU)
+    with torch.device("meta"):
         return build_model(cfg, pre_process=True, post_process=True)
 
 
@@ -77,8 +74,8 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
     """Write a torch_dist checkpoint into the (existing, empty) `directory`.
 
     `dense_tensor(name)` returns the full TP=1 tensor of a dense Megatron name (shape as in
-    `dense_shapes`, any dtype: it is cast to the dtype the model gives that tensor). `on_layer(label)` is called when the
-    writer moves on to the next layer ("embedding", "layer 0", ..., "final").
+    `dense_shapes`, any dtype: it is cast to the dtype the model gives that tensor). `on_layer(label)`
+    is called when the writer moves on to the next layer ("embedding", "layer 0", ..., "final").
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
@@ -121,7 +118,7 @@ def write_checkpoint(cfg: ModelConfig, directory: Path, dense_tensor: Callable[[
         return tensor.reshape((1,) * p + tuple(sh_ten.local_shape)).clone()
 
     layer_labels = {}
-    for (key, offset), (name, sh_ten) in chunks.items():
+    for (key, offset), (name, _) in chunks.items():
         layer = layer_of(name)
         layer_labels[(key, offset)] = "embedding" if name.startswith("embedding.") else (
             f"layer {layer}" if layer is not None else "final")

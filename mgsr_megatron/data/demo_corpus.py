@@ -125,7 +125,7 @@ def _successor(rng: random.Random):
     return f"what comes after {a}", f"{a + 1} comes after {a}"
 
 
-_GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "strings": _strings, "units": _units,
+GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "strings": _strings, "units": _units,
                "lookup": _lookup, "compare": _compare, "reverse": _reverse, "membership": _membership,
                "successor": _successor}
 
@@ -144,16 +144,16 @@ def build_demo_corpus(n_train: int = 4000, n_eval: int = 300, labelled_fraction:
     round-robin, so every prefix of the rows is balanced too."""
     if not 0.0 <= labelled_fraction <= 1.0:
         raise ValueError(f"labelled_fraction must be in [0, 1], got {labelled_fraction}")
-    unknown = sorted(set(families) - set(_GENERATORS))
+    unknown = sorted(set(families) - set(GENERATORS))
     if unknown or not families:
-        raise ValueError(f"unknown demo task families {unknown} (known: {', '.join(_GENERATORS)})")
+        raise ValueError(f"unknown demo task families {unknown} (known: {', '.join(GENERATORS)})")
     rng = random.Random(seed)
     seen: set[str] = set()
     rows = []
     attempts = 0
     while len(rows) < n_train + n_eval:
         family = families[len(rows) % len(families)]
-        prompt, response = _GENERATORS[family](rng)
+        prompt, response = GENERATORS[family](rng)
         attempts += 1
         if attempts > 50 * (n_train + n_eval):
             raise ValueError(f"cannot draw {n_train + n_eval} distinct prompts")

@@ -6,13 +6,16 @@ Every format is mapped to (instruction, input, response):
     alpaca           {"instruction", "input", "output"}
     prompt_response  {"prompt", "response"}                 (instruction = prompt, input = "")
     messages         {"messages": [{"role", "content"}, ...]} — the last message must be the assistant's
-                     response; the earlier ones are rendered "role: content" one per line into the
-                     instruction, followed by "assistant:".
+                     response. With a tokenizer that has a chat template (`chat`), the earlier ones are the
+                     prompt `apply_chat_template(messages[:-1], add_generation_prompt=True)` (no
+                     prompt_template; Example.chat_templated says its special tokens are in the text);
+                     without one they are rendered "role: content" one per line into the instruction,
+                     followed by "assistant:".
 
 The prompt is `template.format(instruction=..., input=...)`, where a blank-line-separated block of the
 template, or else a single line, whose placeholders all render empty is dropped (so Alpaca rows without
-`input` do not get an empty paragraph or line). Optional per-row keys kept as metadata: `family` (task family, for per-family
-evaluation) and `references` (extra reference answers for evaluation).
+`input` do not get an empty paragraph or line). Optional per-row keys kept as metadata: `family` (task
+family, for per-family evaluation) and `references` (extra reference answers for evaluation).
 
 Bad lines raise `UserError` naming file and line; with `skip_bad_lines=True` they are counted instead.
 """
@@ -40,6 +43,7 @@ class Example:
     source: str  # "file:line", for messages about this row
     family: str = ""
     references: list[str] = field(default_factory=list)
+    chat_templated: bool = False  # the prompt is a chat template's rendering: it holds its special tokens
 
 
 @dataclass
@@ -96,8 +100,20 @@ def _text_field(row: dict, name: str, where: str, required: bool = True) -> str 
     return value
 
 
-def parse_row(row: dict, fmt: str, template: str, where: str, prompts_only: bool = False) -> Example:
-    """Map one decoded JSON object to an Example (raises UserError naming `where` and the field)."""
+def _render_conversation(history: list[dict], template: str, chat, where: str) -> str:
+    """The prompt of a conversation: the tokenizer's chat template (`chat`), else "role: content" lines."""
+    if chat is None:
+        conversation = "\n".join(f"{m['role']}: {m['content']}" for m in history) + "\nassistant:"
+        return render_prompt(template, conversation)
+    try:
+        return chat(history)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def parse_row(row: dict, fmt: str, template: str, where: str, prompts_only: bool = False, chat=None) -> Example:
+    """Map one decoded JSON object to an Example (raises UserError naming `where` and the field).
+    `chat(messages) -> prompt text` renders `messages` rows (a tokenizer's `render_chat`), or None."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if fmt == "auto":
@@ -122,8 +138,7 @@ def parse_row(row: dict, fmt: str, template: str, where: str, prompts_only: bool
             raise UserError(f"{where}: field 'messages': the last message must have role 'assistant'")
         if not history:
             raise UserError(f"{where}: field 'messages' holds no prompt before the assistant's response")
-        conversation = "\n".join(f"{m['role']}: {m['content']}" for m in history) + "\nassistant:"
-        prompt = render_prompt(template, conversation)
+        prompt = _render_conversation(history, template, chat, where)
     else:
         if fmt not in _RESPONSE_FIELD:
             raise UserError(f"data.format: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})")
@@ -143,43 +158,17 @@ def parse_row(row: dict, fmt: str, template: str, where: str, prompts_only: bool
     family = row.get("family", "")
     if not isinstance(family, str):
         raise UserError(f"{where}: field 'family' must be a string")
-    return Example(prompt=prompt, response=response, source=where, family=family, references=references)
+    return Example(prompt=prompt, response=response, source=where, family=family, references=references,
+                   chat_templated=fmt == "messages" and chat is not None)
 
 
-def iter_json_objects(path: str | Path):
-    """(line number, object) for every non-blank line of a JSONL file; a line that is not UTF-8 JSON
-    holding an object is a one-line UserError naming file and line. For tools that need no format."""
+def iter_json_objects(path: str | Path, *, parse=None, skip_bad_lines: bool = False,
+                      stats: ReadStats | None = None):
+    """(line number, object) for every non-blank line of a JSONL file, or (line number,
+    `parse(object, "file:line")`). A bad line (not UTF-8, not JSON, not a JSON object, or a UserError of
+    `parse`) is a one-line UserError naming file and line, unless `skip_bad_lines`: then it is counted
+    in `stats` and skipped. Tools that need no format read the objects; read_jsonl parses them."""
     path = Path(path)
-    with open(path, "rb") as stream:
-        for line_number, raw in enumerate(stream, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                                f"{exc.start + 1})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield line_number, row
-
-
-def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instruction}\n\n{input}\n\n### Response:\n",
-               skip_bad_lines: bool = False, prompts_only: bool = False,
-               stats: ReadStats | None = None):
-    """Yield Examples from a JSONL file. Blank lines are ignored; every other bad line is an error
-    (file:line and the reason) unless `skip_bad_lines`, which counts it in `stats` and continues."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise UserError(f"data.format: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})")
-    render_prompt(template, "x", "y")  # a bad template is a config error, not a bad line
     stats = stats if stats is not None else ReadStats()
     with open(path, "rb") as stream:
         for line_number, raw in enumerate(stream, start=1):
@@ -196,7 +185,9 @@ def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instructio
                     row = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                example = parse_row(row, fmt, template, where, prompts_only)
+                if not isinstance(row, dict):
+                    raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                item = row if parse is None else parse(row, where)
             except UserError as exc:
                 if not skip_bad_lines:
                     raise
@@ -204,4 +195,29 @@ def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instructio
                 stats.first_bad = stats.first_bad or str(exc)
                 continue
             stats.rows += 1
-            yield example
+            yield line_number, item
+
+
+def read_jsonl(path: str | Path, fmt: str = "auto", template: str = "{instruction}\n\n{input}\n\n### Response:\n",
+               skip_bad_lines: bool = False, prompts_only: bool = False,
+               stats: ReadStats | None = None, chat=None):
+    """Yield Examples from a JSONL file. Blank lines are ignored; every other bad line is an error
+    (file:line and the reason) unless `skip_bad_lines`, which counts it in `stats` and continues.
+    `chat`: how `messages` rows become prompts (`chat_renderer(tokenizer)`; None: "role: content")."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"data.format: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})")
+    render_prompt(template, "x", "y")  # a bad template is a config error, not a bad line
+
+    def parse(row: dict, where: str) -> Example:
+        return parse_row(row, fmt, template, where, prompts_only, chat)
+
+    for _, example in iter_json_objects(path, parse=parse, skip_bad_lines=skip_bad_lines, stats=stats):
+        yield example
+
+
+def chat_renderer(tokenizer):
+    """The tokenizer's chat template as `chat` for read_jsonl, or None when it has none."""
+    return tokenizer.render_chat if tokenizer is not None and tokenizer.chat_template else None

@@ -141,6 +141,7 @@ class PromptItem:
     prompt: str
     references: list
     family: str
+    source: str = ""  # "file:line" of the row, for messages about it
 
 
 class PromptDataset:
@@ -170,13 +171,16 @@ class PromptDataset:
     @classmethod
     def from_jsonl(cls, path, tokenizer, data_cfg) -> PromptDataset:
         """Rows in any supported format; the response (if any) and `references` become the references.
-        Prompts longer than `max_prompt_length` keep their last tokens (the response cue sits at the end)."""
-        from mgsr_megatron.data.formats import read_jsonl
+        Prompts are encoded as in preprocessing (the tokenizer's BOS, its chat template for `messages`);
+        longer than `max_prompt_length`, they keep their last tokens (the response cue sits at the end)."""
+        from mgsr_megatron.data.formats import chat_renderer, read_jsonl
 
         items = []
         for example in read_jsonl(path, data_cfg.format, data_cfg.prompt_template, data_cfg.skip_bad_lines,
-                                  prompts_only=True):
-            ids = tokenizer.encode(example.prompt)[-data_cfg.max_prompt_length:]
+                                  prompts_only=True, chat=chat_renderer(tokenizer)):
+            ids = tokenizer.encode_prompt(example.prompt, add_special_tokens=not example.chat_templated)
+            ids = tokenizer.truncate_prompt(ids, data_cfg.max_prompt_length)
             references = ([example.response] if example.response is not None else []) + example.references
-            items.append(PromptItem(np.asarray(ids, dtype=np.int64), example.prompt, references, example.family))
+            items.append(PromptItem(np.asarray(ids, dtype=np.int64), example.prompt, references, example.family,
+                                    example.source))
         return cls(items)

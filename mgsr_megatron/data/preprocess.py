@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from mgsr_megatron.config import DataConfig
-from mgsr_megatron.data.formats import ReadStats, read_jsonl
+from mgsr_megatron.data.formats import ReadStats, chat_renderer, read_jsonl
 from mgsr_megatron.data.indexed import FORMAT_VERSION, token_dtype
-from mgsr_megatron.data.spans import _clean, get_span_extractor
+from mgsr_megatron.data.spans import clean_spans, get_span_extractor
 from mgsr_megatron.data.tokenizer import load_tokenizer
 from mgsr_megatron.errors import UserError
 
@@ -78,12 +78,12 @@ def is_valid_row(split_seed: int, file_number: int, line_number: int, valid_frac
 
 def tokenize_example(example, tokenizer, extractor, cfg: DataConfig, counts: dict):
     """(prompt_ids, response_ids, spans) or None when the overlong policy drops the row; updates counts."""
-    prompt_ids = tokenizer.encode(example.prompt)
+    prompt_ids = tokenizer.encode_prompt(example.prompt, add_special_tokens=not example.chat_templated)
     if len(prompt_ids) > cfg.max_prompt_length:
         if cfg.overlong_policy == "drop":
             counts["prompt_dropped"] += 1
             return None
-        prompt_ids = prompt_ids[-cfg.max_prompt_length:]
+        prompt_ids = tokenizer.truncate_prompt(prompt_ids, cfg.max_prompt_length)
         counts["prompt_truncated"] += 1
     if example.response is None:  # prompt-only row
         if len(prompt_ids) >= cfg.max_length:
@@ -99,7 +99,7 @@ def tokenize_example(example, tokenizer, extractor, cfg: DataConfig, counts: dic
             counts["length_dropped"] += 1
             return None
         response_ids = response_ids[:room]
-        spans = _clean([(start, min(end, room)) for start, end in spans])
+        spans = clean_spans([(start, min(end, room)) for start, end in spans])
         counts["response_truncated"] += 1
     return prompt_ids, response_ids, spans
 
@@ -140,7 +140,7 @@ def _process_chunk(task) -> dict:
     return counts
 
 
-def _write_chunk(result: dict, vocab_size: int) -> None:
+def write_chunk(result: dict, vocab_size: int) -> None:
     """Main process: write one tokenized chunk as shard files; its directory appears only when complete."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -174,7 +174,9 @@ def _write_chunk(result: dict, vocab_size: int) -> None:
 def _fingerprint(inputs, tokenizer, cfg: DataConfig, prompts_only: bool, chunk_rows: int) -> str:
     files = [(str(Path(p).resolve()), os.path.getsize(p), os.path.getmtime(p)) for p in inputs]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_path", "valid_path", "tokenizer")}
-    blob = json.dumps([files, tokenizer.vocab_hash(), settings, prompts_only, chunk_rows, FORMAT_VERSION])
+    # how prompts are encoded belongs to the tokenizer too: its BOS and its chat template
+    encoding = [tokenizer.vocab_hash(), list(tokenizer.prompt_prefix), str(tokenizer.chat_template)]
+    blob = json.dumps([files, encoding, settings, prompts_only, chunk_rows, FORMAT_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -184,6 +186,14 @@ def _count_lines(paths) -> int:
         with open(path, "rb") as stream:
             total += sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 20), b""))
     return total
+
+
+def _check_not_empty(path: str) -> None:
+    """An input without a single row is a mistake (a failed export, the wrong file), not zero samples."""
+    with open(path, "rb") as stream:
+        if any(line.strip() for line in stream):
+            return
+    raise UserError(f"{path}: empty input file (no JSONL rows)")
 
 
 def _validate(cfg: DataConfig) -> None:
@@ -205,6 +215,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = N
     for path in inputs:
         if not os.path.isfile(path):
             raise UserError(f"data file not found: {path}")
+        _check_not_empty(path)
     tokenizer = load_tokenizer(tokenizer_path)
     get_span_extractor(cfg.span_extractor)  # a bad extractor spec fails here, not in a worker
     output_prefix = str(output_prefix)
@@ -226,9 +237,10 @@ def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = N
     def examples():
         for file_number, path in enumerate(inputs):
             for example in read_jsonl(path, cfg.format, cfg.prompt_template, cfg.skip_bad_lines, prompts_only,
-                                      read_stats):
+                                      read_stats, chat=chat_renderer(tokenizer)):
                 line_number = int(example.source.rsplit(":", 1)[1])
-                split = "valid" if is_valid_row(cfg.split_seed, file_number, line_number, cfg.valid_fraction) else "train"
+                held_out = is_valid_row(cfg.split_seed, file_number, line_number, cfg.valid_fraction)
+                split = "valid" if held_out else "train"
                 yield split, example
 
     chunk_dirs = []
@@ -258,7 +270,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = N
         for task in tasks():
             result = _process_chunk(task)
             if not result["reused"]:
-                _write_chunk(result, tokenizer.vocab_size)
+                write_chunk(result, tokenizer.vocab_size)
             stats.add(result)
             bar.update(result["rows_in"])
     else:
@@ -266,7 +278,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = N
             # imap keeps chunk order for the merge; the parse of the next chunks overlaps the workers.
             for result in pool.imap(_process_chunk, tasks()):
                 if not result["reused"]:
-                    _write_chunk(result, tokenizer.vocab_size)
+                    write_chunk(result, tokenizer.vocab_size)
                 stats.add(result)
                 bar.update(result["rows_in"])
     bar.close()

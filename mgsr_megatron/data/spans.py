@@ -63,10 +63,10 @@ def char_spans_to_token_ranges(char_spans, offsets, text: str | None = None,
         covered = [k for k, (start, end) in enumerate(offsets) if start < span_end and end > span_start]
         if covered:
             ranges.append((covered[0], covered[-1] + 1))
-    return _clean(ranges, min_tokens)
+    return clean_spans(ranges, min_tokens)
 
 
-def _clean(ranges, min_tokens: int = 2) -> list[tuple[int, int]]:
+def clean_spans(ranges, min_tokens: int = 2) -> list[tuple[int, int]]:
     """Sort, clip overlaps (a token shared by two spans stays in the first) and drop short ranges."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
@@ -157,7 +157,7 @@ class SpanExtractor:
     def __call__(self, text: str, offsets) -> list[tuple[int, int]]:
         if self.window is not None:
             n = len(offsets)
-            return _clean([(i, min(i + self.window, n)) for i in range(0, n, self.window)])
+            return clean_spans([(i, min(i + self.window, n)) for i in range(0, n, self.window)])
         if self.spec == "phrase":
             char_spans = phrase_char_spans(text)
         elif self.spec == "word":

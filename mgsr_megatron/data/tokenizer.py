@@ -1,8 +1,15 @@
-"""Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json` directories, one interface.
+"""Tokenizers: SentencePiece `.model` files and Hugging Face tokenizer directories, one interface.
 
-    tok = load_tokenizer("runs/demo/tokenizer.model")     # or a directory holding tokenizer.json
+    tok = load_tokenizer("runs/demo/tokenizer.model")     # or a Hugging Face tokenizer directory
     ids, offsets = tok.encode_with_offsets("sort 3 1 2")  # offsets[i] = (start, end) CHARACTER offsets
-    tok.decode(ids); tok.eos_id; tok.pad_id; tok.vocab_size; tok.vocab_hash()
+    tok.encode_prompt("sort 3 1 2")                       # a prompt as the model was trained: BOS if it adds one
+    tok.decode(ids); tok.eos_id; tok.pad_id; tok.vocab_size; tok.vocab_hash(); tok.chat_template
+
+A directory is read by `transformers.AutoTokenizer.from_pretrained(dir, trust_remote_code=False)`, so
+every format it reads works (`tokenizer.json`; GPT-2/OPT `vocab.json` + `merges.txt`; a SentencePiece
+`tokenizer.model` with `tokenizer_config.json`, LLaMA-style) and BOS/EOS are the tokenizer's own: a
+prompt gets the special tokens `tok(prompt)["input_ids"]` gets (LLaMA's BOS, OPT's `</s>`), a response
+none (the data pipeline appends `eos_id`). A plain SentencePiece `.model` file adds no BOS.
 
 Teacher and student must share one tokenizer: `check_same_tokenizer` compares the vocabulary size and
 a hash of the id -> piece table (the hash, not the file path, because the same vocabulary is often
@@ -17,24 +24,54 @@ from pathlib import Path
 
 from mgsr_megatron.errors import UserError
 
-# Special tokens that mean "end of sequence" in common Hugging Face vocabularies, most specific first.
+# Special tokens that mean "end of sequence" in common Hugging Face vocabularies, most specific first
+# (a bare tokenizer.json names none: it has no tokenizer_config.json).
 _HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
 _HF_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
+# Files holding a vocabulary: a directory with none of them is no tokenizer (configs alone are not one).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+               "vocab.txt")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether `directory` holds a vocabulary file a Hugging Face tokenizer is read from."""
+    directory = Path(directory)
+    return directory.is_dir() and any((directory / name).is_file() for name in VOCAB_FILES)
 
 
 class Tokenizer:
-    """Common interface. `encode` never adds BOS/EOS; the data pipeline appends `eos_id` to responses."""
+    """Common interface. `encode` never adds BOS/EOS; `encode_prompt` adds what the tokenizer adds."""
 
     name: str
     vocab_size: int
     eos_id: int
     pad_id: int
+    chat_template: str | None = None  # a Jinja chat template (Hugging Face tokenizers that define one)
+    prompt_prefix: tuple[int, ...] = ()  # the special tokens `encode_prompt` puts first (BOS)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_with_offsets(text)[0]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raise NotImplementedError
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A prompt as the model saw prompts in training. `add_special_tokens=False` for text that already
+        holds them (a chat template's rendering, as `apply_chat_template(tokenize=True)` does)."""
+        return self.encode(text)
+
+    def truncate_prompt(self, ids: list[int], limit: int) -> list[int]:
+        """The last `limit` tokens (the response cue sits at the end), keeping `prompt_prefix` (BOS) first."""
+        if len(ids) <= limit:
+            return list(ids)
+        prefix = list(self.prompt_prefix)
+        if not prefix or list(ids[:len(prefix)]) != prefix or limit <= len(prefix):
+            return list(ids[len(ids) - limit:])
+        return prefix + list(ids[len(ids) - (limit - len(prefix)):])
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation: the chat template with the generation prompt appended."""
+        raise UserError(f"tokenizer {self.name} has no chat template")
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -45,11 +82,13 @@ class Tokenizer:
 
     def vocab_hash(self) -> str:
         """sha256 (first 16 hex digits) of the id -> piece table; equal hashes mean equal vocabularies."""
-        digest = hashlib.sha256()
-        for piece in self.pieces():
-            digest.update(piece.encode("utf-8", "surrogatepass"))
-            digest.update(b"\0")
-        return digest.hexdigest()[:16]
+        if getattr(self, "_vocab_hash", None) is None:  # every checkpoint save records it: compute once
+            digest = hashlib.sha256()
+            for piece in self.pieces():
+                digest.update(piece.encode("utf-8", "surrogatepass"))
+                digest.update(b"\0")
+            self._vocab_hash = digest.hexdigest()[:16]
+        return self._vocab_hash
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -85,56 +124,112 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizers` tokenizer from `<dir>/tokenizer.json` (+ optional `tokenizer_config.json` for EOS/pad)."""
+    """A `transformers` tokenizer read from a directory (or a tokenizer.json file), as the model was trained."""
 
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as RustTokenizer
-
         path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
         self.name = str(path)
-        try:
-            self.tk = RustTokenizer.from_file(str(file))
-        except Exception as exc:  # the Rust side raises a bare Exception with a serde message
-            raise UserError(f"{file}: not a Hugging Face tokenizer.json ({str(exc).splitlines()[0][:120]})") from None
-        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        config = {}
-        config_file = file.parent / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{config_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        eos = self._special(config.get("eos_token"), _HF_EOS_CANDIDATES)
+        self.tk = _read_pretrained(path)
+        self.vocab_size = len(self.tk)
+        vocab = self.tk.get_vocab()
+        eos = _special_id(self.tk.eos_token_id, vocab, _HF_EOS_CANDIDATES)
         if eos is None:
-            raise UserError(f"{file}: no end-of-sequence token found (looked for tokenizer_config.json "
-                            f"'eos_token' and {', '.join(_HF_EOS_CANDIDATES)})")
+            raise UserError(f"{path}: no end-of-sequence token found (looked for the tokenizer's eos_token "
+                            f"and {', '.join(_HF_EOS_CANDIDATES)})")
         self.eos_id = eos
-        pad = self._special(config.get("pad_token"), _HF_PAD_CANDIDATES)
+        pad = _special_id(self.tk.pad_token_id, vocab, _HF_PAD_CANDIDATES)
         self.pad_id = eos if pad is None else pad
+        self.chat_template = self.tk.chat_template or None
+        self.prompt_prefix = self._added_prefix()
 
-    def _special(self, configured, candidates) -> int | None:
-        if isinstance(configured, dict):  # {"content": "</s>", ...} in older configs
-            configured = configured.get("content")
-        for token in ([configured] if configured else []) + list(candidates):
-            token_id = self.tk.token_to_id(token)
-            if token_id is not None:
-                return token_id
-        return None
+    def _added_prefix(self) -> tuple[int, ...]:
+        """The special tokens `tok(text)` puts before the text's own tokens (LLaMA's BOS; none for most)."""
+        probe = "a"
+        plain = self.tk(probe, add_special_tokens=False)["input_ids"]
+        full = self.tk(probe)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return tuple(full[:start])
+        return ()
+
+    def encode(self, text):
+        return list(self.tk(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, text, add_special_tokens=True):
+        return list(self.tk(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_with_offsets(self, text):
-        encoding = self.tk.encode(text, add_special_tokens=False)
-        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+        if not self.tk.is_fast:
+            raise UserError(f"tokenizer {self.name} is a slow (Python) {type(self.tk).__name__}, which gives no "
+                            f"character offsets; span priors need them (use a directory with tokenizer.json)")
+        encoding = self.tk(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
+
+    def render_chat(self, messages):
+        from jinja2 import TemplateError
+
+        if not self.chat_template:
+            return super().render_chat(messages)
+        try:
+            return self.tk.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except (TemplateError, ValueError, TypeError) as exc:  # the template's own raise_exception included
+            raise UserError(f"chat template of {self.name} failed: {_first_line(exc)}") from None
 
     def decode(self, ids):
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+        # no clean-up of spaces: decoding growing prefixes must give monotonic offsets (data/spans.py)
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def pieces(self):
         table = [""] * self.vocab_size
-        for piece, token_id in self.tk.get_vocab(with_added_tokens=True).items():
+        for piece, token_id in self.tk.get_vocab().items():
             if token_id < self.vocab_size:
                 table[token_id] = piece
         return table
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _special_id(configured: int | None, vocab: dict, candidates) -> int | None:
+    """The tokenizer's own special token, else the first known candidate piece."""
+    if configured is not None:
+        return int(configured)
+    for token in candidates:
+        if token in vocab:
+            return vocab[token]
+    return None
+
+
+def _check_json(file: Path, what: str) -> None:
+    if not file.is_file():
+        return
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not a Hugging Face {what} (invalid JSON: {_first_line(exc)})") from None
+
+
+def _read_pretrained(path: Path):
+    """`AutoTokenizer.from_pretrained` on a directory (no remote code, no downloads); a tokenizer.json
+    file outside a tokenizer directory is read on its own. Failures are one line naming the path."""
+    import transformers
+
+    if path.is_file() and path.name != "tokenizer.json":
+        _check_json(path, "tokenizer.json")
+        try:
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except Exception as exc:  # noqa: BLE001 - the Rust side raises a bare Exception with a serde message
+            raise UserError(f"{path}: not a Hugging Face tokenizer.json ({_first_line(exc)})") from None
+    directory = path.parent if path.is_file() else path
+    _check_json(directory / "tokenizer.json", "tokenizer.json")
+    _check_json(directory / "tokenizer_config.json", "tokenizer_config.json")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False,
+                                                          local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for unreadable directories
+        raise UserError(f"{directory}: not a readable Hugging Face tokenizer ({_first_line(exc)})") from None
 
 
 def _byte_to_char_map(text: str) -> list[int]:
@@ -147,17 +242,17 @@ def _byte_to_char_map(text: str) -> list[int]:
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:
-    """A SentencePiece `.model` file, or a directory (or file) holding a Hugging Face `tokenizer.json`."""
+    """A SentencePiece `.model` file, or a Hugging Face tokenizer directory (or tokenizer.json file)."""
     if path is None:
         raise UserError("no tokenizer given (set data.tokenizer to a SentencePiece .model file or a "
-                        "directory holding tokenizer.json)")
+                        "Hugging Face tokenizer directory)")
     path = Path(path)
     if not path.exists():
         raise UserError(f"tokenizer not found: {path}")
     if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
+        if not has_tokenizer_files(path):
             found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-            raise UserError(f"{path}: not a tokenizer directory (no tokenizer.json; found {found})")
+            raise UserError(f"{path}: not a tokenizer directory (no {', '.join(VOCAB_FILES)}; found {found})")
         return HFTokenizer(path)
     if path.suffix == ".json":
         return HFTokenizer(path)

@@ -173,15 +173,15 @@ class PipelineStepper:
     `forward(tokens[b, s], offset)` writes the cache at positions [offset, offset + s) (earlier
     positions must already hold this batch's keys and values) and returns, on the last stage, the
     gathered logits [b, V_padded] of the last column (None elsewhere). Each stage computes with the
-    lean KV-cached forward (kv_decode.LeanStage) when it covers the model, else (or with
-    `megatron_path=True`) with Megatron-Core's inference path; `self.path` says which.
+    lean KV-cached forward (kv_decode.LeanStage) when it covers the model, else with Megatron-Core's
+    inference path; `self.path` says which.
     """
 
-    def __init__(self, model, batch_size: int, max_length: int, megatron_path: bool = False):
+    def __init__(self, model, batch_size: int, max_length: int):
         from megatron.core import parallel_state
 
         gpt = _unwrap(model)
-        self.path = "megatron" if megatron_path or unsupported_reason(gpt) is not None else "lean"
+        self.path = "megatron" if unsupported_reason(gpt) is not None else "lean"
         self.stage = (MegatronStage(model, batch_size, max_length) if self.path == "megatron"
                       else LeanStage(gpt, batch_size, max_length))
         self.gpt = gpt
@@ -326,10 +326,8 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, pad_id: int | None = None, megatron_path: bool = False,
-             record_logits: bool = False) -> GenerationOutput:
+             seed: int = 0, pad_id: int | None = None, record_logits: bool = False) -> GenerationOutput:
     """Generate a response per prompt (see the module docstring). The model is put in eval mode.
-    `megatron_path=True` decodes with Megatron-Core's inference path instead of the lean stage;
     `record_logits=True` keeps the decode passes' logits (GenerationOutput.logits)."""
     prompts = check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
     options = SamplingOptions(greedy, temperature, top_k, top_p, seed)
@@ -344,7 +342,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64, device=device)
         max_length = int(prompt_lengths.max()) + max_new_tokens
-        stepper = PipelineStepper(model, len(prompts), max_length, megatron_path)
+        stepper = PipelineStepper(model, len(prompts), max_length)
         record = stepper.logit_record(max_length) if record_logits else None
         out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
                                      max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,

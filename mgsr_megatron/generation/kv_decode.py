@@ -24,10 +24,9 @@ both paths' tokens with an independent dense reference at TP1, TP2, PP2 and TP2x
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from mgsr_megatron.generation.sampling import all_gather_last
+from mgsr_megatron.losses.vocab_parallel import all_gather_last, all_reduce
 
 
 def _is_identity(module) -> bool:
@@ -121,13 +120,9 @@ class LeanStage:
             return x
         hidden = self.gpt.decoder.final_layernorm(x[:, -1])
         tied = self.gpt.share_embeddings_and_output_weights
-        logits = F.linear(hidden, self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight)
+        weight = self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight
+        logits = F.linear(hidden, weight)
         return all_gather_last(logits, self.tp_group)
-
-    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.tp > 1:
-            dist.all_reduce(tensor, group=self.tp_group)
-        return tensor
 
     def _embed(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
         embedding = self.gpt.embedding
@@ -137,7 +132,7 @@ class LeanStage:
         else:  # vocab-parallel lookup: ids outside this shard contribute zeros, summed over TP
             outside = (tokens < table.vocab_start_index) | (tokens >= table.vocab_end_index)
             local_ids = (tokens - table.vocab_start_index).masked_fill(outside, 0)
-            x = self._reduce(F.embedding(local_ids, table.weight).masked_fill(outside.unsqueeze(-1), 0))
+            x = all_reduce(F.embedding(local_ids, table.weight).masked_fill(outside.unsqueeze(-1), 0), self.tp_group)
         if embedding.add_position_embedding:
             x = x + embedding.position_embeddings.weight[offset:offset + tokens.shape[1]]
         return x
@@ -178,5 +173,5 @@ class LeanStage:
         return x + self._row_parallel(mlp.linear_fc2, hidden)
 
     def _row_parallel(self, linear, x: torch.Tensor) -> torch.Tensor:
-        out = self._reduce(F.linear(x, linear.weight))
+        out = all_reduce(F.linear(x, linear.weight), self.tp_group)
         return out if linear.bias is None else out + linear.bias

@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron.losses.vocab_parallel import all_gather_last, all_reduce, group_size
+from mgsr_megatron.models.vocab import mask_padded_logits
+
 _MASK32 = 0xFFFFFFFF
 TOP_P_BISECTION_STEPS = 52  # resolution 2^-52 of the top probability: below float32's spacing
 
@@ -70,39 +73,11 @@ def gumbel_noise(seed: int, step, rows: torch.Tensor, vocab_ids: torch.Tensor) -
     return -torch.log(-torch.log(uniform_noise(seed, step, rows, vocab_ids)))
 
 
-def _tp_size(tp_group) -> int:
-    return 1 if tp_group is None else dist.get_world_size(tp_group)
-
-
-def _all_reduce(tensor: torch.Tensor, op, tp_group) -> torch.Tensor:
-    if _tp_size(tp_group) > 1:
-        dist.all_reduce(tensor, op=op, group=tp_group)
-    return tensor
-
-
-def all_gather_last(tensor: torch.Tensor, tp_group) -> torch.Tensor:
-    """[..., n] per rank -> [..., n * TP] in rank order."""
-    if _tp_size(tp_group) == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(_tp_size(tp_group))]
-    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=-1)
-
-
-def mask_padded(scores: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
-    """-inf at global ids >= vocab_size (out of place)."""
-    width = scores.shape[-1]
-    if vocab_start + width <= vocab_size:
-        return scores
-    ids = torch.arange(vocab_start, vocab_start + width, device=scores.device)
-    return scores.masked_fill(ids >= vocab_size, float("-inf"))
-
-
 def parallel_argmax(scores: torch.Tensor, vocab_start: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (max value, smallest global id reaching it) over the last dimension. [..., V/TP] -> [...]."""
     local_value, local_index = scores.max(dim=-1)  # first occurrence of the max on this shard
     global_index = local_index + vocab_start
-    if _tp_size(tp_group) == 1:
+    if group_size(tp_group) == 1:
         return local_value, global_index
     values = all_gather_last(local_value.unsqueeze(-1), tp_group)  # [..., TP], rank order = id order
     indices = all_gather_last(global_index.unsqueeze(-1), tp_group)
@@ -121,16 +96,16 @@ def _top_k_filter(scores: torch.Tensor, top_k: int, tp_group) -> torch.Tensor:
 def _top_p_filter(scores: torch.Tensor, top_p: float, tp_group) -> torch.Tensor:
     """Keep v iff the mass of strictly more probable entries is < top_p (bisection, see module doc)."""
     scores64 = scores.to(torch.float64)
-    row_max = _all_reduce(scores64.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, tp_group)
+    row_max = all_reduce(scores64.max(dim=-1, keepdim=True).values, tp_group, dist.ReduceOp.MAX)
     exp = torch.exp(scores64 - row_max)
-    probs = exp / _all_reduce(exp.sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, tp_group)
+    probs = exp / all_reduce(exp.sum(dim=-1, keepdim=True), tp_group, dist.ReduceOp.SUM)
     # invariant: mass(p > lo) >= top_p, mass(p > hi) < top_p. hi = top probability: mass above is 0.
     lo = torch.zeros_like(row_max)
-    hi = _all_reduce(probs.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, tp_group)
+    hi = all_reduce(probs.max(dim=-1, keepdim=True).values, tp_group, dist.ReduceOp.MAX)
     for _ in range(TOP_P_BISECTION_STEPS):
         mid = (lo + hi) / 2
-        mass = _all_reduce(torch.where(probs > mid, probs, 0.0).sum(dim=-1, keepdim=True),
-                           dist.ReduceOp.SUM, tp_group)
+        mass = all_reduce(torch.where(probs > mid, probs, 0.0).sum(dim=-1, keepdim=True),
+                          tp_group, dist.ReduceOp.SUM)
         reaches = mass >= top_p
         lo = torch.where(reaches, mid, lo)
         hi = torch.where(reaches, hi, mid)
@@ -151,7 +126,7 @@ def sample(logits: torch.Tensor, *, vocab_size: int, vocab_start: int = 0, tp_gr
     """
     if logits.dim() != 2:
         raise ValueError(f"sample expects logits [rows, vocab], got shape {tuple(logits.shape)}")
-    scores = mask_padded(logits.float(), vocab_size, vocab_start)
+    scores = mask_padded_logits(logits.float(), vocab_size, vocab_start=vocab_start)
     if greedy:
         return parallel_argmax(scores, vocab_start, tp_group)[1]
     scores = scores / temperature
@@ -164,10 +139,3 @@ def sample(logits: torch.Tensor, *, vocab_size: int, vocab_start: int = 0, tp_gr
     vocab_ids = torch.arange(vocab_start, vocab_start + scores.shape[-1], device=scores.device)
     perturbed = scores.to(torch.float64) + gumbel_noise(seed, step, rows, vocab_ids)
     return parallel_argmax(perturbed, vocab_start, tp_group)[1]
-
-
-def tp_layout(tp_group=None) -> tuple[int, int]:
-    """(rank, size) of this process in the tensor-parallel group (0, 1 without a group)."""
-    if tp_group is None:
-        return 0, 1
-    return dist.get_rank(tp_group), dist.get_world_size(tp_group)

@@ -38,8 +38,9 @@ from mgsr_megatron.generation.generator import (
     decode,
     generate,
 )
-from mgsr_megatron.generation.sampling import mask_padded, parallel_argmax, sample
+from mgsr_megatron.generation.sampling import parallel_argmax, sample
 from mgsr_megatron.losses.divergences import divergence as token_divergence
+from mgsr_megatron.models.vocab import mask_padded_logits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_TOKENS = ("greedy", "sampled")
@@ -102,7 +103,7 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
         first = int(prompt_lengths.min())
         t_logits, s_logits = teacher_logits[:, first - 1:-1], student_logits[:, first - 1:-1]
         positions = torch.arange(first, total, device=tokens.device).unsqueeze(0).expand(b, total - first)
-        t_scores, s_scores = (mask_padded(x, vocab_size, start) for x in (t_logits, s_logits))
+        t_scores, s_scores = (mask_padded_logits(x, vocab_size, vocab_start=start) for x in (t_logits, s_logits))
         if teacher_token == "greedy":
             teacher_tokens = parallel_argmax(t_scores, start, tp_group)[1]
         else:
@@ -124,8 +125,8 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
 
 
 def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_size: int, seed: int = 0,
-         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, reuse_cache: bool = True,
-         initial: GenerationOutput | None = None) -> tuple[GenerationOutput, dict]:
+         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         reuse_cache: bool = True) -> tuple[GenerationOutput, dict]:
     """Student sample + `cfg.scrg_rounds` correction rounds (cfg: MGSRConfig). See the module docstring.
 
     Returns the corrected batch and per-row statistics (tensors of shape [b]):
@@ -133,9 +134,7 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
       rounds_used (how many rounds corrected the row), continuation_changed (a regeneration changed the
       tokens after j); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
     `temperature/top_k/top_p` are the student's sampling options (method: 1.0, 0, 1.0).
-    `initial` skips the first student generation (it must come from `generate` on this student with
-    the same prompts; used by tests and by callers who already sampled). `reuse_cache=False`
-    regenerates with a fresh cache (the reference for the cache-reuse test).
+    `reuse_cache=False` regenerates with a fresh cache (the reference for the cache-reuse test).
     """
     if cfg.scrg_divergence not in DIVERGENCES:
         raise UserError(f"mgsr.scrg_divergence '{cfg.scrg_divergence}' is not one of {', '.join(DIVERGENCES)}")
@@ -146,9 +145,8 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
         raise UserError(f"mgsr.scrg_rounds must be >= 0, got {cfg.scrg_rounds}")
     max_new_tokens = cfg.max_new_tokens
     prompts = check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
-    out = initial or generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                              vocab_size=vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, record_logits=cfg.scrg_rounds > 0)
+    out = generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, record_logits=cfg.scrg_rounds > 0)
     b, device = out.tokens.shape[0], out.tokens.device
     stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
              "j": torch.full((b,), -1, dtype=torch.int64, device=device),
@@ -207,8 +205,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     max_length = int(out.prompt_lengths.max()) + max_new_tokens
     stepper, cache_valid = out.stepper, torch.where(fix, j, max_length)
     if not reuse_cache or stepper is None:
-        stepper = PipelineStepper(student, tokens.shape[0], max_length,
-                                  megatron_path=stepper is not None and stepper.path == "megatron")
+        stepper = PipelineStepper(student, tokens.shape[0], max_length)  # the same path: it depends on the model
         cache_valid = 0
     record_logits = out.logits_recorded if record_logits is None else record_logits
     if record_logits and not out.logits_recorded:

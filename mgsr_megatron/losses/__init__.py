@@ -3,6 +3,14 @@
 Every function takes vocab-parallel logits shards (`[tokens, V/TP]` or `[b, s, V/TP]`, padded columns
 already -inf) and a TP process group (default: Megatron's, when initialised), and is exact for any TP.
 See docs/losses.md.
+
+Public (re-exported here):
+  mgsr_objective              objective.py: SFT + DAC-KL + span in one chunked pass (what the trainer runs)
+  divergence, KINDS           divergences.py: the token-level divergences of the baselines
+  ClipNet, band_kl, bounds    dac_kl.py: DAC-KL's learned band
+  count_communication         vocab_parallel.py: payload bytes of the collectives in a block
+vocab_parallel.py also holds the tensor-parallel collectives every package uses (all_reduce, all_gather,
+all_gather_last).
 """
 
 from mgsr_megatron.losses.dac_kl import ClipNet, band_kl, bounds

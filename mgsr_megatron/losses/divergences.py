@@ -115,7 +115,7 @@ def divergence_rows(student, teacher, kind, temperature, beta, alpha, shard: Sha
     lse_t, lse_s = lse_t.float(), lse_s.float()
     value, scalar, _ = _terms(s_t, s_s, lse_t, lse_s, kind, beta, alpha)
     packed = torch.stack([value, scalar if scalar is not None else torch.zeros_like(value)], dim=-1)
-    all_reduce(packed, shard)
+    all_reduce(packed, shard.group)
     return packed[:, 0], (lse_t, lse_s, packed[:, 0], packed[:, 1])
 
 
@@ -159,7 +159,7 @@ def forward_kl_owned(s_t: torch.Tensor, s_s: torch.Tensor, shard: Shard):
     log_p = s_t.sub_(lse_t.float()[:, None])
     p = log_p.exp()
     partial = p.mul_(log_p.sub_(s_s.sub_(lse_s.float()[:, None]))).sum(-1)
-    return all_reduce(partial, shard), (lse_t, lse_s)
+    return all_reduce(partial, shard.group), (lse_t, lse_s)
 
 
 def forward_kl_owned_grad(s_t: torch.Tensor, s_s: torch.Tensor, lse, row_scale: torch.Tensor) -> torch.Tensor:

@@ -264,7 +264,7 @@ def _any_nonfinite(logits: torch.Tensor, idle: list[slice], shard) -> torch.Tens
         return torch.zeros((), dtype=torch.bool, device=logits.device)
     row_max = torch.cat([logits[rows].amax(-1) for rows in idle]).float()
     row_max = row_max.masked_fill(row_max.isnan(), float("inf"))
-    row_max = all_reduce(row_max, shard, op=torch.distributed.ReduceOp.MAX)
+    row_max = all_reduce(row_max, shard.group, op=torch.distributed.ReduceOp.MAX)
     return ~torch.isfinite(row_max).all()
 
 

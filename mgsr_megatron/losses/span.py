@@ -60,7 +60,7 @@ def span_pairs(student, teacher, first, distance, temperature, shard: Shard):
                                 shard)
     r_t, r_s, _, _ = _raw_products(student, teacher, first, temperature, shard)
     local = (r_t - r_s).abs().sum(-1) if distance == "l1" else (r_t - r_s).square().sum(-1)
-    return all_reduce(local, shard), None
+    return all_reduce(local, shard.group), None
 
 
 def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard, pair_weight, grad_out, state):
@@ -72,7 +72,7 @@ def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard
         r_t, r_s, q_first, q_second = _raw_products(student, teacher, first, temperature, shard)
         g = torch.sign(r_s - r_t) if distance == "l1" else 2.0 * (r_s - r_t)
         g_r = g * r_s
-        scalar = all_reduce(g_r.sum(-1), shard)[:, None]
+        scalar = all_reduce(g_r.sum(-1), shard.group)[:, None]
         scale = pair_weight[:, None] / temperature
         grad_first = (g_r - q_first * scalar) * scale
         grad_second = (g_r - q_second * scalar) * scale

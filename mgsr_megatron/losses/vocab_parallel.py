@@ -16,8 +16,10 @@ Row statistics used everywhere, for a row x of scaled logits:
 Columns that hold -inf (padded vocabulary) give exp(.) = 0 and are excluded from every product, so
 they produce finite values and exactly zero gradient.
 
-Every collective goes through `all_reduce` / `all_gather`, which count the payload bytes when a
-`count_communication()` block is active (used by tools/bench_losses.py).
+Every collective of the package, and the tensor-parallel collectives of generation/ (sampling, the
+KV-cached decode), goes through `all_reduce` / `all_gather` / `all_gather_last` here: plain in-place
+collectives over a process group (None: one process, no communication), never differentiated. They
+count the payload bytes when a `count_communication()` block is active (used by tools/bench_losses.py).
 """
 
 from __future__ import annotations
@@ -122,22 +124,39 @@ def comm_tag(tag: str):
         COMM.tag = previous
 
 
-def all_reduce(tensor: torch.Tensor, shard: Shard, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over the TP group (no-op for one rank). Not differentiable on purpose."""
-    if shard.world > 1:
+def group_size(group) -> int:
+    """Ranks in a process group; 1 for None (a single process: every collective below is a no-op)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group` (no-op for None / one rank). Not differentiable on purpose."""
+    if group_size(group) > 1:
         COMM.add(tensor.numel() * tensor.element_size())
-        dist.all_reduce(tensor, op=op, group=shard.group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 
-def all_gather(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """[world, *tensor.shape] stack of every rank's tensor, in TP-rank order."""
-    if shard.world == 1:
+def _gather_parts(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    world = group_size(group)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    COMM.add(tensor.numel() * tensor.element_size() * world)
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    """[world, *tensor.shape] stack of every rank's tensor, in rank order (not differentiable)."""
+    if group_size(group) == 1:
         return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(shard.world)]
-    COMM.add(tensor.numel() * tensor.element_size() * shard.world)
-    dist.all_gather(parts, tensor.contiguous(), group=shard.group)
-    return torch.stack(parts)
+    return torch.stack(_gather_parts(tensor, group))
+
+
+def all_gather_last(tensor: torch.Tensor, group) -> torch.Tensor:
+    """[..., n] per rank -> [..., n * world], concatenated in rank order (not differentiable)."""
+    if group_size(group) == 1:
+        return tensor
+    return torch.cat(_gather_parts(tensor, group), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +192,7 @@ def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[
     Rows listed in `entropy_of` must hold no -inf (use `scaled_rows`).
     """
     maxes = torch.stack([x.amax(dim=-1) for x in rows], dim=-1)
-    all_reduce(maxes, shard, dist.ReduceOp.MAX)
+    all_reduce(maxes, shard.group, dist.ReduceOp.MAX)
     shift = maxes.masked_fill(maxes == float("-inf"), 0.0)
     partials = []
     scratch = None
@@ -189,7 +208,7 @@ def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[
         else:
             partials.append(centred.exp_().sum(dim=-1).double())
     sums = torch.stack(partials, dim=-1)
-    all_reduce(sums, shard)
+    all_reduce(sums, shard.group)
     lse, entropy, column = [], [], 0
     for i in range(len(rows)):
         log_sum = sums[:, column].log()
@@ -220,7 +239,7 @@ def global_topk(rows: torch.Tensor, k: int, shard: Shard, report: torch.Tensor |
         return values, local_ids
     packet_dtype = torch.float32 if shard.vocab < _FLOAT32_EXACT_IDS else torch.float64
     packet = torch.stack([values.to(packet_dtype), (local_ids + shard.offset).to(packet_dtype)], dim=-1)
-    gathered = all_gather(packet, shard)  # [world, n, local_k, 2]
+    gathered = all_gather(packet, shard.group)  # [world, n, local_k, 2]
     gathered = gathered.permute(1, 0, 2, 3).reshape(rows.shape[0], shard.world * local_k, 2)
     merged_values, position = gathered[..., 0].topk(k, dim=-1, sorted=True)
     merged_ids = gathered[..., 1].gather(-1, position).long()
@@ -238,7 +257,7 @@ def gather_at_ids(rows: torch.Tensor, ids: torch.Tensor, shard: Shard) -> torch.
     local, owned = _local_columns(ids, shard)
     picked = rows.gather(-1, local)
     picked = torch.where(owned, picked, picked.new_zeros(()))
-    return all_reduce(picked, shard)
+    return all_reduce(picked, shard.group)
 
 
 def scatter_add_at_ids(out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shard: Shard) -> torch.Tensor:

@@ -3,7 +3,13 @@
     DIR/model_config.yaml   the ModelConfig fields (`ModelConfig(**yaml)` rebuilds the model)
     DIR/model/              Megatron dist_checkpointing (torch_dist) of `model.sharded_state_dict()`;
                             layout-free, so it loads at any TP/PP
-    DIR/tokenizer/          optional tokenizer files
+    DIR/tokenizer/          optional tokenizer files (only when there is a vocabulary to read)
+    DIR/provenance.json     where the weights come from: `training` {iterations, final_loss} (a training
+                            run) or `import` {source} (an HF import), and `tokenizer_hash` /
+                            `tokenizer_vocab_size` (the tokenizer's vocab_hash() and size) when known;
+                            loading with another tokenizer is refused, a teacher with neither training
+                            nor import is refused unless teacher.allow_untrained (older checkpoints
+                            without the file: no tokenizer check)
     DIR/hf_config.json      optional, written by the HF importer: the original HF config, reused at
                             export (architecture name, token ids)
     DIR/manifest.json       size and SHA-256 of every other file (models/trust.py); sizes are checked
@@ -21,6 +27,7 @@ the files (models/trust.py) and reports damage as one line naming the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -35,6 +42,7 @@ from mgsr_megatron.errors import UserError
 MODEL_CONFIG = "model_config.yaml"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
+PROVENANCE = "provenance.json"
 LATEST = "latest"
 
 # The fields that decide the parameter shapes and meaning; a checkpoint must agree on all of them.
@@ -46,6 +54,7 @@ ARCHITECTURE_FIELDS = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "
 def write_model_config(directory: Path, model_cfg: ModelConfig) -> None:
     fields = dataclasses.asdict(model_cfg)
     fields["load"] = None  # the directory itself is what one loads
+    fields.pop("allow_untrained")  # how a run treats a teacher, not a property of the weights
     (Path(directory) / MODEL_CONFIG).write_text(yaml.safe_dump(fields, sort_keys=False))
 
 
@@ -66,6 +75,65 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     if unknown:
         raise UserError(f"{path}: unknown ModelConfig field(s) {', '.join(unknown)}")
     return ModelConfig(**fields)
+
+
+def provenance_of(tokenizer=None, *, training: dict | None = None, imported: dict | None = None) -> dict:
+    """A provenance record: where the weights come from (`training` {iterations, final_loss} or
+    `imported` {source}) and the tokenizer's hash and size (when a tokenizer is known)."""
+    record = {}
+    if training is not None:
+        record["training"] = training
+    if imported is not None:
+        record["import"] = imported
+    if tokenizer is not None:
+        record.update(tokenizer_hash=tokenizer.vocab_hash(), tokenizer_vocab_size=tokenizer.vocab_size)
+    return record
+
+
+def write_provenance(directory: Path, provenance: dict) -> None:
+    (Path(directory) / PROVENANCE).write_text(json.dumps(provenance, indent=1, allow_nan=False) + "\n")
+
+
+def read_provenance(directory: str | Path) -> dict:
+    """The checkpoint's provenance record; {} for checkpoints written before it existed."""
+    path = Path(directory) / PROVENANCE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON (damaged checkpoint)") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected a JSON object (damaged checkpoint)")
+    return record
+
+
+def check_tokenizer_hash(directory: str | Path, tokenizer, what: str) -> None:
+    """The tokenizer about to be used must be the one the checkpoint's weights were trained with: a
+    different vocabulary maps every id to another piece. No check when either side is unknown."""
+    if tokenizer is None:
+        return
+    directory = resolve_checkpoint(directory)
+    recorded = read_provenance(directory).get("tokenizer_hash")
+    if recorded is not None and recorded != tokenizer.vocab_hash():
+        raise UserError(f"{what} checkpoint {directory} records tokenizer hash {recorded} (its weights' vocabulary), "
+                        f"but tokenizer {tokenizer.name} has hash {tokenizer.vocab_hash()}: use the checkpoint's "
+                        f"own tokenizer")
+
+
+def check_teacher_provenance(directory: str | Path, allow_untrained: bool) -> None:
+    """A teacher must come from training (at least one step) or from an import of a published model;
+    anything else (train_iters 0, a hand-made checkpoint) is refused unless teacher.allow_untrained."""
+    if allow_untrained:
+        return
+    directory = resolve_checkpoint(directory)
+    record = read_provenance(directory)
+    training, imported = record.get("training") or {}, record.get("import")
+    if imported or (isinstance(training, dict) and (training.get("iterations") or 0) > 0):
+        return
+    found = f"training iterations {training.get('iterations')}" if training else f"no {PROVENANCE} record"
+    raise UserError(f"teacher checkpoint {directory} records neither training nor an import ({found}): refusing "
+                    f"a teacher that may be untrained (set teacher.allow_untrained: true to use it anyway)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -130,8 +198,9 @@ def _rank() -> int:
 
 
 def save_model(model, directory: str | Path, model_cfg: ModelConfig,
-               write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Collective: every rank of the job calls it. Writes DIR/model_config.yaml and DIR/model/.
+               write_extra: Callable[[Path], None] | None = None, provenance: dict | None = None) -> Path:
+    """Collective: every rank of the job calls it. Writes DIR/model_config.yaml, DIR/model/ and, given
+    `provenance` (`provenance_of(...)`), DIR/provenance.json.
 
     `write_extra(tmp_dir)` (called on every rank after the model is written, before the rename) lets
     the trainer add its own state to the same atomic directory. Rank 0 then records the size and
@@ -153,6 +222,8 @@ def save_model(model, directory: str | Path, model_cfg: ModelConfig,
                 shutil.rmtree(temporary)
             (temporary / MODEL_DIR).mkdir(parents=True)
             write_model_config(temporary, model_cfg)
+            if provenance is not None:
+                write_provenance(temporary, provenance)
     except Exception as exc:  # noqa: BLE001 - reported below, after every rank knows
         failure = exc
     failure = _agree_on_failure(failure)
@@ -253,7 +324,7 @@ def load_model(model, directory: str | Path, verify: bool = False, require_manif
     weights = directory / MODEL_DIR
     if not (weights / "metadata.json").is_file():
         raise UserError(f"{directory}: no weights ({MODEL_DIR}/metadata.json missing)")
-    verify_collective(directory, hashes=verify, prefixes=(MODEL_DIR + "/", MODEL_CONFIG),
+    verify_collective(directory, hashes=verify, prefixes=(MODEL_DIR + "/", MODEL_CONFIG, PROVENANCE),
                       required=verify if require_manifest is None else require_manifest)
     check_dist_checkpoint(weights)
     sharded = model.sharded_state_dict()

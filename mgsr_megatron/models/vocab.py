@@ -28,10 +28,15 @@ def vocab_shard_range(padded_vocab: int, tp_rank: int, tp: int) -> tuple[int, in
     return tp_rank * per_rank, (tp_rank + 1) * per_rank
 
 
-def mask_padded_logits(logits_shard: torch.Tensor, vocab_size: int, tp_rank: int = 0) -> torch.Tensor:
-    """Set columns with global id >= vocab_size to -inf (out of place; gradient 0 there)."""
+def mask_padded_logits(logits_shard: torch.Tensor, vocab_size: int, tp_rank: int = 0, *,
+                       vocab_start: int | None = None) -> torch.Tensor:
+    """Set columns with global id >= vocab_size to -inf (out of place; gradient 0 there).
+
+    Column j holds global id `vocab_start + j`; by default `vocab_start = tp_rank * width`, the shard of
+    `tp_rank` in an even split (the whole padded vocabulary at tp_rank 0 for gathered logits).
+    """
     shard = logits_shard.shape[-1]
-    start = tp_rank * shard
+    start = tp_rank * shard if vocab_start is None else vocab_start
     if start + shard <= vocab_size:
         return logits_shard
     ids = torch.arange(start, start + shard, device=logits_shard.device)

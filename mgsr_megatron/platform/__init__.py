@@ -2,6 +2,9 @@
 
 Everything device-specific lives in this package: the rest of the code asks `device()` and
 `backend()` and never touches `torch.cuda` directly.
+
+Public: device, backend, activate, cuda_available, set_local_device, model_parallel_seed,
+synchronize, peak_memory_bytes, bf16_supported (this file). cpu.py is the adapter `activate()` installs.
 """
 
 from __future__ import annotations

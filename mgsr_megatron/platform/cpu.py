@@ -93,7 +93,7 @@ def _install_recompute_mode() -> None:
 
     for name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
         cls = getattr(mp_random, name, None)
-        if cls is None or getattr(cls, "_mgsr_cpu_mode", False):
+        if cls is None or getattr(cls, "mgsr_cpu_mode", False):
             continue
 
         def backward(ctx, *grads, _original=cls.backward):
@@ -101,7 +101,7 @@ def _install_recompute_mode() -> None:
                 return _original(ctx, *grads)
 
         cls.backward = staticmethod(backward)
-        cls._mgsr_cpu_mode = True
+        cls.mgsr_cpu_mode = True
 
 
 def _install_collectives() -> None:
@@ -181,7 +181,7 @@ def _cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
-def _install_rng_tracker() -> None:
+def install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._CUDA_RNG_STATE_TRACKER = _cpu_tracker_class()()
@@ -193,7 +193,7 @@ def model_parallel_cpu_manual_seed(seed: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
-    _install_rng_tracker()
+    install_rng_tracker()
     tracker = mp_random._CUDA_RNG_STATE_TRACKER
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     torch.manual_seed(seed)
@@ -254,7 +254,7 @@ def activate() -> None:
     assert not torch.cuda.is_available(), "the CPU adapter must not be used on a CUDA machine"
     check_megatron_compat()
     _install_cuda_stubs()
-    _install_rng_tracker()
+    install_rng_tracker()
     _install_collectives()
     _install_rng_state_calls()
     _install_recompute_mode()

@@ -11,6 +11,7 @@
                                       ClipNet's owner rank)
         schedule_dp{d}.pt             data schedule and replay buffer of data-parallel replica d
         rng/rank{r}.pt                RNG states of global rank r (used when the layout is unchanged)
+        provenance.json               iterations trained, the last step's loss, the tokenizer's hash
     RUN/checkpoints/latest            names the newest complete iteration directory; written last
 
 The directory is assembled under a temporary name and renamed into place, then `latest` is replaced
@@ -23,6 +24,7 @@ run as `abandoned_iter_*`; pruning (keep_last) never removes the checkpoint just
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -32,7 +34,17 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.models.checkpoint import LATEST, _agree_on_failure, load_model, resolve_checkpoint, save_model
+from mgsr_megatron.models.checkpoint import (
+    LATEST,
+    _agree_on_failure,
+    check_teacher_provenance,
+    check_tokenizer_hash,
+    load_model,
+    provenance_of,
+    read_provenance,
+    resolve_checkpoint,
+    save_model,
+)
 from mgsr_megatron.models.trust import (
     check_dist_checkpoint,
     describe_load_error,
@@ -200,9 +212,18 @@ def _check_optimizer_kind(cfg, directory: Path, common: dict) -> None:
                         f"precision, or start a new run from the weights with student.load)")
 
 
+def _check_global_batch(cfg, directory: Path, common: dict) -> None:
+    saved = common.get("global_batch_size")
+    if saved is not None and saved != cfg.schedule.global_batch_size:
+        raise UserError(f"{directory}: the run used schedule.global_batch_size={saved}, this run has "
+                        f"{cfg.schedule.global_batch_size}; resuming would change the data order and the "
+                        f"optimisation (start a new run, or keep the global batch size)")
+
+
 def check_resume_optimizer(cfg) -> None:
-    """Before any model is built: a resume (checkpoint.resume) whose optimizer kind or precision changed
-    is refused with one line. A missing/unreadable checkpoint is left to the loader's own errors."""
+    """Before any model is built (the teacher included): a resume (checkpoint.resume) whose global batch
+    size, optimizer kind or precision changed is refused with one line. A missing/unreadable checkpoint
+    is left to the loader's own errors."""
     directory = find_resume(cfg)
     if directory is None or not (directory / "common.pt").is_file():
         return
@@ -210,7 +231,29 @@ def check_resume_optimizer(cfg) -> None:
         common = _load_file(directory / "common.pt")
     except UserError:
         return  # the loader reports damaged files with their own checks
+    _check_global_batch(cfg, directory, common)
     _check_optimizer_kind(cfg, directory, common)
+
+
+def check_checkpoint_origins(cfg, tokenizer, uses_teacher: bool) -> None:
+    """Before any model is built: every checkpoint the run loads (teacher, student, resume) was trained
+    with `tokenizer` (when it records a hash), and the teacher records training or an import."""
+    if uses_teacher and cfg.teacher.load:
+        check_teacher_provenance(cfg.teacher.load, cfg.teacher.allow_untrained)
+        check_tokenizer_hash(cfg.teacher.load, tokenizer, "teacher.load")
+    if cfg.student.load:
+        check_tokenizer_hash(cfg.student.load, tokenizer, "student.load")
+    resume = find_resume(cfg)
+    if resume is not None:
+        check_tokenizer_hash(resume, tokenizer, "resume")
+
+
+def _training_provenance(trainer) -> dict:
+    """What this checkpoint's weights went through: steps, the last step's loss, the tokenizer."""
+    loss = getattr(trainer, "last_loss", None)
+    final_loss = float(loss) if loss is not None and math.isfinite(loss) else None
+    return provenance_of(getattr(trainer.data, "tokenizer", None),
+                         training={"iterations": int(trainer.step), "final_loss": final_loss})
 
 
 def _adam_step(optimizer) -> float:
@@ -278,14 +321,15 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
     if error is not None:
         cause = error if isinstance(error, str) else describe_save_error(error)
         raise UserError(f"saving checkpoint {final} failed: {cause}") from None
-    save_model(trainer.student, final, trainer.cfg.student, write_extra=write_state)
+    save_model(trainer.student, final, trainer.cfg.student, write_extra=write_state,
+               provenance=_training_provenance(trainer))
     if rank == 0:
         try:
             _write_latest(root, final.name)
         except OSError as exc:
             error = exc
         if error is None:
-            _prune(root, trainer.cfg.checkpoint.keep_last, keep=final.name)
+            prune_checkpoints(root, trainer.cfg.checkpoint.keep_last, keep=final.name)
     error = _agree_on_failure(error)
     if error is not None:
         raise UserError(f"{root / LATEST}: could not be updated to {final.name} "
@@ -355,7 +399,7 @@ def _write_latest(root: Path, name: str) -> None:
         raise
 
 
-def _prune(root: Path, keep_last: int, keep: str | None = None) -> None:
+def prune_checkpoints(root: Path, keep_last: int, keep: str | None = None) -> None:
     """Delete all but the newest `keep_last` iteration directories (by step number); never `keep`
     (the checkpoint just written) nor the one `latest` names."""
     if keep_last <= 0:
@@ -404,11 +448,7 @@ def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> Non
     missing = [key for key in COMMON_KEYS if key not in common]
     if missing:
         raise UserError(f"{directory / 'common.pt'}: not a training state (no {', '.join(missing)})")
-    sched = trainer.cfg.schedule
-    if common["global_batch_size"] != sched.global_batch_size:
-        raise UserError(f"{directory}: the run used schedule.global_batch_size={common['global_batch_size']}, "
-                        f"this run has {sched.global_batch_size}; resuming would change the data order and "
-                        f"the optimisation (start a new run, or keep the global batch size)")
+    _check_global_batch(trainer.cfg, directory, common)  # checked before the teacher loads, again here
     _check_optimizer_kind(trainer.cfg, directory, common)
     load_model(trainer.student, directory)
     if not (directory / "optimizer" / "metadata.json").is_file():
@@ -427,6 +467,7 @@ def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> Non
     trainer.clipnet_optimizer.load_state_dict(common["clipnet_optimizer"])
     trainer.data.load_state_dict(common["data"])
     trainer.step = int(common["step"])
+    trainer.last_loss = (read_provenance(directory).get("training") or {}).get("final_loss")
     trainer.skipped_steps = int(common.get("skipped_steps", 0))
     schedule_file = directory / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt"
     if trainer.schedule is not None and schedule_file.is_file():

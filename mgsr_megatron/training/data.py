@@ -73,7 +73,7 @@ class TrainingData:
         valid, labelled = self.valid
         mbs = self.cfg.schedule.micro_batch_size
         windows = min(count, len(labelled) // (mbs * dp_size))
-        return [self._finish(collate([valid[labelled[(w * dp_size + dp_rank) * mbs + r]] for r in range(mbs)],
+        return [self.with_loss_masks(collate([valid[labelled[(w * dp_size + dp_rank) * mbs + r]] for r in range(mbs)],
                                      self.pad_id, self.seq_length), generated=False) for w in range(windows)]
 
     def evaluation_items(self, count: int) -> list:
@@ -89,14 +89,14 @@ class TrainingData:
             items.append(PromptItem(valid[i].prompt_ids, row["prompt"], row["references"], row["family"]))
         return items
 
-    def _finish(self, batch: dict, generated: bool) -> dict:
+    def with_loss_masks(self, batch: dict, generated: bool) -> dict:
         sft_on = (not generated) or self.cfg.mgsr.sft_on_generated
         batch["kd_mask"] = batch["loss_mask"]
         batch["sft_mask"] = batch["loss_mask"] if sft_on else batch["loss_mask"] * 0
         return batch
 
     def next_micro_batches(self, count: int) -> list[dict]:
-        return [self._finish(collate([self.dataset[i] for i in self.ground_truth.next()], self.pad_id,
+        return [self.with_loss_masks(collate([self.dataset[i] for i in self.ground_truth.next()], self.pad_id,
                                      self.seq_length), generated=False) for _ in range(count)]
 
     def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
@@ -111,8 +111,8 @@ class TrainingData:
             rows.append(Sample(np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64),
                                spans_for_ids(self.extractor, self.tokenizer, response)))
         size = len(rows) // count
-        return [self._finish(collate(rows[k * size:(k + 1) * size], self.pad_id, self.seq_length), generated=True)
-                for k in range(count)]
+        return [self.with_loss_masks(collate(rows[k * size:(k + 1) * size], self.pad_id, self.seq_length),
+                                     generated=True) for k in range(count)]
 
     def state_dict(self) -> dict:
         return {"ground_truth": self.ground_truth.sampler.state_dict(),

@@ -26,7 +26,7 @@ def check_generation_fits(cfg: Config) -> None:
                             f"schedule.seq_length={cfg.schedule.seq_length}: generated rows would not fit")
 
 
-def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
+def build_trainer(cfg: Config) -> Trainer:
     """Distributed start-up, data and models (validation happens before any weights are loaded)."""
     from megatron.core import parallel_state
 
@@ -34,15 +34,14 @@ def build_trainer(cfg: Config, uses_teacher: bool | None = None) -> Trainer:
     check_generation_fits(cfg)
     parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes,
                               rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_seconds)
-    uses_teacher = Trainer.needs_teacher(cfg) if uses_teacher is None else uses_teacher
-    models = {"student": cfg.student, **({"teacher": cfg.teacher} if uses_teacher else {})}
+    models = {"student": cfg.student, **({"teacher": cfg.teacher} if cfg.needs_teacher else {})}
     parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
                                        cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed, models)
     data = TrainingData(cfg, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    return Trainer(cfg, data, uses_teacher=uses_teacher)
+    return Trainer(cfg, data)
 
 
-def run_evaluation(trainer: Trainer, log: MetricsLogger, evaluate_fn=None) -> None:
+def run_evaluation(trainer: Trainer, log: MetricsLogger) -> None:
     """Validation loss (feeds the off-policy schedule) and ROUGE-L / exact match on held-out prompts."""
     from mgsr_megatron.evaluation.evaluate import evaluate
 
@@ -55,14 +54,12 @@ def run_evaluation(trainer: Trainer, log: MetricsLogger, evaluate_fn=None) -> No
         result = evaluate(trainer.student, items, trainer.data.tokenizer, vocab_size=cfg.student.vocab_size,
                           max_new_tokens=cfg.schedule.eval_max_new_tokens, seeds=(10,))
         log.log(trainer.step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, kind="eval")
-    if evaluate_fn is not None:
-        log.log(trainer.step, evaluate_fn(trainer), kind="eval")
 
 
-def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tuple[int, Trainer]:
+def train(cfg: Config) -> tuple[int, Trainer]:
     """Run training to `schedule.train_iters`. Returns the exit code (0, or EXIT_PREEMPTED after the
     preemption checkpoint) and the trainer."""
-    trainer = build_trainer(cfg, uses_teacher)
+    trainer = build_trainer(cfg)
     resume_dir = find_resume(cfg)
     if resume_dir is not None:
         load_checkpoint(trainer, resume_dir, verify=cfg.checkpoint.verify)
@@ -79,7 +76,7 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tu
         metrics = trainer.train_step()
         log.log(trainer.step, metrics)
         if cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0:
-            run_evaluation(trainer, log, evaluate_fn)
+            run_evaluation(trainer, log)
         periodic = save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
         if preemption.any_rank():
             if save_dir:
@@ -94,7 +91,7 @@ def train(cfg: Config, uses_teacher: bool | None = None, evaluate_fn=None) -> tu
             saved_step = trainer.step
     evaluated_last = cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0
     if cfg.schedule.eval_interval and exit_code == 0 and not evaluated_last:  # and at the end
-        run_evaluation(trainer, log, evaluate_fn)
+        run_evaluation(trainer, log)
     if save_dir and saved_step != trainer.step:  # the final state is always saved
         save_checkpoint(trainer, save_dir)
     if rank0:

@@ -92,22 +92,22 @@ def validate_batch_layout(cfg: Config, dp_size: int) -> int:
 
 
 class Trainer:
-    @staticmethod
-    def needs_teacher(cfg: Config) -> bool:
-        return bool(cfg.mgsr.w_dac or cfg.mgsr.w_span or cfg.mgsr.data_schedule != "ground_truth")
-
-    def __init__(self, cfg: Config, data, uses_teacher: bool | None = None):
+    def __init__(self, cfg: Config, data):
         """Needs Megatron's parallel_state set up (training/run.py does it). `data` is a
         training/data.py TrainingData (or anything with its methods)."""
         from megatron.core import parallel_state
 
+        from mgsr_megatron.training.checkpoint import check_checkpoint_origins
+
         self.cfg = cfg
         self.data = data
         check_same_vocab(cfg.teacher, cfg.student)
-        self.uses_teacher = self.needs_teacher(cfg) if uses_teacher is None else uses_teacher
+        self.uses_teacher = cfg.needs_teacher
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_micro = validate_batch_layout(cfg, self.dp_size)
+        # every loaded checkpoint's tokenizer and the teacher's provenance, before any weights are read
+        check_checkpoint_origins(cfg, getattr(data, "tokenizer", None), self.uses_teacher)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.last_stage = parallel_state.is_pipeline_last_stage()
@@ -125,6 +125,7 @@ class Trainer:
         self.clipnet_optimizer = optim.build_optimizer(self.clipnet, cfg.optimizer)
         self.schedule = self._build_schedule() if self.uses_teacher else None
         self.step = 0
+        self.last_loss = None  # the latest step's loss, recorded in checkpoints (provenance)
         self.nan_steps_in_row = 0
         self.skipped_steps = 0
 
@@ -216,7 +217,9 @@ class Trainer:
         return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
 
     # ------------------------------------------------------------------------------------------ step
-    def _teacher_logits(self, micro_batches: list[dict]):
+    def teacher_forward(self, micro_batches: list[dict]):
+        """The frozen teacher's vocab-parallel logits of the micro-batches (a list, on the last pipeline
+        stage; None on other stages and without a teacher)."""
         if self.teacher is None:
             return None
         return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
@@ -286,7 +289,7 @@ class Trainer:
         micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[:int(count.item())]]
         self.student.eval()
         with torch.no_grad():
-            outputs = self._forward_backward(micro_batches, self._teacher_logits(micro_batches), forward_only=True)
+            outputs = self._forward_backward(micro_batches, self.teacher_forward(micro_batches), forward_only=True)
         self.student.train()
         metrics = self._reduce_metrics(outputs)
         if self.schedule is not None:
@@ -299,7 +302,7 @@ class Trainer:
         optim.set_learning_rate(self.optimizer, self.clipnet_optimizer, lr, self.cfg.optimizer)
         batch = self.next_batch()
         self.student.train()
-        teacher_logits = self._teacher_logits(batch.micro_batches)
+        teacher_logits = self.teacher_forward(batch.micro_batches)
         optim.zero_grads(self.student_ddp, self.optimizer, self.clipnet_optimizer)
         outputs = self._forward_backward(batch.micro_batches, teacher_logits)
         metrics = self._reduce_metrics(outputs)
@@ -317,6 +320,7 @@ class Trainer:
             if math.isnan(grad_norm):  # fp16 loss scaling found inf/NaN gradients: step skipped
                 self.skipped_steps += 1
         self.step += 1
+        self.last_loss = metrics["loss"]
         tokens = sum(int(mb["loss_mask"].numel()) for mb in batch.micro_batches) * self.dp_size
         elapsed = time.time() - start
         metrics.update(batch.stats, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],

@@ -7,6 +7,7 @@ a TP1/PP1 GPTModel built from the gathered full state dict (no KV cache, no pipe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -233,8 +234,8 @@ def scrg_divergences_tp124_with_padding_only_shard():
     entries: at TP=4 the last shard holds padding only."""
     from megatron.core import parallel_state
 
-    from mgsr_megatron.generation.sampling import mask_padded
     from mgsr_megatron.losses.divergences import divergence
+    from mgsr_megatron.models.vocab import mask_padded_logits
 
     vocab = 150
     gen = torch.Generator().manual_seed(5)
@@ -248,9 +249,10 @@ def scrg_divergences_tp124_with_padding_only_shard():
                                   np.pad(lq, ((0, 0), (0, 0), (0, PADDED - vocab)), constant_values=-np.inf), kind)
         for tp in (1, 2, 4):
             parallel.initialize_model_parallel(tp, 1)
-            group, rank = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
+            group = parallel_state.get_tensor_model_parallel_group()
+            rank = parallel_state.get_tensor_model_parallel_rank()
             width = PADDED // tp
-            teacher_shard, student_shard = (mask_padded(x[..., rank * width:(rank + 1) * width], vocab, rank * width)
+            teacher_shard, student_shard = (mask_padded_logits(x[..., rank * width:(rank + 1) * width], vocab, rank)
                                             for x in (teacher_logits, student_logits))
             got = divergence(student_shard, teacher_shard, kind, temperature=temperature, beta=0.5,
                              tp_group=group).double().numpy()
@@ -281,8 +283,8 @@ def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **over
         fallback = unsupported_reason(model) is not None
         paths = (False, True) if (tp, pp) in megatron_path_layouts else (False,)
         for (name, mode, eos, expected), megatron_path in itertools.product(cases, paths):
-            out = generate(model, PROMPTS, max_new_tokens=9, eos_id=eos, vocab_size=VOCAB, seed=5,
-                           megatron_path=megatron_path, **mode)
+            with megatron_inference_path(megatron_path):
+                out = generate(model, PROMPTS, max_new_tokens=9, eos_id=eos, vocab_size=VOCAB, seed=5, **mode)
             where = f"{arch} {overrides or ''} TP={tp} PP={pp} {name} {out.stepper.path} path"
             assert out.stepper.path == ("megatron" if megatron_path or fallback else "lean"), where
             got = out.responses()
@@ -338,7 +340,8 @@ def scrg_matches_dense_reference():
                         if ref is None:
                             assert j == -1, f"{where} round {k} row {row}: corrected at {j}, reference did not"
                         else:
-                            assert (int(j), int(t_j)) == ref[:2], f"{where} round {k} row {row}: {(j, t_j)} vs {ref[:2]}"
+                            assert (int(j), int(t_j)) == ref[:2], \
+                                f"{where} round {k} row {row}: {(j, t_j)} vs {ref[:2]}"
                             assert abs(d_j - ref[2]) <= 1e-5 * max(1.0, ref[2]), f"{where}: d_j {d_j} vs {ref[2]}"
             if False in results:
                 assert results[True] == results[False], f"{where}: cache reuse differs from regeneration"
@@ -413,6 +416,21 @@ def regeneration_edge_cases(reference):
     return out
 
 
+@contextlib.contextmanager
+def megatron_inference_path(enabled: bool = True):
+    """Inside the block (when `enabled`) the generator decodes with Megatron-Core's inference path, its
+    fallback for models the lean KV-cached stage does not cover, instead of the lean stage."""
+    from mgsr_megatron.generation import generator
+
+    original = generator.unsupported_reason
+    if enabled:
+        generator.unsupported_reason = lambda gpt: "Megatron's inference path forced by a test"
+    try:
+        yield
+    finally:
+        generator.unsupported_reason = original
+
+
 class PassRecorder:
     """Records (rows, columns, offset) of every decode pass (PipelineStepper.forward) while active."""
 
@@ -440,7 +458,13 @@ class PassRecorder:
 
 
 def check_regeneration_edge_cases(model, cases, where: str, megatron_path: bool = False) -> list:
-    """Run every case on `model` (any layout) and compare with the reference; returns the tokens."""
+    """Run every case on `model` (any layout) and compare with the reference; returns the tokens.
+    `megatron_path`: generate and regenerate on Megatron-Core's inference path."""
+    with megatron_inference_path(megatron_path):
+        return _regeneration_edge_cases(model, cases, where, megatron_path)
+
+
+def _regeneration_edge_cases(model, cases, where: str, megatron_path: bool) -> list:
     from mgsr_megatron.generation.generator import SamplingOptions, generate
     from mgsr_megatron.generation.scrg import regenerate
 
@@ -448,7 +472,7 @@ def check_regeneration_edge_cases(model, cases, where: str, megatron_path: bool 
     for name, eos, new_tokens, j, t_j, passes, plain, expected in cases:
         at = f"{where} {name}" + (" (megatron path)" if megatron_path else "")
         out = generate(model, PROMPTS, max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, seed=2,
-                       record_logits=True, megatron_path=megatron_path, **MODES["sampled"])
+                       record_logits=True, **MODES["sampled"])
         assert out.responses() == plain, f"{at}: first generation {out.responses()} vs {plain}"
         common = dict(max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, options=SamplingOptions(seed=9))
         jt, tt = torch.tensor(j), torch.tensor(t_j)
@@ -475,7 +499,7 @@ def check_regeneration_edge_cases(model, cases, where: str, megatron_path: bool 
         assert torch.equal(reused.tokens, cold.tokens), at
         if reused.logits is not None:  # last stage: the recorded logits (next round's detection) agree too
             torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"{at}: {m}")
+                                       msg=lambda m, at=at: f"{at}: {m}")
         results.append(reused.tokens.tolist())
     return results
 

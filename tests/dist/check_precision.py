@@ -3,10 +3,11 @@ works in bf16, and activation recomputation leaves the losses unchanged."""
 
 import shutil
 
+from mgsr_megatron.training.smoke import base_config, ensure_teacher
 from tests.dist.check_training import _assert_close, _run
 from tests.dist.common import in_smaller_world
 from tests.dist.harness import dist_check
-from tests.dist.training_setup import base_config, ensure_student_init, ensure_teacher, shared_root
+from tests.dist.training_setup import ensure_student_init, shared_root
 
 
 def _config(root, tp, pp, distributed=False, dtype="float32", **model):

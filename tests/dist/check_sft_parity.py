@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mgsr_megatron.training.smoke import TEMPLATE, base_config
 from tests import sft_reference as ref
 from tests.dist.harness import dist_check
-from tests.dist.training_setup import TEMPLATE, base_config, shared_root
+from tests.dist.training_setup import shared_root
 
 LOSS_RTOL = 1e-4
 NORM_RTOL = 1e-3
@@ -36,7 +37,7 @@ EVAL_NEW_TOKENS = 16
 
 
 def sft_config(root: Path, tp: int = 1, pp: int = 1, tie: bool = False, steps: int = 12):
-    """training_setup's tiny llama student trained SFT-only (the demo's sft_student variant)."""
+    """training.smoke's tiny llama student trained SFT-only (the demo's sft_student variant)."""
     cfg = base_config(root, tp, pp)
     cfg.mgsr.w_dac, cfg.mgsr.w_span, cfg.mgsr.data_schedule = 0.0, 0.0, "ground_truth"
     cfg.teacher.load = None

@@ -3,8 +3,9 @@
 import math
 import shutil
 
+from mgsr_megatron.training.smoke import base_config, ensure_teacher
 from tests.dist.harness import dist_check
-from tests.dist.training_setup import base_config, ensure_student_init, ensure_teacher, shared_root
+from tests.dist.training_setup import ensure_student_init, shared_root
 
 
 def _run(cfg, steps: int, resume_from=None, save_to=None) -> tuple[list[float], list[str]]:

@@ -12,20 +12,37 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NewType
 
 import yaml
 
 from mgsr_megatron.errors import UserError
 
-ARCHITECTURES = ("llama", "gpt2", "opt")
+# A registered model family's name (mgsr_megatron/architectures): checked against the live registry,
+# so a family registered at run time (register_family) is accepted like the built-in ones.
+FamilyName = NewType("FamilyName", str)
+
+
+def family_names() -> tuple[str, ...]:
+    """The registered model families (imported here, not at module level: the registry's family modules
+    import this module)."""
+    from mgsr_megatron.architectures import family_names as names
+
+    return names()
+
+
+def __getattr__(name: str):
+    if name == "ARCHITECTURES":  # the registered family names, at the time of asking
+        return family_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class ModelConfig:
     """One GPTModel (teacher or student). `vocab_size` is the TRUE vocabulary size."""
 
-    arch: Literal["llama", "gpt2", "opt"] = "llama"  # llama also covers Mistral/Qwen2 without sliding window
+    # a registered model family: llama (also Mistral/Qwen2 without sliding window), gpt2, opt
+    arch: FamilyName = "llama"
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int | None = None  # default: 4*hidden (gpt2/opt), 8/3*hidden rounded to 64 (llama)
@@ -206,8 +223,8 @@ SWITCH_FLAGS = {"--verify-checkpoint": "checkpoint.verify"}
 def _coerce(value, annotation, key: str):
     """Check `value` against a field annotation (int|None, float, str, bool); ints are valid floats."""
     origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
+    if origin is typing.Literal or annotation is FamilyName:
+        choices = family_names() if annotation is FamilyName else typing.get_args(annotation)
         if value not in choices or isinstance(value, bool):
             raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
         return value
@@ -311,7 +328,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # --------------------------------------------------------------------------------------------------
 # Whole-config validation: called by train, plan, generate and eval right after load_config, before
-# any process group, data or model exists. Enum fields are `Literal` types checked by `_coerce`.
+# any process group, data or model exists. Enum fields are `Literal` types (and `arch`, a registered
+# FamilyName) checked by `_coerce`.
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -350,10 +368,11 @@ def validate(cfg: Config) -> Config:
             _check(model.hidden_size % model.num_attention_heads == 0,
                    f"{name}.hidden_size={model.hidden_size} is not divisible by "
                    f"{name}.num_attention_heads={model.num_attention_heads}")
-        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
-        if model.arch == "llama":
-            _check(head_dim % 2 == 0, f"{name}: head dimension {head_dim} (hidden_size / num_attention_heads or "
-                                      f"kv_channels) must be even for rotary position embeddings")
+        _check(model.arch in family_names(),
+               f"config key '{name}.arch': {model.arch!r} is not one of {', '.join(family_names())}")
+        from mgsr_megatron.architectures import get_family
+
+        get_family(model.arch).check_config(model, name)  # the family's own checks (llama: rope head dim)
         if model.num_query_groups is not None:
             _check(model.num_attention_heads % model.num_query_groups == 0,
                    f"{name}.num_attention_heads={model.num_attention_heads} is not divisible by "
@@ -409,3 +428,22 @@ def validate(cfg: Config) -> Config:
                        f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there would "
                        f"overwrite or mix with the {name}'s checkpoint; choose another directory")
     return cfg
+
+
+def check_batch_layout(cfg: Config, dp_size: int, micro_batch: int | None = None,
+                       models: tuple[str, ...] = ("teacher", "student")) -> int:
+    """The batch layout checks a training launch makes, shared by the trainer and `mgsr plan`: the global
+    batch splits into micro-batches of `micro_batch` (default schedule.micro_batch_size) over `dp_size`
+    data-parallel ranks, and schedule.seq_length fits each of `models` (config sections, checked in that
+    order). Returns the number of micro-batches per step on each DP rank."""
+    sched = cfg.schedule
+    b = sched.micro_batch_size if micro_batch is None else micro_batch
+    per_step = b * dp_size
+    _check(sched.global_batch_size % per_step == 0,
+           f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
+           f"micro_batch_size*DP = {b}*{dp_size} = {per_step}")
+    for name in models:
+        limit = getattr(cfg, name).max_position_embeddings
+        _check(sched.seq_length <= limit,
+               f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings={limit}")
+    return sched.global_batch_size // per_step

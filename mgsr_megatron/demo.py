@@ -80,7 +80,7 @@ def prepare_data(out: Path, settings: dict) -> None:
     """Corpus, tokenizer and indexed files (single process; skipped when already complete)."""
     from mgsr_megatron.config import DataConfig
     from mgsr_megatron.data.demo_corpus import write_demo_corpus
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
 
     data = out / "data"
     key = json.dumps({k: list(settings[k]) if k == "families" else settings[k]
@@ -94,9 +94,10 @@ def prepare_data(out: Path, settings: dict) -> None:
     data_cfg = DataConfig(format="prompt_response", prompt_template=DEMO_TEMPLATE, max_prompt_length=24,
                           max_length=40, valid_fraction=0.0)
     tokenizer = str(data / "tokenizer.model")
-    preprocess([paths["train"]], str(data / "teacher"), tokenizer, data_cfg, workers=1, progress=False)
+    quiet = PreprocessOptions(workers=1, progress=False)
+    preprocess([paths["train"]], str(data / "teacher"), tokenizer, data_cfg, options=quiet)
     preprocess([paths["train_labelled"], paths["train_prompts"]], str(data / "student"), tokenizer, data_cfg,
-               workers=1, progress=False, prompts_only=True)
+               prompts_only=True, options=quiet)
     (data / "key.json").write_text(key)
 
 

@@ -17,6 +17,7 @@ other than the checkpoint's) is reported before the model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -135,20 +136,22 @@ def _gather_dp(local: list) -> list:
 
 
 def generate_file(args, overrides) -> None:
-    from mgsr_megatron.generation import generate
+    from mgsr_megatron.generation import SamplingOptions, generate
 
     cfg, directory, model_cfg, tokenizer = prepare_inference(args, overrides)
     rows, prompts, numbers = read_prompt_file(args.prompts, tokenizer)
     check_prompts(prompts, model_cfg, args.max_new_tokens, lambda i: f"{args.prompts}:{numbers[i]}")
     model = load_inference_model(cfg, directory, model_cfg)
     eos_id = tokenizer.eos_id if tokenizer is not None else model_cfg.vocab_size - 1
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, eos_id=eos_id, greedy=args.greedy,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     mine = _my_rows(len(rows))
     results = []
     for start in range(0, len(mine), args.batch_size):
         chunk = mine[start:start + args.batch_size]
-        out = generate(model, [prompts[i] for i in chunk], max_new_tokens=args.max_new_tokens, eos_id=eos_id,
-                       vocab_size=model_cfg.vocab_size, greedy=args.greedy, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed * 1_000_003 + chunk[0])
+        out = generate(model, [prompts[i] for i in chunk],
+                       dataclasses.replace(options, seed=args.seed * 1_000_003 + chunk[0]),
+                       vocab_size=model_cfg.vocab_size)
         results += list(zip(chunk, out.responses()))
     results = dict(_gather_dp(results))
     if dist.get_rank() == 0:

@@ -7,8 +7,12 @@ and the most micro-batches in flight, the last the output layer and the teacher 
 decides. Sizes in bytes; e = bytes per element of the model's params_dtype (2 for bf16).
 
 Weights (per TP rank). Column/row-parallel matrices and column-parallel biases are split over TP; norms,
-row-parallel biases and learned position embeddings are replicated (Megatron's layout). Per layer:
-  llama  h*(a*d + 2*g*d)/t + a*d*h/t [+ (a+2g)*d/t QKV bias] + 3*h*f/t (SwiGLU) + 2*h (RMSNorm)
+row-parallel biases and learned position embeddings are replicated (Megatron's layout). The pieces come
+from the model's family (mgsr_megatron/architectures, ModelFamily.layer_params / norm_params /
+position_params), derived from the same options the builder gives Megatron. Per layer, with q = a*d + 2*g*d:
+  QKV h*q/t [+ q/t bias], output projection a*d*h/t [+ h bias], MLP (m*f*h + f*h)/t [+ m*f/t + h biases]
+  (m = 2 for a gated/SwiGLU fc1, else 1), two norms of h (RMSNorm) or 2h (LayerNorm) each; so
+  llama  h*q/t [+ q/t QKV bias] + a*d*h/t + 3*h*f/t (SwiGLU) + 2*h (RMSNorm)
   gpt2/opt  (3*h*h + 3*h)/t + h*h/t + h + (2*h*f + f)/t + h + 4*h (two LayerNorms)
   first stage: V_pad*h/t embedding (+ max_pos*h learned positions for gpt2/opt)
   last stage: final norm (h, or 2h for LayerNorm) + V_pad*h/t output layer (untied, or tied with PP > 1)
@@ -24,7 +28,8 @@ without sequence parallelism), generalised to any element size e, GQA and FFN wi
   replicated    s*b*h*(2e + 2e + 2)              two norm inputs, QKV and MLP inputs, two dropout masks
   attention     s*b*e*(2*a*d + 2*g*d)/t          Q, K, V and the output projection's input
   scores        b*a*s*s*(2e + 1)/t               softmax output, its dropout mask and dropout output
-  MLP           s*b*f*e*2/t (GELU/ReLU) or s*b*f*e*4/t (SwiGLU: fc1's 2f output, silu(gate), fc2 input)
+  MLP           s*b*f*e*2/t (GELU/ReLU) or s*b*f*e*4/t (SwiGLU: fc1's 2f output, silu(gate), fc2 input);
+                the factor is the family's mlp_activation_factor
 With e=2, g=a, f=4h and no gating this is exactly Korthikanti's formula. Activation recomputation as
 the student's config sets it (model.recompute_granularity / recompute_method / recompute_num_layers,
 Megatron's names, what the trainer passes to the TransformerConfig):
@@ -63,8 +68,10 @@ checks it for the tiny example within 15%.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from mgsr_megatron.config import Config, ModelConfig, load_config, validate
+from mgsr_megatron.architectures import get_family
+from mgsr_megatron.config import Config, ModelConfig, check_batch_layout, load_config, validate
 from mgsr_megatron.errors import UserError
 
 GIB = 1024 ** 3
@@ -93,15 +100,8 @@ def _head_dim(m: ModelConfig) -> int:
 
 
 def layer_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer held by one TP rank."""
-    h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, _head_dim(m)
-    if m.arch == "llama":
-        attention = h * (a * d + 2 * g * d) // tp + a * d * h // tp
-        if m.add_qkv_bias:
-            attention += (a + 2 * g) * d // tp
-        return attention + 3 * h * f // tp + 2 * h
-    qkv = (h * (a * d + 2 * g * d) + (a * d + 2 * g * d)) // tp
-    return qkv + a * d * h // tp + h + (2 * h * f + f) // tp + h + 4 * h
+    """Parameters of one transformer layer held by one TP rank (the family's formula)."""
+    return get_family(m.arch).layer_params(m, tp)
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -112,10 +112,9 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     total = m.num_layers // pp * layer_params(m, tp)
     if stage == 0:
         total += vocab * m.hidden_size // tp
-        if m.arch != "llama":
-            total += m.max_position_embeddings * m.hidden_size
+        total += get_family(m.arch).position_params(m)
     if stage == pp - 1:
-        total += m.hidden_size * (1 if m.arch == "llama" else 2)
+        total += get_family(m.arch).norm_params(m.hidden_size)
         if not m.tie_embeddings or pp > 1:
             total += vocab * m.hidden_size // tp
     return total
@@ -136,7 +135,7 @@ def layer_activation_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int) 
     replicated = s * b * h * (2 * e + 2 * e + 2)
     attention = s * b * e * (2 * a * d + 2 * g * d) // tp
     scores = b * a * s * s * (2 * e + 1) // tp
-    mlp = s * b * f * e * (4 if m.arch == "llama" else 2) // tp
+    mlp = s * b * f * e * get_family(m.arch).mlp_activation_factor // tp
     return replicated + attention + scores + mlp
 
 
@@ -146,10 +145,21 @@ def layer_scores_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int) -> i
     return micro_batch * m.num_attention_heads * seq * seq * (2 * e + 1) // tp
 
 
-def recomputed_activation_bytes(granularity: str | None, method: str | None, num_layers: int | None, layers: int,
-                                per_layer: int, layer_inputs: int, scores: int, embedding_mask: int,
-                                in_flight: int) -> int:
+class StageActivations(NamedTuple):
+    """The activation sizes of one pipeline stage of the student, per micro-batch (bytes)."""
+
+    layers: int  # transformer layers on the stage
+    per_layer: int  # one layer's activations (layer_activation_bytes)
+    layer_inputs: int  # one layer's input, what full recomputation keeps
+    scores: int  # one layer's attention scores (layer_scores_bytes), what selective recomputation drops
+    embedding_mask: int  # the embedding's dropout mask (first stage only, else 0)
+    in_flight: int  # micro-batches the 1F1B schedule keeps in flight on the stage
+
+
+def recomputed_activation_bytes(granularity: str | None, method: str | None, num_layers: int | None,
+                                stage: StageActivations) -> int:
     """Activation bytes of one stage under Megatron's recomputation settings (module docstring)."""
+    layers, per_layer, layer_inputs, scores, embedding_mask, in_flight = stage
     if granularity == "full" and layers:
         n = max(1, num_layers or 1)
         if method == "block":
@@ -245,15 +255,7 @@ def check_layout(cfg: Config, world_size: int, micro_batch: int | None = None) -
         except UserError as exc:
             raise UserError(f"{name}: {exc}") from None
     dp = world_size // (tp * pp)
-    sched = cfg.schedule
-    b = sched.micro_batch_size if micro_batch is None else micro_batch
-    if sched.global_batch_size % (b * dp):
-        raise UserError(f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
-                        f"micro_batch_size*DP = {b}*{dp} = {b * dp}")
-    for name, m in models.items():
-        if sched.seq_length > m.max_position_embeddings:
-            raise UserError(f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings="
-                            f"{m.max_position_embeddings}")
+    check_batch_layout(cfg, dp, micro_batch, models=tuple(models))  # the trainer's own check
     return dp
 
 
@@ -285,16 +287,15 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
         layer_inputs = s * b * student.hidden_size * DTYPE_BYTES[student.params_dtype]
         embedding_mask = s * b * student.hidden_size if first else 0  # embedding dropout mask (1 byte)
         scores = layer_scores_bytes(student, tp, b, s)
+        sizes = StageActivations(layers, per_layer, layer_inputs, scores, embedding_mask, in_flight)
         activations = recomputed_activation_bytes(
-            student.recompute_granularity, student.recompute_method, student.recompute_num_layers,
-            layers, per_layer, layer_inputs, scores, embedding_mask, in_flight)
-        recompute = recomputed_activation_bytes("full", "uniform", 1, layers, per_layer, layer_inputs, scores,
-                                                embedding_mask, in_flight)
+            student.recompute_granularity, student.recompute_method, student.recompute_num_layers, sizes)
+        recompute = recomputed_activation_bytes("full", "uniform", 1, sizes)
         teacher_forward = 0
         if uses_teacher:
             e_t = DTYPE_BYTES[teacher.params_dtype]
             teacher_forward = b * teacher.num_attention_heads // tp * s * s * e_t \
-                + s * b * teacher.ffn_hidden_size // tp * e_t * (2 if teacher.arch == "llama" else 1)
+                + s * b * teacher.ffn_hidden_size // tp * e_t * get_family(teacher.arch).fc1_multiple
         kv, scoring = 0, 0
         if generator is not None:
             gen_model = teacher if generator == "teacher" else student

@@ -51,10 +51,10 @@ def tiny(tmp_path_factory):
 
 
 def _greedy(tiny, prompts: list[list[int]]) -> list[list[int]]:
-    from mgsr_megatron.generation import generate
+    from mgsr_megatron.generation import SamplingOptions, generate
 
-    out = generate(tiny["model"], prompts, max_new_tokens=NEW_TOKENS, eos_id=tiny["tok"].eos_id,
-                   vocab_size=tiny["model_cfg"].vocab_size, greedy=True)
+    out = generate(tiny["model"], prompts, SamplingOptions(max_new_tokens=NEW_TOKENS, eos_id=tiny["tok"].eos_id,
+                                                           greedy=True), vocab_size=tiny["model_cfg"].vocab_size)
     return out.responses()
 
 

@@ -20,12 +20,13 @@ from mgsr_megatron.data.demo_corpus import (
     write_demo_corpus,
 )
 from mgsr_megatron.data.indexed import InstructionDataset, PromptDataset, Sample
-from mgsr_megatron.data.preprocess import preprocess
+from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
 from mgsr_megatron.data.sampler import DistributedResumableSampler
 from mgsr_megatron.data.spans import get_span_extractor
 from mgsr_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
 from mgsr_megatron.errors import UserError
 
+QUIET = PreprocessOptions(workers=1, progress=False)
 ROWS = [{"prompt": f"what is {a} + {b}", "response": f"the sum of {a} and {b} is {a + b}", "family": "add"}
         for a in range(7) for b in range(6)] + \
        [{"instruction": "sort these", "input": " ".join(map(str, v)), "output": " ".join(map(str, sorted(v)))}
@@ -49,8 +50,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "data"
-    stats = preprocess([corpus / "rows.jsonl"], out, corpus / "tok.model", cfg(), workers=1, chunk_rows=10,
-                       progress=False)
+    stats = preprocess([corpus / "rows.jsonl"], out, corpus / "tok.model", cfg(),
+                       options=PreprocessOptions(workers=1, chunk_rows=10, progress=False))
     return out, stats
 
 
@@ -96,16 +97,15 @@ def test_indexed_files_round_trip(corpus, prepared):
 def test_workers_and_chunking_do_not_change_output(corpus, prepared, tmp_path):
     prefix, _ = prepared
     other = tmp_path / "two_workers"
-    preprocess([corpus / "rows.jsonl"], other, corpus / "tok.model", cfg(), workers=2, chunk_rows=7, progress=False)
+    preprocess([corpus / "rows.jsonl"], other, corpus / "tok.model", cfg(),
+               options=PreprocessOptions(workers=2, chunk_rows=7, progress=False))
     for suffix in (".train.bin", ".train.idx", ".train.spans.bin", ".valid.bin", ".train.rows.jsonl"):
         assert open(f"{prefix}{suffix}", "rb").read() == open(f"{other}{suffix}", "rb").read(), suffix
 
 
 def test_split_is_fixed_by_the_seed(corpus, tmp_path):
-    a = preprocess([corpus / "rows.jsonl"], tmp_path / "a", corpus / "tok.model", cfg(split_seed=7), workers=1,
-                   progress=False)
-    b = preprocess([corpus / "rows.jsonl"], tmp_path / "b", corpus / "tok.model", cfg(split_seed=8), workers=1,
-                   progress=False)
+    a = preprocess([corpus / "rows.jsonl"], tmp_path / "a", corpus / "tok.model", cfg(split_seed=7), options=QUIET)
+    b = preprocess([corpus / "rows.jsonl"], tmp_path / "b", corpus / "tok.model", cfg(split_seed=8), options=QUIET)
     rows_a = (tmp_path / "a.valid.rows.jsonl").read_text()
     assert rows_a != (tmp_path / "b.valid.rows.jsonl").read_text()
     assert 0 < a.samples["valid"] < len(ROWS) // 2 and 0 < b.samples["valid"] < len(ROWS) // 2
@@ -151,11 +151,11 @@ def test_overlong_policies_are_counted(corpus, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     long_prompts = sum(p > max_prompt for p, _ in lengths)
     stats = preprocess([path], tmp_path / "drop", corpus / "tok.model",
-                       cfg(max_prompt_length=max_prompt, valid_fraction=0.0), workers=1, progress=False)
+                       cfg(max_prompt_length=max_prompt, valid_fraction=0.0), options=QUIET)
     assert stats.prompt_dropped == long_prompts > 0 and stats.samples["train"] == len(rows) - long_prompts
     stats = preprocess([path], tmp_path / "trunc", corpus / "tok.model",
                        cfg(max_prompt_length=max_prompt, max_length=max_total, valid_fraction=0.0,
-                           overlong_policy="truncate"), workers=1, progress=False)
+                           overlong_policy="truncate"), options=QUIET)
     assert stats.prompt_truncated == long_prompts and stats.samples["train"] == len(rows)
     assert stats.response_truncated > 0
     dataset = InstructionDataset(tmp_path / "trunc.train")
@@ -183,14 +183,14 @@ def test_preprocessing_restarts_from_finished_chunks(corpus, prepared, tmp_path,
 
     monkeypatch.setattr(preprocess_module, "write_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10,
-                   progress=False)
+        preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(),
+                   options=PreprocessOptions(workers=1, chunk_rows=10, progress=False))
     # nothing was published: a reader refuses the half-done output
     with pytest.raises(UserError, match=r"data.train.json not found: .* is not a preprocessed dataset"):
         InstructionDataset(f"{prefix}.train")
     monkeypatch.setattr(preprocess_module, "write_chunk", original)
-    stats = preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(), workers=1, chunk_rows=10,
-                       progress=False)
+    stats = preprocess([corpus / "rows.jsonl"], prefix, corpus / "tok.model", cfg(),
+                       options=PreprocessOptions(workers=1, chunk_rows=10, progress=False))
     assert stats.chunks_reused == 2 and stats.samples == prepared[1].samples
     for suffix in (".train.bin", ".train.idx", ".valid.bin", ".train.spans.idx", ".train.rows.jsonl"):
         assert open(f"{prefix}{suffix}", "rb").read() == open(f"{reference_prefix}{suffix}", "rb").read()
@@ -251,9 +251,9 @@ def test_prompts_only_data_and_prompt_view(corpus, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "family": r["family"]}) + "\n" for r in ROWS[:10]))
     with pytest.raises(UserError, match="prompts.jsonl:1: missing field 'response'"):
-        preprocess([path], tmp_path / "p", corpus / "tok.model", cfg(), workers=1, progress=False)
-    preprocess([path], tmp_path / "p", corpus / "tok.model", cfg(valid_fraction=0.0), workers=1,
-               prompts_only=True, progress=False)
+        preprocess([path], tmp_path / "p", corpus / "tok.model", cfg(), options=QUIET)
+    preprocess([path], tmp_path / "p", corpus / "tok.model", cfg(valid_fraction=0.0), prompts_only=True,
+               options=QUIET)
     tok = load_tokenizer(corpus / "tok.model")
     dataset = InstructionDataset(tmp_path / "p.train", tok)
     assert len(dataset) == 10 and all(len(dataset[i].response_ids) == 0 for i in range(10))
@@ -343,10 +343,10 @@ def test_demo_corpus(tmp_path):
     assert max(lengths) < 40
     # and the whole corpus goes through preprocessing, prompts-only part included
     data_cfg = DataConfig(prompt_template=DEMO_PROMPT_TEMPLATE, valid_fraction=0.05, max_length=64)
-    stats = preprocess([paths["train_labelled"]], tmp_path / "demo", tok.name, data_cfg, workers=1, progress=False)
+    stats = preprocess([paths["train_labelled"]], tmp_path / "demo", tok.name, data_cfg, options=QUIET)
     assert stats.samples["train"] + stats.samples["valid"] == 300
-    stats = preprocess([paths["train_prompts"]], tmp_path / "demo_prompts", tok.name, data_cfg, workers=1,
-                       prompts_only=True, progress=False)
+    stats = preprocess([paths["train_prompts"]], tmp_path / "demo_prompts", tok.name, data_cfg, prompts_only=True,
+                       options=QUIET)
     assert stats.samples["train"] + stats.samples["valid"] == 900
 
 

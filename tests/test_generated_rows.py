@@ -36,7 +36,7 @@ FIELDS = ("tokens", "labels", "loss_mask", "kd_mask", "position_ids", "prompt_le
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from mgsr_megatron.data.demo_corpus import build_demo_corpus
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
     from mgsr_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
     from mgsr_megatron.training.data import TrainingData
 
@@ -53,7 +53,8 @@ def data(tmp_path_factory):
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess([root / "rows.jsonl"], str(root / "data"), str(root / "tok.model"),
                DataConfig(format="prompt_response", prompt_template=TEMPLATE, max_prompt_length=24, max_length=SEQ,
-                          valid_fraction=0.0, overlong_policy="truncate"), workers=1, progress=False)
+                          valid_fraction=0.0, overlong_policy="truncate"),
+               options=PreprocessOptions(workers=1, progress=False))
     cfg = Config()
     cfg.data.tokenizer, cfg.data.train_path = str(root / "tok.model"), str(root / "data.train")
     cfg.student.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
@@ -227,7 +228,7 @@ def test_generator_output_reaches_the_batch_unchanged(data):
     row that reached max_new_tokens has none), pad after it; the loss covers exactly the response."""
     from mgsr_megatron import parallel
     from mgsr_megatron.config import ModelConfig
-    from mgsr_megatron.generation import generate
+    from mgsr_megatron.generation import SamplingOptions, generate
     from mgsr_megatron.models import build_model
 
     parallel.init_distributed()
@@ -248,7 +249,7 @@ def test_generator_output_reaches_the_batch_unchanged(data):
         hook.remove()
         mean = torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]).mean(0)
         model.output_layer.weight[eos] = 2.0 * mean / mean.norm() ** 2
-    out = generate(model, prompts, max_new_tokens=8, eos_id=eos, vocab_size=vocab, seed=0)
+    out = generate(model, prompts, SamplingOptions(max_new_tokens=8, eos_id=eos, seed=0), vocab_size=vocab)
     responses = out.responses()
     assert any(r[-1] == eos for r in responses) and any(len(r) == 8 and eos not in r for r in responses), responses
     batch = data.collate_generated(list(zip(prompts, responses)), 1)[0]

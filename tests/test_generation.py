@@ -10,7 +10,7 @@ import torch
 
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.generation import generate, sample, scrg
+from mgsr_megatron.generation import SamplingOptions, ScrgSettings, generate, sample, scrg
 from mgsr_megatron.generation.sampling import uniform_noise
 from tests.dist.check_generation import (
     MODES,
@@ -66,7 +66,7 @@ def test_sampler_matches_dense_reference(mode):
     logits = torch.randn(16, PADDED, generator=torch.Generator().manual_seed(1)) * 2
     logits[:, VOCAB:] = 100.0  # padded entries would win every time if they were not masked
     for seed in range(4):
-        got = sample(logits, vocab_size=VOCAB, seed=seed, step=seed + 2, **mode)
+        got = sample(logits, SamplingOptions(seed=seed, **mode), vocab_size=VOCAB, step=seed + 2)
         expected = [ref_sample(logits[r].numpy(), seed=seed, step=seed + 2, row=r, **mode) for r in range(16)]
         assert got.tolist() == expected
         assert (got < VOCAB).all()
@@ -74,17 +74,17 @@ def test_sampler_matches_dense_reference(mode):
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0] + [-5.0] * (PADDED - 4)])
-    seen_k = {int(sample(logits, vocab_size=VOCAB, top_k=2, seed=s)) for s in range(200)}
+    seen_k = {int(sample(logits, SamplingOptions(top_k=2, seed=s), vocab_size=VOCAB)) for s in range(200)}
     assert seen_k == {0, 1}
     probs = torch.softmax(logits[0, :VOCAB], -1)
     top_p = float(probs[0] + probs[1] / 2)  # needs tokens 0 and 1 to reach it, never token 2
-    seen_p = {int(sample(logits, vocab_size=VOCAB, top_p=top_p, seed=s)) for s in range(200)}
+    seen_p = {int(sample(logits, SamplingOptions(top_p=top_p, seed=s), vocab_size=VOCAB)) for s in range(200)}
     assert seen_p == {0, 1}
 
 
 def test_sampling_frequencies_follow_softmax():
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.5] + [-30.0] * (PADDED - 4)])
-    draws = torch.stack([sample(logits, vocab_size=VOCAB, seed=0, step=s) for s in range(4000)]).flatten()
+    draws = torch.stack([sample(logits, SamplingOptions(), vocab_size=VOCAB, step=s) for s in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=4)[:4].double() / 4000
     np.testing.assert_allclose(freq.numpy(), torch.softmax(logits[0, :4].double(), -1).numpy(), atol=0.025)
 
@@ -98,7 +98,7 @@ def test_generate_matches_full_recompute_reference(models, mode):
     plain = ref_generate(student, PROMPTS, max_new_tokens=7, eos_id=249, seed=2, **opts)
     eos = plain[0][1]  # early EOS in row 0
     expected = ref_generate(student, PROMPTS, max_new_tokens=7, eos_id=eos, seed=2, **opts)
-    out = generate(student, PROMPTS, max_new_tokens=7, eos_id=eos, vocab_size=VOCAB, seed=2, **opts)
+    out = generate(student, PROMPTS, SamplingOptions(max_new_tokens=7, eos_id=eos, seed=2, **opts), vocab_size=VOCAB)
     assert out.responses() == expected
     ends = [len(p) + len(r) for p, r in zip(PROMPTS, expected)]
     assert out.response_lengths[0] <= 2 and out.tokens.shape == (3, max(ends))
@@ -113,10 +113,10 @@ def test_lean_stage_is_used_and_megatron_path_is_the_fallback(models):
 
     student, _ = models
     assert unsupported_reason(student) is None and PipelineStepper(student, 3, 16).path == "lean"
-    opts = dict(max_new_tokens=7, eos_id=249, vocab_size=VOCAB, seed=2)
-    lean = generate(student, PROMPTS, **opts)
+    opts = SamplingOptions(max_new_tokens=7, eos_id=249, seed=2)
+    lean = generate(student, PROMPTS, opts, vocab_size=VOCAB)
     with megatron_inference_path():
-        megatron = generate(student, PROMPTS, **opts)
+        megatron = generate(student, PROMPTS, opts, vocab_size=VOCAB)
     assert megatron.stepper.path == "megatron" and torch.equal(lean.tokens, megatron.tokens)
     student.config.sequence_parallel = True  # a layout the lean stage does not cover
     try:
@@ -130,7 +130,8 @@ def test_recorded_logits_equal_full_recompute(models):
     """generate(record_logits=True) keeps what SCRG's detection would otherwise recompute: the
     student's logits at every position from each row's last prompt token on."""
     student, _ = models
-    out = generate(student, PROMPTS, max_new_tokens=7, eos_id=249, vocab_size=VOCAB, seed=2, record_logits=True)
+    out = generate(student, PROMPTS, SamplingOptions(max_new_tokens=7, eos_id=249, seed=2), vocab_size=VOCAB,
+                   record_logits=True)
     assert out.logits_recorded and out.logits.shape == (*out.tokens.shape, PADDED)
     for row, prompt in enumerate(PROMPTS):
         end = len(prompt) + int(out.response_lengths[row])
@@ -144,8 +145,10 @@ def test_scrg_matches_reference_and_cache_reuse(models):
     student, teacher = models
     cfg = MGSRConfig(max_new_tokens=6, scrg_rounds=2)
     responses, rounds = ref_scrg(student, teacher, PROMPTS, cfg, eos_id=3, seed=8)
-    reused, stats = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=3, vocab_size=VOCAB, seed=8)
-    cold, _ = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=3, vocab_size=VOCAB, seed=8, reuse_cache=False)
+    options = SamplingOptions(max_new_tokens=cfg.max_new_tokens, eos_id=3, seed=8)
+    settings = ScrgSettings.from_config(cfg)
+    reused, stats = scrg(student, teacher, PROMPTS, options, settings=settings, vocab_size=VOCAB)
+    cold, _ = scrg(student, teacher, PROMPTS, options, settings=settings, vocab_size=VOCAB, reuse_cache=False)
     assert reused.responses() == responses == cold.responses()
     assert torch.equal(reused.tokens, cold.tokens)
     for decision, ref_round in zip(stats["per_round"], rounds):
@@ -160,17 +163,17 @@ def test_regeneration_computes_only_rows_without_cache(models):
     """Regenerating from each row's own j: a pass feeds only the rows whose cache ends below the
     position it feeds (rows not corrected: none); tokens and recorded logits equal a regeneration
     with a fresh cache that recomputes every row."""
-    from mgsr_megatron.generation.generator import SamplingOptions
     from mgsr_megatron.generation.scrg import regenerate
 
     student, _ = models
-    out = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2, record_logits=True)
+    out = generate(student, PROMPTS, SamplingOptions(max_new_tokens=8, eos_id=249, seed=2), vocab_size=VOCAB,
+                   record_logits=True)
     j = torch.tensor([len(PROMPTS[0]) + 5, -1, len(PROMPTS[2]) + 2])
     t_j = torch.tensor([11, -1, 12])
     fed = []  # (rows, offset) per pass
     forward = out.stepper.forward
     out.stepper.forward = lambda tokens, offset: fed.append((tokens.shape[0], offset)) or forward(tokens, offset)
-    common = dict(max_new_tokens=8, eos_id=249, vocab_size=VOCAB, options=SamplingOptions(seed=9))
+    common = dict(options=SamplingOptions(max_new_tokens=8, eos_id=249, seed=9), vocab_size=VOCAB)
     reused = regenerate(student, out, j, t_j, **common)
     cold = regenerate(student, out, j, t_j, reuse_cache=False, **common)
     assert torch.equal(reused.tokens, cold.tokens) and torch.equal(reused.response_lengths, cold.response_lengths)
@@ -181,7 +184,7 @@ def test_regeneration_computes_only_rows_without_cache(models):
     torch.testing.assert_close(reused.logits, cold.logits, rtol=1e-4, atol=1e-4)
     # Megatron's static cache decodes whole batches: every row is fed from min j, same tokens
     with megatron_inference_path():
-        megatron = generate(student, PROMPTS, max_new_tokens=8, eos_id=249, vocab_size=VOCAB, seed=2,
+        megatron = generate(student, PROMPTS, SamplingOptions(max_new_tokens=8, eos_id=249, seed=2), vocab_size=VOCAB,
                             record_logits=True)
     assert megatron.stepper.path == "megatron" and torch.equal(megatron.tokens, out.tokens)
     assert torch.equal(regenerate(student, megatron, j, t_j, **common).tokens, reused.tokens)
@@ -224,9 +227,10 @@ def test_scrg_regeneration_with_short_uncorrected_row(models, edge_cases, monkey
     decisions = iter([torch.tensor([[j[0], t_j[0], 1.0], [-1, -1, float("nan")], [-1, -1, float("nan")]],
                                    dtype=torch.float64), torch.full((3, 3), -1.0, dtype=torch.float64)])
     monkeypatch.setattr(scrg_module, "detect", lambda *a, **k: next(decisions))
-    cfg = MGSRConfig(max_new_tokens=new_tokens, scrg_rounds=2)
+    settings = ScrgSettings.from_config(MGSRConfig(max_new_tokens=new_tokens, scrg_rounds=2))
     with PassRecorder() as fed:
-        out, stats = scrg(student, teacher, PROMPTS, cfg=cfg, eos_id=eos, vocab_size=VOCAB, seed=2)
+        out, stats = scrg(student, teacher, PROMPTS, SamplingOptions(max_new_tokens=new_tokens, eos_id=eos, seed=2),
+                          settings=settings, vocab_size=VOCAB)
     # the regeneration's seed is round_seed(2, 1), not 9: compare its fixed part and the rest's shape
     assert out.responses()[1:] == plain[1:] and out.responses()[0][:j[0] - 5 + 1] == plain[0][:3] + [11]
     assert stats["corrected"].tolist() == [True, False, False] and stats["j"].tolist() == [j[0], -1, -1]
@@ -239,7 +243,8 @@ def test_generate_passes_cover_every_row_with_different_prompt_lengths(models):
     issue 13 (every row samples, nothing is cached), checked so that it stays so."""
     student, _ = models
     with PassRecorder() as fed:
-        out = generate(student, PROMPTS, max_new_tokens=4, eos_id=249, vocab_size=VOCAB, seed=2, **MODES["sampled"])
+        out = generate(student, PROMPTS, SamplingOptions(max_new_tokens=4, eos_id=249, seed=2, **MODES["sampled"]),
+                       vocab_size=VOCAB)
     assert out.response_lengths.tolist() == [4, 4, 4]
     shortest, longest_end = min(map(len, PROMPTS)), max(map(len, PROMPTS)) + 4
     assert fed.passes == [(3, shortest, 0)] + [(3, 1, p) for p in range(shortest, longest_end - 1)]
@@ -247,17 +252,18 @@ def test_generate_passes_cover_every_row_with_different_prompt_lengths(models):
 
 def test_scrg_zero_rounds_is_plain_sampling(models):
     student, teacher = models
-    out, stats = scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=5, scrg_rounds=0), eos_id=3,
-                      vocab_size=VOCAB, seed=4)
-    plain = generate(student, PROMPTS, max_new_tokens=5, eos_id=3, vocab_size=VOCAB, seed=4)
+    options = SamplingOptions(max_new_tokens=5, eos_id=3, seed=4)
+    out, stats = scrg(student, teacher, PROMPTS, options, settings=ScrgSettings(rounds=0), vocab_size=VOCAB)
+    plain = generate(student, PROMPTS, options, vocab_size=VOCAB)
     assert torch.equal(out.tokens, plain.tokens) and not stats["corrected"].any()
 
 
 def test_scrg_large_delta_corrects_nothing(models):
     student, teacher = models
-    out, stats = scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=5, scrg_delta=1e9), eos_id=3,
-                      vocab_size=VOCAB, seed=4)
-    plain = generate(student, PROMPTS, max_new_tokens=5, eos_id=3, vocab_size=VOCAB, seed=4)
+    options = SamplingOptions(max_new_tokens=5, eos_id=3, seed=4)
+    out, stats = scrg(student, teacher, PROMPTS, options, settings=ScrgSettings.from_config(MGSRConfig(scrg_delta=1e9)),
+                      vocab_size=VOCAB)
+    plain = generate(student, PROMPTS, options, vocab_size=VOCAB)
     assert torch.equal(out.tokens, plain.tokens) and stats["j"].tolist() == [-1, -1, -1]
 
 
@@ -278,15 +284,16 @@ def test_bad_input_is_reported_before_generation(models, prompts, kwargs, messag
     student, _ = models
     kwargs = {"eos_id": 3, **kwargs}
     with pytest.raises(UserError) as err:
-        generate(student, prompts, vocab_size=VOCAB, **kwargs)
+        generate(student, prompts, SamplingOptions(**kwargs), vocab_size=VOCAB)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_tensor_and_numpy_prompts_are_accepted(models):
     student, _ = models
-    expected = generate(student, [[5, 6, 7], [8, 9, 10]], max_new_tokens=3, eos_id=3, vocab_size=VOCAB, greedy=True)
+    greedy = SamplingOptions(max_new_tokens=3, eos_id=3, greedy=True)
+    expected = generate(student, [[5, 6, 7], [8, 9, 10]], greedy, vocab_size=VOCAB)
     for prompts in (torch.tensor([[5, 6, 7], [8, 9, 10]]), [np.array([5, 6, 7]), np.array([8, 9, 10])]):
-        out = generate(student, prompts, max_new_tokens=3, eos_id=3, vocab_size=VOCAB, greedy=True)
+        out = generate(student, prompts, greedy, vocab_size=VOCAB)
         assert torch.equal(out.tokens, expected.tokens)
 
 
@@ -294,10 +301,10 @@ def test_scrg_bad_options(models):
     student, teacher = models
     for field, value in (("scrg_divergence", "tvd"), ("scrg_teacher_token", "beam"), ("scrg_rounds", -1)):
         with pytest.raises(UserError, match=field):
-            scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=4, **{field: value}), eos_id=3,
-                 vocab_size=VOCAB)
+            ScrgSettings.from_config(MGSRConfig(max_new_tokens=4, **{field: value}))
     with pytest.raises(UserError, match="overflows"):
-        scrg(student, teacher, PROMPTS, cfg=MGSRConfig(max_new_tokens=39), eos_id=3, vocab_size=VOCAB)
+        scrg(student, teacher, PROMPTS, SamplingOptions(max_new_tokens=39, eos_id=3), settings=ScrgSettings(),
+             vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

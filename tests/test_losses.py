@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.losses import KINDS, ClipNet, bounds, divergence, mgsr_objective
+from mgsr_megatron.losses import KINDS, ClipNet, LossTargets, ObjectiveSettings, bounds, divergence, mgsr_objective
 from tests import loss_reference as ref
 
 VOCAB, PADDED = 50, 64
@@ -129,8 +129,8 @@ def run_objective(cfg, batch, clipnet, teacher_dtype=torch.float32):
     student, teacher, labels, sft_mask, kd_mask, pairs = batch
     x = student.clone().requires_grad_(True)
     clipnet.zero_grad()
-    loss, metrics = mgsr_objective(x, teacher.to(teacher_dtype), labels=labels, sft_mask=sft_mask,
-                                   kd_mask=kd_mask, span_pair_mask=pairs, clipnet=clipnet, cfg=cfg)
+    loss, metrics = mgsr_objective(x, teacher.to(teacher_dtype), LossTargets(labels, sft_mask, kd_mask, pairs),
+                                   clipnet=clipnet, settings=ObjectiveSettings.from_config(cfg))
     loss.backward()
     return loss, metrics, x.grad, [p.grad.clone() if p.grad is not None else None for p in clipnet.parameters()]
 
@@ -252,10 +252,10 @@ def test_learned_bounds_move_under_training_and_keep_the_floor():
     net = ClipNet(cfg.k_feat, 16, seed=0)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     first = None
+    settings = ObjectiveSettings.from_config(cfg)
     for _ in range(15):
         opt.zero_grad()
-        loss, metrics = mgsr_objective(batch[0], batch[1], labels=batch[2], sft_mask=batch[3], kd_mask=batch[4],
-                                       span_pair_mask=batch[5], clipnet=net, cfg=cfg)
+        loss, metrics = mgsr_objective(batch[0], batch[1], LossTargets(*batch[2:]), clipnet=net, settings=settings)
         loss.backward()
         opt.step()
         first = first if first is not None else (metrics["mean_l"].item(), metrics["mean_u"].item())
@@ -273,7 +273,8 @@ def call(batch=None, cfg=None, clipnet="default", **changes):
     args.update(changes)
     cfg = cfg or small_cfg()
     net = ClipNet(cfg.k_feat, 16, seed=0) if clipnet == "default" else clipnet
-    return mgsr_objective(args.pop("student_logits"), args.pop("teacher_logits"), clipnet=net, cfg=cfg, **args)
+    return mgsr_objective(args.pop("student_logits"), args.pop("teacher_logits"), LossTargets(**args), clipnet=net,
+                          settings=ObjectiveSettings.from_config(cfg))
 
 
 def _pairs(mutate):

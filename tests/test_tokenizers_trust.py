@@ -118,12 +118,13 @@ def test_a_sentencepiece_model_file_adds_no_bos(dirs):
 
 def _prepare(tmp_path, tokenizer_dir, rows, **data):
     from mgsr_megatron.data.indexed import InstructionDataset
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
 
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = DataConfig(prompt_template="{instruction}\n", valid_fraction=0.0, **data)
-    preprocess([source], str(tmp_path / "data"), str(tokenizer_dir), cfg, workers=1, progress=False)
+    preprocess([source], str(tmp_path / "data"), str(tokenizer_dir), cfg,
+               options=PreprocessOptions(workers=1, progress=False))
     return source, cfg, InstructionDataset(str(tmp_path / "data.train"), load_tokenizer(tokenizer_dir))
 
 

@@ -213,14 +213,15 @@ def test_eval_refuses_rows_without_references(run, tmp_path):
 def test_preprocessing_an_empty_jsonl_is_refused(run, tmp_path, capsys):
     import importlib.util
 
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
 
     empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl"
     empty.write_text("")
     blank.write_text("\n  \n")
     for path in (empty, blank):
         with pytest.raises(UserError, match=f"{path}: empty input file") as info:
-            preprocess([path], str(tmp_path / "out"), str(run["tokenizer"]), workers=1, progress=False)
+            preprocess([path], str(tmp_path / "out"), str(run["tokenizer"]),
+                       options=PreprocessOptions(workers=1, progress=False))
         assert "\n" not in str(info.value)
     assert not (tmp_path / "out.train.json").exists()
     spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools" / "preprocess_data.py")

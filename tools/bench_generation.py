@@ -11,14 +11,15 @@ Prints, in one run:
      than Megatron's (and nn.Linear's) x @ W.t() for 8-row inputs, so `--arch gpt2` compares layouts
      as much as generators; llama uses nn.Linear on both sides.)
   3. the cost of SCRG with one correction round vs plain student sampling   (target <= 2.2x)
-Each comparison times its two sides alternately `--repeats` times and takes the medians. On CPU the clock is the process's CPU time with one torch
-thread by default (`--threads`): wall time on the 2 shared cores of the build machine swung by 3x
-between runs, CPU time much less.
+Each comparison times its two sides alternately `--repeats` times and takes the medians. On CPU the clock
+is the process's CPU time with one torch thread by default (`--threads`): wall time on the 2 shared cores
+of the build machine swung by 3x between runs, CPU time much less.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -72,7 +73,8 @@ def megatron_to_hf_llama(full: dict, cfg):
     head_dim = h // heads
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=h, intermediate_size=cfg.ffn_hidden_size,
                                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
-                                      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
+                                      max_position_embeddings=cfg.max_position_embeddings,
+                                      rms_norm_eps=cfg.norm_epsilon,
                                       rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False))
     out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"][:cfg.vocab_size],
            "lm_head.weight": full["output_layer.weight"][:cfg.vocab_size],
@@ -94,10 +96,11 @@ def megatron_to_hf_llama(full: dict, cfg):
     return hf.eval()
 
 
-def full_recompute(model, prompts, *, max_new_tokens, eos_id, vocab_size, seed, greedy=False):
+def full_recompute(model, prompts, options, *, vocab_size):
     """The no-cache baseline: every step runs the whole sequence through the model."""
     from mgsr_megatron.generation.sampling import sample
 
+    max_new_tokens, eos_id = options.max_new_tokens, options.eos_id
     b = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
     total = int(lengths.max()) + max_new_tokens
@@ -111,7 +114,7 @@ def full_recompute(model, prompts, *, max_new_tokens, eos_id, vocab_size, seed, 
         for position in range(int(lengths.min()), total):
             seq = tokens[:, :position]
             logits = model(seq, torch.arange(position).unsqueeze(0).expand(b, -1), None)[:, -1]
-            column = sample(logits, vocab_size=vocab_size, greedy=greedy, seed=seed, step=position)
+            column = sample(logits, options, vocab_size=vocab_size, step=position)
             sampled = (position >= lengths) & ~finished & (position < lengths + max_new_tokens)
             tokens[sampled, position] = column[sampled]
             produced += int(sampled.sum())
@@ -171,14 +174,15 @@ def main(argv=None) -> dict:
 
     from mgsr_megatron import parallel
     from mgsr_megatron.config import MGSRConfig, ModelConfig
-    from mgsr_megatron.generation import generate, scrg
+    from mgsr_megatron.generation import SamplingOptions, ScrgSettings, generate, scrg
     from mgsr_megatron.models import build_model, resolve
     from mgsr_megatron.models.state_dict import gather_full_state_dict
 
     parallel.init_distributed()
     parallel.initialize_model_parallel(1, 1, seed=args.seed)
     student_cfg = resolve(ModelConfig(arch=args.arch, num_layers=args.layers, hidden_size=args.hidden,
-                                      num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=512))
+                                      num_attention_heads=args.heads, vocab_size=args.vocab,
+                                      max_position_embeddings=512))
     teacher_cfg = ModelConfig(arch=args.arch, num_layers=args.teacher_layers, hidden_size=args.teacher_hidden,
                               num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=512)
     student, teacher = build_model(student_cfg), build_model(teacher_cfg)
@@ -187,8 +191,10 @@ def main(argv=None) -> dict:
     prompts = [torch.randint(4, args.vocab, (int(n),), generator=gen).tolist()
                for n in torch.randint(16, 33, (args.batch,), generator=gen)]
     eos_id = 3
-    common = dict(max_new_tokens=args.new_tokens, eos_id=eos_id, vocab_size=args.vocab)
-    figures = {"clock": "wall" if torch.cuda.is_available() else "process CPU time", "batch": args.batch, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+    options = SamplingOptions(max_new_tokens=args.new_tokens, eos_id=eos_id, seed=args.seed)
+    vocab = dict(vocab_size=args.vocab)
+    figures = {"clock": "wall" if torch.cuda.is_available() else "process CPU time", "batch": args.batch,
+               "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
                "student": f"{args.arch} {args.layers}x{args.hidden}",
                "teacher": f"{args.arch} {args.teacher_layers}x{args.teacher_hidden}"}
 
@@ -196,19 +202,19 @@ def main(argv=None) -> dict:
         return int(out.response_lengths.sum())
 
     # warm-up: the first passes pay one-time allocations
-    warm = dict(common, max_new_tokens=4)
-    generate(student, prompts, seed=args.seed, **warm)
-    scrg(student, teacher, prompts, cfg=MGSRConfig(max_new_tokens=4), eos_id=eos_id, vocab_size=args.vocab)
+    warm = dataclasses.replace(options, max_new_tokens=4)
+    generate(student, prompts, warm, **vocab)
+    scrg(student, teacher, prompts, dataclasses.replace(warm, seed=0), settings=ScrgSettings(), **vocab)
     if not args.skip_baseline:
-        full_recompute(student, prompts, seed=args.seed, **warm)
+        full_recompute(student, prompts, warm, **vocab)
 
     # 1. KV cache vs full recompute (same sampler, same seed: the tokens must agree)
     def sampled():
-        return generate(student, prompts, seed=args.seed, **common)
+        return generate(student, prompts, options, **vocab)
 
     if not args.skip_baseline:
         t_full, t_cached, ((full_tokens, produced), out) = paired(
-            lambda: full_recompute(student, prompts, seed=args.seed, **common), sampled, 1)
+            lambda: full_recompute(student, prompts, options, **vocab), sampled, 1)
         figures["full_recompute_tokens_per_s"] = produced / t_full
         figures["speedup_vs_full_recompute"] = (tokens_of(out) / t_cached) / figures["full_recompute_tokens_per_s"]
         figures["same_tokens_as_full_recompute"] = bool(torch.equal(
@@ -226,13 +232,15 @@ def main(argv=None) -> dict:
 
     def run_hf():
         with torch.no_grad():
-            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens,
                                do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
 
     with torch.no_grad():
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     t_hf, t_ours_greedy, (hf_out, ours) = paired(
-        run_hf, lambda: generate(student, prompts, greedy=True, **common), args.repeats)
+        run_hf, lambda: generate(student, prompts, dataclasses.replace(options, greedy=True, seed=0), **vocab),
+        args.repeats)
     figures["hf_generate_tokens_per_s"] = args.batch * args.new_tokens / t_hf
     figures["cached_greedy_tokens_per_s"] = tokens_of(ours) / t_ours_greedy
     figures["speedup_vs_hf_generate"] = figures["cached_greedy_tokens_per_s"] / figures["hf_generate_tokens_per_s"]
@@ -243,10 +251,9 @@ def main(argv=None) -> dict:
     figures["greedy_token_agreement_with_hf"] = sum(agree) / len(agree)
 
     # 3. SCRG, one round, vs plain sampling (same student sample inside)
-    cfg = MGSRConfig(max_new_tokens=args.new_tokens, scrg_rounds=1)
+    settings = ScrgSettings.from_config(MGSRConfig(max_new_tokens=args.new_tokens, scrg_rounds=1))
     t_cached, t_scrg, (out, (scrg_out, stats)) = paired(
-        sampled, lambda: scrg(student, teacher, prompts, cfg=cfg, eos_id=eos_id, vocab_size=args.vocab,
-                              seed=args.seed), args.repeats)
+        sampled, lambda: scrg(student, teacher, prompts, options, settings=settings, **vocab), args.repeats)
     figures["cached_tokens_per_s"] = tokens_of(out) / t_cached
     figures["scrg_one_round_cost_vs_sampling"] = t_scrg / t_cached
     figures["scrg_rows_corrected"] = int(stats["corrected"].sum())

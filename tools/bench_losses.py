@@ -92,9 +92,10 @@ def naive_objective(student, teacher, labels, sft_mask, kd_mask, pairs, clipnet,
 
 def run_variant(variant: str, tokens: int, vocab: int, chunk: int) -> dict:
     """One measurement in this (fresh) process."""
-    from mgsr_megatron.losses import ClipNet, mgsr_objective
+    from mgsr_megatron.losses import ClipNet, LossTargets, ObjectiveSettings, mgsr_objective
 
     cfg = _cfg(chunk)
+    settings = ObjectiveSettings.from_config(cfg)
     student, teacher, labels, sft_mask, kd_mask, pairs = make_inputs(tokens, vocab)
     clipnet = ClipNet(cfg.k_feat, cfg.clipnet_hidden, seed=0)
     x = student.requires_grad_(True)
@@ -105,8 +106,8 @@ def run_variant(variant: str, tokens: int, vocab: int, chunk: int) -> dict:
         naive_objective(w, teacher[small], labels[small], sft_mask[small], kd_mask[small], pairs[small], clipnet,
                         cfg).backward()
     else:
-        mgsr_objective(w, teacher[small], labels=labels[small], sft_mask=sft_mask[small], kd_mask=kd_mask[small],
-                       span_pair_mask=pairs[small], clipnet=clipnet, cfg=cfg)[0].backward()
+        mgsr_objective(w, teacher[small], LossTargets(labels[small], sft_mask[small], kd_mask[small], pairs[small]),
+                       clipnet=clipnet, settings=settings)[0].backward()
     clipnet.zero_grad()
     del w
     base_rss = _rss_bytes()
@@ -114,8 +115,8 @@ def run_variant(variant: str, tokens: int, vocab: int, chunk: int) -> dict:
     if variant == "naive":
         loss = naive_objective(x, teacher, labels, sft_mask, kd_mask, pairs, clipnet, cfg)
     else:
-        loss, _ = mgsr_objective(x, teacher, labels=labels, sft_mask=sft_mask, kd_mask=kd_mask,
-                                 span_pair_mask=pairs, clipnet=clipnet, cfg=cfg)
+        loss, _ = mgsr_objective(x, teacher, LossTargets(labels, sft_mask, kd_mask, pairs), clipnet=clipnet,
+                                 settings=settings)
     forward_s = time.perf_counter() - start
     loss.backward()
     total_s = time.perf_counter() - start
@@ -141,7 +142,7 @@ def _comm_worker(rank: int, world: int, port: int, vocab: int, tokens: int, queu
     import torch.distributed as dist
 
     from mgsr_megatron.config import MGSRConfig
-    from mgsr_megatron.losses import ClipNet, count_communication, mgsr_objective
+    from mgsr_megatron.losses import ClipNet, LossTargets, ObjectiveSettings, count_communication, mgsr_objective
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -151,9 +152,9 @@ def _comm_worker(rank: int, world: int, port: int, vocab: int, tokens: int, queu
     x = student[..., shard].clone().requires_grad_(True)
     cfg = MGSRConfig(w_sft=0.0, loss_chunk_tokens=max(tokens // 2, 1))
     with count_communication() as comm:
-        loss, _ = mgsr_objective(x, teacher[..., shard].clone(), labels=labels, sft_mask=sft_mask, kd_mask=kd_mask,
-                                 span_pair_mask=pairs, clipnet=ClipNet(cfg.k_feat, cfg.clipnet_hidden, seed=0),
-                                 cfg=cfg, tp_group=dist.group.WORLD)
+        loss, _ = mgsr_objective(x, teacher[..., shard].clone(), LossTargets(labels, sft_mask, kd_mask, pairs),
+                                 clipnet=ClipNet(cfg.k_feat, cfg.clipnet_hidden, seed=0),
+                                 settings=ObjectiveSettings.from_config(cfg), tp_group=dist.group.WORLD)
         loss.backward()
         counted = dict(comm.by_tag)
     if rank == 0:
@@ -202,7 +203,7 @@ def main() -> None:
             for variant in runs:
                 runs[variant].append(_spawn(variant, args.tokens, args.vocab, args.chunk))
         results = []
-        for variant, measured in runs.items():
+        for measured in runs.values():
             best = min(measured, key=lambda r: r["total_s"])
             best["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in measured)
             best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in measured)

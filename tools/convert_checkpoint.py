@@ -19,11 +19,12 @@ DTYPE_HELP = "fp32 | bf16 | fp16"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mgsr_megatron.architectures import hf_architectures  # the family registry (no torch)
+
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Supported HF architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-               "GPT2LMHeadModel, OPTForCausalLM.")
+        epilog=f"Supported HF architectures: {', '.join(hf_architectures())}.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export}")
 
     imp = commands.add_parser("import", help="Hugging Face directory -> Megatron checkpoint directory",

@@ -61,13 +61,14 @@ def main() -> int:
 
     @check("models: GPU logits == CPU logits (llama GQA, gpt2, opt)")
     def _():
+        from mgsr_megatron.architectures import REGISTRY
         from mgsr_megatron.config import ModelConfig
         from mgsr_megatron.models import build_model
 
-        for arch in ("llama", "gpt2", "opt"):
+        for arch, family in REGISTRY.items():
             parallel.initialize_model_parallel(1, 1, seed=3)
             cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=64, num_attention_heads=4,
-                              num_query_groups=2 if arch == "llama" else None, vocab_size=250,
+                              num_query_groups=2 if family.supports_gqa else None, vocab_size=250,
                               make_vocab_size_divisible_by=64, max_position_embeddings=64)
             model = build_model(cfg)
             tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -82,7 +83,7 @@ def main() -> int:
     @check("losses: MGSR objective value and gradient, GPU == CPU")
     def _():
         from mgsr_megatron.config import MGSRConfig
-        from mgsr_megatron.losses import ClipNet, divergence, mgsr_objective
+        from mgsr_megatron.losses import ClipNet, LossTargets, ObjectiveSettings, divergence, mgsr_objective
 
         parallel.initialize_model_parallel(1, 1, seed=3)
         g = torch.Generator().manual_seed(1)
@@ -97,9 +98,9 @@ def main() -> int:
         for device in ("cuda", "cpu"):
             s = student.clone().to(device).requires_grad_(True)
             clipnet = ClipNet(k_feat=16, seed=1).to(device)
-            loss, _ = mgsr_objective(s, teacher.to(device), labels=labels.to(device), sft_mask=mask.to(device),
-                                     kd_mask=mask.to(device), span_pair_mask=pairs.to(device), clipnet=clipnet,
-                                     cfg=cfg)
+            targets = LossTargets(labels.to(device), mask.to(device), mask.to(device), pairs.to(device))
+            loss, _ = mgsr_objective(s, teacher.to(device), targets, clipnet=clipnet,
+                                     settings=ObjectiveSettings.from_config(cfg))
             loss.backward()
             kl = divergence(s.detach(), teacher.to(device), "jsd")
             results.append((loss.item(), s.grad.cpu(), kl.cpu()))

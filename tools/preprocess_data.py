@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from mgsr_megatron.config import load_config
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
 
     try:
         cfg = load_config(args.config).data
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
         if args.skip_bad_lines:
             cfg.skip_bad_lines = True
         tokenizer = args.tokenizer or cfg.tokenizer
-        stats = preprocess(args.input, args.output_prefix, tokenizer, cfg, workers=args.workers,
-                           prompts_only=args.prompts_only, chunk_rows=args.chunk_rows,
-                           progress=not args.no_progress)
+        stats = preprocess(args.input, args.output_prefix, tokenizer, cfg, prompts_only=args.prompts_only,
+                           options=PreprocessOptions(workers=args.workers, chunk_rows=args.chunk_rows,
+                                                     progress=not args.no_progress))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mgsr_megatron.architectures import for_hf_config, get_family
 from mgsr_megatron.config import ModelConfig
-from mgsr_megatron.conversion.architectures import BY_ARCH, OPT, for_hf_config
 from mgsr_megatron.conversion.hf_io import GENERATION_CONFIG, TOKENIZER_FILES, HFCheckpoint, HFWriter
 from mgsr_megatron.conversion.megatron_io import CheckpointReader, layer_of, write_checkpoint
 from mgsr_megatron.errors import UserError
@@ -37,7 +37,7 @@ from mgsr_megatron.models.trust import check_dist_checkpoint, verify_manifest, w
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 HF_CONFIG = "hf_config.json"
-HF_EXTRA = "hf_extra.safetensors"  # HF tensors with no Megatron counterpart (OPT's 2 offset position rows)
+HF_EXTRA = "hf_extra.safetensors"  # HF tensors with no Megatron counterpart (HFMapping.extra_hf: OPT's offset rows)
 
 
 def ensure_single_process_parallel_state() -> None:
@@ -86,7 +86,7 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
 
     hf = HFCheckpoint(hf_path)
     check_not_overlapping(Path(hf_path), Path(hf_path), Path(megatron_path), ("--megatron-path", "--hf-path"))
-    cls, cfg = for_hf_config(hf.config)
+    family, cfg = for_hf_config(hf.config)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if make_vocab_size_divisible_by < 1:
@@ -96,7 +96,7 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
     cfg = resolve(cfg)
     parallel.validate_layout(tp * pp, tp, pp, {"target layout (--tp/--pp)": cfg})
     padded_vocab_size(cfg.vocab_size, make_vocab_size_divisible_by, tp)
-    arch = cls(cfg)
+    arch = family.hf_mapping(cfg)
     arch.check_tensors(hf.shapes, f"--hf-path {hf.path}")
 
     out = Path(megatron_path)
@@ -109,11 +109,11 @@ def import_hf(hf_path: str | Path, megatron_path: str | Path, tp: int = 1, pp: i
                              on_layer=lambda label: bar.update(1))
         write_model_config(temporary, cfg)
         (temporary / HF_CONFIG).write_text(json.dumps(hf.config, indent=2) + "\n")
-        if isinstance(arch, OPT):
+        extra = arch.hf_extra(hf.get)
+        if extra:
             from safetensors.torch import save_file
 
-            rows = hf.get("model.decoder.embed_positions.weight")[:OPT.POSITION_OFFSET].clone()
-            save_file({"model.decoder.embed_positions.offset_rows": rows}, str(temporary / HF_EXTRA))
+            save_file(extra, str(temporary / HF_EXTRA))
         if (hf.path / GENERATION_CONFIG).is_file():
             shutil.copyfile(hf.path / GENERATION_CONFIG, temporary / GENERATION_CONFIG)
         tokenizer = _imported_tokenizer(hf, temporary / TOKENIZER_DIR)
@@ -174,7 +174,7 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
     check_dist_checkpoint(checkpoint / MODEL_DIR)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise UserError(f"--tokenizer {tokenizer}: directory not found")
-    arch = BY_ARCH[cfg.arch](cfg)
+    arch = get_family(cfg.arch).hf_mapping(cfg)
     out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         DTYPES[dtype] if dtype else cfg.params_dtype]
 
@@ -182,15 +182,14 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
     template_file = checkpoint / HF_CONFIG
     if template_file.is_file():  # keep the original's architecture name, token ids, ...
         template = json.loads(template_file.read_text())
-        if template.get("model_type") in (hf_config["model_type"], "mistral"):
+        if template.get("model_type") in (hf_config["model_type"], *arch.template_model_types):
             hf_config = {**template, **{k: v for k, v in hf_config.items()
                                         if k not in ("architectures", "model_type")}}
     hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
-    offset_rows = None
-    if isinstance(arch, OPT) and (checkpoint / HF_EXTRA).is_file():
+    if arch.extra_hf and (checkpoint / HF_EXTRA).is_file():
         from safetensors.torch import load_file
 
-        offset_rows = load_file(str(checkpoint / HF_EXTRA))["model.decoder.embed_positions.offset_rows"]
+        arch.extra = load_file(str(checkpoint / HF_EXTRA))
 
     out = Path(hf_path)
     temporary = prepare_output(out, overwrite, "--hf-path")
@@ -203,10 +202,7 @@ def export_hf(megatron_path: str | Path, hf_path: str | Path, dtype: str | None 
         with _progress(len(groups), f"export {checkpoint.name}", progress) as bar:
             for group in groups:
                 tensors = reader.read(_group_names(names, group))
-                if isinstance(arch, OPT):
-                    hf_tensors = arch.to_hf(group, tensors.__getitem__, offset_rows)
-                else:
-                    hf_tensors = arch.to_hf(group, tensors.__getitem__)
+                hf_tensors = arch.to_hf(group, tensors.__getitem__)
                 writer.write({k: v.to(out_dtype) for k, v in hf_tensors.items()})
                 del tensors, hf_tensors
                 bar.update(1)

@@ -9,6 +9,7 @@ Public:
   formats.read_jsonl, formats.iter_json_objects             instruction JSONL (dolly, alpaca, prompt/response,
                                                             messages) and plain JSONL objects
   preprocess.preprocess                                     JSONL -> Megatron indexed files (tools/preprocess_data.py)
+  preprocess.PreprocessOptions                              how it runs: workers, chunk rows, progress, log
   indexed.InstructionDataset, indexed.PromptDataset         the preprocessed rows, held-out prompts
   spans.get_span_extractor                                  span priors of the span loss
   demo_corpus.build_demo_corpus, demo_corpus.write_demo_corpus   the embedded demo corpus

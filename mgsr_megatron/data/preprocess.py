@@ -1,6 +1,6 @@
 """Tokenize instruction JSONL once into Megatron indexed files (layout: data/indexed.py).
 
-    stats = preprocess(["train.jsonl"], "data/demo", "tok.model", DataConfig(...), workers=2)
+    stats = preprocess(["train.jsonl"], "data/demo", "tok.model", DataConfig(...), options=PreprocessOptions(workers=2))
     # -> data/demo.train.{bin,idx,spans.bin,spans.idx,rows.jsonl,json}, data/demo.valid.* (if any rows)
 
 - Train/validation split: a row goes to validation when a hash of (split_seed, file number, line number)
@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,17 @@ from mgsr_megatron.errors import UserError
 
 SPLITS = ("train", "valid")
 OVERLONG_POLICIES = ("drop", "truncate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessOptions:
+    """How `preprocess` runs, not what it writes: worker processes, rows per restartable chunk (part of
+    the work directory's fingerprint), the progress bar, where messages go."""
+
+    workers: int = 2
+    chunk_rows: int = 1000
+    progress: bool = True
+    log: Callable[[str], object] = print
 
 
 @dataclass
@@ -205,10 +217,12 @@ def _validate(cfg: DataConfig) -> None:
         raise UserError("data.max_prompt_length and data.max_length must be positive (max_length > 1)")
 
 
-def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = None, workers: int = 2,
-               prompts_only: bool = False, chunk_rows: int = 1000, progress: bool = True,
-               log=print) -> PreprocessStats:
-    """Tokenize JSONL `inputs` into `<output_prefix>.{train,valid}.*`; returns the counts and throughput."""
+def preprocess(inputs, output_prefix, tokenizer_path, cfg: DataConfig | None = None, *, prompts_only: bool = False,
+               options: PreprocessOptions | None = None) -> PreprocessStats:
+    """Tokenize JSONL `inputs` into `<output_prefix>.{train,valid}.*`; returns the counts and throughput.
+    `prompts_only`: rows without a response are kept (prompts for generation)."""
+    options = options or PreprocessOptions()
+    workers, chunk_rows, progress, log = options.workers, options.chunk_rows, options.progress, options.log
     cfg = cfg or DataConfig()
     _validate(cfg)
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]

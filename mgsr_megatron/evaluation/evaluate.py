@@ -6,11 +6,16 @@ rank of a replica holds the same tokens, so scores are gathered over the DP grou
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from mgsr_megatron.evaluation.metrics import distinct_n, exact_match, rouge_l
+
+if TYPE_CHECKING:
+    from mgsr_megatron.generation import SamplingOptions
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 
@@ -19,16 +24,16 @@ def _strip_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def generate_answers(model, prompt_ids: list[list[int]], tokenizer, *, vocab_size: int, max_new_tokens: int,
-                     seed: int, batch_size: int, greedy: bool = False, temperature: float = 1.0,
-                     top_p: float = 1.0) -> list[str]:
+def generate_answers(model, prompt_ids: list[list[int]], tokenizer, options: SamplingOptions, *, vocab_size: int,
+                     batch_size: int) -> list[str]:
+    """Decoded answers, generated `batch_size` prompts at a time with `options` (a SamplingOptions whose
+    seed is the evaluation seed; batch k starting at prompt `start` samples with seed*100003 + start)."""
     from mgsr_megatron.generation import generate
 
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
-        out = generate(model, prompt_ids[start:start + batch_size], max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, vocab_size=vocab_size, greedy=greedy, temperature=temperature,
-                       top_p=top_p, seed=seed * 100_003 + start)
+        out = generate(model, prompt_ids[start:start + batch_size],
+                       dataclasses.replace(options, seed=options.seed * 100_003 + start), vocab_size=vocab_size)
         answers += [tokenizer.decode(_strip_eos(ids, tokenizer.eos_id)) for ids in out.responses()]
     return answers
 
@@ -42,15 +47,17 @@ def evaluate(model, items, tokenizer, *, vocab_size: int, max_new_tokens: int, s
     """
     from megatron.core import parallel_state
 
+    from mgsr_megatron.generation import SamplingOptions
+
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = [i for i in range(len(items)) if i % dp_size == dp_rank]
     was_training = model.training
     per_seed = []
     for seed in (seeds if not greedy else seeds[:1]):
-        answers = generate_answers(model, [items[i].prompt_ids.tolist() for i in mine], tokenizer,
-                                   vocab_size=vocab_size, max_new_tokens=max_new_tokens, seed=seed,
-                                   batch_size=batch_size, greedy=greedy)
+        options = SamplingOptions(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, greedy=greedy, seed=seed)
+        answers = generate_answers(model, [items[i].prompt_ids.tolist() for i in mine], tokenizer, options,
+                                   vocab_size=vocab_size, batch_size=batch_size)
         local = [(i, answer) for i, answer in zip(mine, answers)]
         gathered = [None] * dp_size
         dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())

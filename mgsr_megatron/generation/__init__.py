@@ -2,13 +2,14 @@
 
 Public (re-exported here):
   generate, GenerationOutput   generator.py: batched KV-cached generation under TP and PP
-  sample                       sampling.py: greedy / temperature / top-k / top-p on vocab-parallel logits
-  scrg                         scrg.py: a student sample plus the teacher's corrections
+  sample, SamplingOptions      sampling.py: greedy / temperature / top-k / top-p on vocab-parallel logits;
+                               the options object every function here takes whole
+  scrg, ScrgSettings           scrg.py: a student sample plus the teacher's corrections
 kv_decode.py (the lean decode stage) is internal.
 """
 
 from mgsr_megatron.generation.generator import GenerationOutput, generate
-from mgsr_megatron.generation.sampling import sample
-from mgsr_megatron.generation.scrg import scrg
+from mgsr_megatron.generation.sampling import SamplingOptions, sample
+from mgsr_megatron.generation.scrg import ScrgSettings, scrg
 
-__all__ = ["GenerationOutput", "generate", "sample", "scrg"]
+__all__ = ["GenerationOutput", "SamplingOptions", "ScrgSettings", "generate", "sample", "scrg"]

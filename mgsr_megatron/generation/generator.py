@@ -1,7 +1,7 @@
 """Batched, KV-cached autoregressive generation for Megatron-Core GPTModels under TP and PP.
 
-    out = generate(model, [[5, 17, 3], [9, 2]], max_new_tokens=32, eos_id=2, vocab_size=250, seed=1)
-    out.tokens            [b, L] int64, right-padded with `pad_id` (default: eos_id)
+    out = generate(model, [[5, 17, 3], [9, 2]], SamplingOptions(max_new_tokens=32, eos_id=2, seed=1), vocab_size=250)
+    out.tokens            [b, L] int64, right-padded with `options.pad_id` (default: eos_id)
     out.prompt_lengths    [b]
     out.response_lengths  [b]  generated tokens per row, the EOS included when one was produced
 
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.kv_decode import LeanStage, unsupported_reason
-from mgsr_megatron.generation.sampling import sample
+from mgsr_megatron.generation.sampling import SamplingOptions, sample
 
 
 @dataclass
@@ -59,23 +59,6 @@ class GenerationOutput:
     def responses(self) -> list[list[int]]:
         return [self.tokens[r, p:p + n].tolist()
                 for r, (p, n) in enumerate(zip(self.prompt_lengths.tolist(), self.response_lengths.tolist()))]
-
-
-@dataclass
-class SamplingOptions:
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def check(self) -> None:
-        if not self.greedy and not self.temperature > 0:
-            raise UserError(f"generation temperature must be > 0 (got {self.temperature}); use greedy=True")
-        if self.top_k < 0:
-            raise UserError(f"generation top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"generation top_p must be in (0, 1], got {self.top_p}")
 
 
 def _unwrap(model):
@@ -106,9 +89,10 @@ def normalise_prompts(prompts) -> list[list[int]]:
     return normalised
 
 
-def check_request(model, prompts, *, max_new_tokens: int, eos_id: int, vocab_size: int) -> list[list[int]]:
-    """Bad input -> UserError naming the value and the limit, before any forward pass.
-    Returns the prompts as lists of Python ints."""
+def check_request(model, prompts, options: SamplingOptions, *, vocab_size: int) -> list[list[int]]:
+    """Bad input (prompts, options.max_new_tokens, options.eos_id) -> UserError naming the value and the
+    limit, before any forward pass. Returns the prompts as lists of Python ints."""
+    max_new_tokens, eos_id = options.max_new_tokens, options.eos_id
     prompts = normalise_prompts(prompts)
     limit = context_limit(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -232,13 +216,13 @@ class PipelineStepper:
 
 
 def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-           fixed_lengths: torch.Tensor, cache_valid, *, max_new_tokens: int, eos_id: int,
-           vocab_size: int, options: SamplingOptions, pad_id: int,
+           fixed_lengths: torch.Tensor, cache_valid, *, options: SamplingOptions, vocab_size: int,
            record: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The lock-step loop. tokens [b, >= max(fixed)] hold every fixed position; the stepper's cache
     must hold row r's keys/values for positions < cache_valid[r] (an int: the same for every row),
     and cache_valid[r] < fixed_lengths[r] for every row that still samples. Returns (tokens [b, L],
-    response lengths), L = the longest row's end, every position after a row's end = pad_id.
+    response lengths), L = the longest row's end, every position after a row's end = options.pad.
+    `options` gives the budget (max_new_tokens), eos_id, pad_id and how tokens are sampled.
     `record` [b, >= L, V_padded / TP] (last stage): each pass writes this TP rank's shard of its logits
     at the position it ran, for the rows it computed (see GenerationOutput.logits).
 
@@ -256,6 +240,7 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     (rows that never sample last), so that every pass computes a prefix of the batch, and put back
     at the end. (Megatron's static cache decodes whole batches: there every pass feeds every row.)"""
     b, device = tokens.shape[0], tokens.device
+    max_new_tokens, eos_id, pad_id = options.max_new_tokens, options.eos_id, options.pad
     prompt_lengths, fixed_lengths = prompt_lengths.to(device), fixed_lengths.to(device)
     cache_valid = torch.as_tensor(cache_valid, dtype=torch.int64, device=device).expand(b)
     end = prompt_lengths + max_new_tokens  # exclusive end position of each row's response
@@ -290,8 +275,6 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     compact = start < total and sorted_joins[-1] > offset and stepper.reorder_rows(order)
     if not compact:
         order = torch.arange(b, device=device)
-    tp_noise = dict(vocab_size=vocab_size, greedy=options.greedy, temperature=options.temperature,
-                    top_k=options.top_k, top_p=options.top_p, seed=options.seed)
     position = int(prompt_lengths.min())  # the next position to settle
     while position < total and not bool(finished.all()):
         if position >= start and bool((samples & ~finished).any()):
@@ -306,7 +289,7 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
                 if record is not None:
                     shard = record.shape[-1]
                     record[in_pass, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
-                column = sample(logits, step=position, rows=rows, **tp_noise)
+                column = sample(logits, options, vocab_size=vocab_size, step=position, rows=rows)
                 if compact:  # rows not in the pass keep their (fixed) token
                     column = buffer[:, position].index_copy(0, rows, column)
             column = stepper.broadcast_column(column)
@@ -324,15 +307,13 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     return out, lengths
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, vocab_size: int,
-             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, pad_id: int | None = None, record_logits: bool = False) -> GenerationOutput:
-    """Generate a response per prompt (see the module docstring). The model is put in eval mode.
-    `record_logits=True` keeps the decode passes' logits (GenerationOutput.logits)."""
-    prompts = check_request(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
-    options = SamplingOptions(greedy, temperature, top_k, top_p, seed)
-    options.check()
-    pad_id = eos_id if pad_id is None else pad_id
+def generate(model, prompts: list[list[int]], options: SamplingOptions, *, vocab_size: int,
+             record_logits: bool = False) -> GenerationOutput:
+    """Generate a response per prompt (see the module docstring) with `options` (max_new_tokens and
+    eos_id required). The model is put in eval mode. `record_logits=True` keeps the decode passes'
+    logits (GenerationOutput.logits)."""
+    prompts = check_request(model, prompts, options, vocab_size=vocab_size)
+    max_new_tokens, pad_id = options.max_new_tokens, options.pad
     was_training = model.training
     model.eval()
     try:
@@ -345,8 +326,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
         stepper = PipelineStepper(model, len(prompts), max_length)
         record = stepper.logit_record(max_length) if record_logits else None
         out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
-                                     max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
-                                     options=options, pad_id=pad_id, record=record)
+                                     options=options, vocab_size=vocab_size, record=record)
     finally:
         model.train(was_training)
     logits = None if record is None else record[:, :out_tokens.shape[1]]

@@ -25,14 +25,47 @@ all-gather of k values per row; top-p two all-reduces plus one per bisection ste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses.vocab_parallel import all_gather_last, all_reduce, group_size
 from mgsr_megatron.models.vocab import mask_padded_logits
 
 _MASK32 = 0xFFFFFFFF
 TOP_P_BISECTION_STEPS = 52  # resolution 2^-52 of the top probability: below float32's spacing
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """How responses are sampled: one object from the caller through generate / scrg / regenerate /
+    decode down to `sample` (which reads greedy, temperature, top_k, top_p and seed). A request for
+    responses (generate, scrg, regenerate) also needs `max_new_tokens` and `eos_id`; `pad_id` (default:
+    eos_id) fills the positions after a row's end. Invalid token-choice values raise UserError here."""
+
+    max_new_tokens: int | None = None
+    eos_id: int | None = None
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if not self.greedy and not self.temperature > 0:
+            raise UserError(f"generation temperature must be > 0 (got {self.temperature}); use greedy=True")
+        if self.top_k < 0:
+            raise UserError(f"generation top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"generation top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def pad(self) -> int | None:
+        """The id after a row's end: pad_id, else eos_id."""
+        return self.eos_id if self.pad_id is None else self.pad_id
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -115,27 +148,27 @@ def _top_p_filter(scores: torch.Tensor, top_p: float, tp_group) -> torch.Tensor:
     return scores.masked_fill(probs <= lo, float("-inf"))
 
 
-def sample(logits: torch.Tensor, *, vocab_size: int, vocab_start: int = 0, tp_group=None,
-           greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           seed: int = 0, step=0, rows: torch.Tensor | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, options: SamplingOptions, *, vocab_size: int, vocab_start: int = 0,
+           tp_group=None, step=0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row. logits [rows, V_slice] (any float dtype) -> global token ids [rows].
 
-    `step` (int, or a tensor [rows]) and `rows` (the row numbers, default 0..rows-1) index the noise;
-    the generator passes the absolute position of the token being sampled as `step`, so a sample
-    does not depend on how many forward passes (cache or not) led to it.
+    `options` gives greedy, temperature, top_k, top_p and the seed. `step` (int, or a tensor [rows])
+    and `rows` (the row numbers, default 0..rows-1) index the noise; the generator passes the absolute
+    position of the token being sampled as `step`, so a sample does not depend on how many forward
+    passes (cache or not) led to it.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample expects logits [rows, vocab], got shape {tuple(logits.shape)}")
     scores = mask_padded_logits(logits.float(), vocab_size, vocab_start=vocab_start)
-    if greedy:
+    if options.greedy:
         return parallel_argmax(scores, vocab_start, tp_group)[1]
-    scores = scores / temperature
-    if top_k > 0:
-        scores = _top_k_filter(scores, top_k, tp_group)
-    if top_p < 1.0:
-        scores = _top_p_filter(scores, top_p, tp_group)
+    scores = scores / options.temperature
+    if options.top_k > 0:
+        scores = _top_k_filter(scores, options.top_k, tp_group)
+    if options.top_p < 1.0:
+        scores = _top_p_filter(scores, options.top_p, tp_group)
     if rows is None:
         rows = torch.arange(scores.shape[0], device=scores.device)
     vocab_ids = torch.arange(vocab_start, vocab_start + scores.shape[-1], device=scores.device)
-    perturbed = scores.to(torch.float64) + gumbel_noise(seed, step, rows, vocab_ids)
+    perturbed = scores.to(torch.float64) + gumbel_noise(options.seed, step, rows, vocab_ids)
     return parallel_argmax(perturbed, vocab_start, tp_group)[1]

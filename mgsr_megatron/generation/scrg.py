@@ -1,13 +1,15 @@
 """SCRG: sequence correction and re-generation (method.md section 1).
 
-    out, stats = scrg(student, teacher, prompts, cfg=config.mgsr, eos_id=2, vocab_size=250, seed=step)
+    settings = ScrgSettings.from_config(config.mgsr)                       # once per run
+    options = SamplingOptions(max_new_tokens=config.mgsr.max_new_tokens, eos_id=2, seed=step)
+    out, stats = scrg(student, teacher, prompts, options, settings=settings, vocab_size=250)
 
-    y <- student samples a response (temperature 1, top_p 1 unless told otherwise)
-    repeat cfg.scrg_rounds times:
+    y <- student samples a response with `options` (temperature 1, top_p 1 unless told otherwise)
+    repeat settings.rounds times (mgsr.scrg_rounds):
         no-grad forward of the teacher over [x; y]                 (vocab-parallel logits, last stage;
                                                                     the student's come from sampling y)
         t_i = teacher token at response position i                 (argmax, or a Gumbel-max sample)
-        d_i = D(P_i, Q_i) at temperature cfg.temperature            (forward_kl | reverse_kl | jsd)
+        d_i = D(P_i, Q_i) at temperature settings.temperature      (forward_kl | reverse_kl | jsd)
         C   = { i in the response (up to and including its first EOS) : y_i != t_i }
         j   = argmax_{i in C} d_i  (smallest i on ties); rows with C empty or d_j < delta are done
         y   <- y_<j + t_j, then the student continues sampling from position j+1
@@ -25,6 +27,9 @@ all-gather of (value, id) per position.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -33,17 +38,44 @@ from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.generator import (
     GenerationOutput,
     PipelineStepper,
-    SamplingOptions,
     check_request,
     decode,
     generate,
 )
-from mgsr_megatron.generation.sampling import parallel_argmax, sample
+from mgsr_megatron.generation.sampling import SamplingOptions, parallel_argmax, sample
 from mgsr_megatron.losses.divergences import divergence as token_divergence
 from mgsr_megatron.models.vocab import mask_padded_logits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_TOKENS = ("greedy", "sampled")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScrgSettings:
+    """SCRG's correction settings, built once from the config (`from_config(cfg.mgsr)`: mgsr.scrg_rounds,
+    scrg_divergence, scrg_teacher_token, scrg_delta and the distillation temperature). How the student
+    samples (and the response budget) is the `SamplingOptions` passed beside them."""
+
+    rounds: int = 1
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    teacher_token: str = "greedy"  # greedy | sampled
+    delta: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise UserError(f"mgsr.scrg_divergence '{self.divergence}' is not one of {', '.join(DIVERGENCES)}")
+        if self.teacher_token not in TEACHER_TOKENS:
+            raise UserError(f"mgsr.scrg_teacher_token '{self.teacher_token}' is not one of "
+                            f"{', '.join(TEACHER_TOKENS)}")
+        if self.rounds < 0:
+            raise UserError(f"mgsr.scrg_rounds must be >= 0, got {self.rounds}")
+
+    @classmethod
+    def from_config(cls, cfg) -> ScrgSettings:
+        """From an MGSRConfig (the `mgsr` section)."""
+        return cls(rounds=cfg.scrg_rounds, divergence=cfg.scrg_divergence, teacher_token=cfg.scrg_teacher_token,
+                   delta=cfg.scrg_delta, temperature=cfg.temperature)
 
 
 def round_seed(seed: int, round_index: int) -> int:
@@ -86,10 +118,12 @@ def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape) -> torch.
     return values
 
 
-def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergence: str,
-           teacher_token: str, temperature: float, delta: float, seed: int) -> torch.Tensor:
+def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, vocab_size: int,
+           seed: int) -> torch.Tensor:
     """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
-    no mismatch (or d_j < delta); identical on every rank of the model replica."""
+    no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed`: the
+    noise of sampled teacher tokens."""
+    temperature = settings.temperature
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
     teacher_logits = _score(teacher, tokens)
@@ -104,49 +138,43 @@ def detect(teacher, student, out: GenerationOutput, *, vocab_size: int, divergen
         t_logits, s_logits = teacher_logits[:, first - 1:-1], student_logits[:, first - 1:-1]
         positions = torch.arange(first, total, device=tokens.device).unsqueeze(0).expand(b, total - first)
         t_scores, s_scores = (mask_padded_logits(x, vocab_size, vocab_start=start) for x in (t_logits, s_logits))
-        if teacher_token == "greedy":
+        if settings.teacher_token == "greedy":
             teacher_tokens = parallel_argmax(t_scores, start, tp_group)[1]
         else:
             rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - first)
-            teacher_tokens = sample(t_logits.reshape(b * (total - first), -1), vocab_size=vocab_size,
-                                    vocab_start=start, tp_group=tp_group, temperature=temperature,
-                                    seed=seed, step=positions.reshape(-1), rows=rows.reshape(-1)).view(b, -1)
-        d = token_divergence(s_scores, t_scores, divergence, temperature=temperature, beta=0.5, tp_group=tp_group)
+            teacher_tokens = sample(t_logits.reshape(b * (total - first), -1),
+                                    SamplingOptions(temperature=temperature, seed=seed), vocab_size=vocab_size,
+                                    vocab_start=start, tp_group=tp_group, step=positions.reshape(-1),
+                                    rows=rows.reshape(-1)).view(b, -1)
+        d = token_divergence(s_scores, t_scores, settings.divergence, temperature=temperature, beta=0.5,
+                             tp_group=tp_group)
         in_response = (positions >= prompt_lengths.unsqueeze(-1)) & \
                       (positions < (prompt_lengths + lengths).unsqueeze(-1))
         mismatched = in_response & (tokens[:, first:] != teacher_tokens)
         d_candidates = torch.where(mismatched, d.double(), float("-inf"))
         best_d, best = d_candidates.max(dim=-1)  # first (smallest) position on ties
-        has = mismatched.any(-1) & ~(best_d < delta)
+        has = mismatched.any(-1) & ~(best_d < settings.delta)
         j = torch.where(has, best + first, -1)
         t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
         decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
     return _broadcast_from_last_stage_tp0(decision, (b, 3))
 
 
-def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_size: int, seed: int = 0,
-         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-         reuse_cache: bool = True) -> tuple[GenerationOutput, dict]:
-    """Student sample + `cfg.scrg_rounds` correction rounds (cfg: MGSRConfig). See the module docstring.
+def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *, settings: ScrgSettings,
+         vocab_size: int, reuse_cache: bool = True) -> tuple[GenerationOutput, dict]:
+    """Student sample + `settings.rounds` correction rounds. See the module docstring.
 
+    `options` are the student's sampling options (method: temperature 1.0, top_k 0, top_p 1.0), with the
+    response budget (max_new_tokens), eos_id and the seed of the first generation.
     Returns the corrected batch and per-row statistics (tensors of shape [b]):
       corrected (bool), j (last corrected position, -1), d_j (its divergence, nan), teacher_token (-1),
       rounds_used (how many rounds corrected the row), continuation_changed (a regeneration changed the
       tokens after j); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
-    `temperature/top_k/top_p` are the student's sampling options (method: 1.0, 0, 1.0).
     `reuse_cache=False` regenerates with a fresh cache (the reference for the cache-reuse test).
     """
-    if cfg.scrg_divergence not in DIVERGENCES:
-        raise UserError(f"mgsr.scrg_divergence '{cfg.scrg_divergence}' is not one of {', '.join(DIVERGENCES)}")
-    if cfg.scrg_teacher_token not in TEACHER_TOKENS:
-        raise UserError(f"mgsr.scrg_teacher_token '{cfg.scrg_teacher_token}' is not one of "
-                        f"{', '.join(TEACHER_TOKENS)}")
-    if cfg.scrg_rounds < 0:
-        raise UserError(f"mgsr.scrg_rounds must be >= 0, got {cfg.scrg_rounds}")
-    max_new_tokens = cfg.max_new_tokens
-    prompts = check_request(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size)
-    out = generate(student, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, record_logits=cfg.scrg_rounds > 0)
+    prompts = check_request(student, prompts, options, vocab_size=vocab_size)
+    seed = options.seed
+    out = generate(student, prompts, options, vocab_size=vocab_size, record_logits=settings.rounds > 0)
     b, device = out.tokens.shape[0], out.tokens.device
     stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
              "j": torch.full((b,), -1, dtype=torch.int64, device=device),
@@ -154,10 +182,8 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
              "teacher_token": torch.full((b,), -1, dtype=torch.int64, device=device),
              "rounds_used": torch.zeros(b, dtype=torch.int64, device=device),
              "continuation_changed": torch.zeros(b, dtype=torch.bool, device=device), "per_round": []}
-    for round_index in range(1, cfg.scrg_rounds + 1):
-        decision = detect(teacher, student, out, vocab_size=vocab_size, divergence=cfg.scrg_divergence,
-                          teacher_token=cfg.scrg_teacher_token, temperature=cfg.temperature,
-                          delta=cfg.scrg_delta, seed=round_seed(seed, -round_index))
+    for round_index in range(1, settings.rounds + 1):
+        decision = detect(teacher, student, out, settings, vocab_size=vocab_size, seed=round_seed(seed, -round_index))
         stats["per_round"].append(decision)
         j, t_j = decision[:, 0].long(), decision[:, 1].long()
         fix = j >= 0
@@ -169,10 +195,9 @@ def scrg(student, teacher, prompts: list[list[int]], *, cfg, eos_id: int, vocab_
         stats["teacher_token"] = torch.where(fix, t_j, stats["teacher_token"])
         stats["rounds_used"] += fix.long()
         before = out
-        out = regenerate(student, out, j, t_j, max_new_tokens=max_new_tokens, eos_id=eos_id,
+        out = regenerate(student, out, j, t_j, dataclasses.replace(options, seed=round_seed(seed, round_index)),
                          vocab_size=vocab_size, reuse_cache=reuse_cache,
-                         record_logits=round_index < cfg.scrg_rounds,  # the next round's detection
-                         options=SamplingOptions(False, temperature, top_k, top_p, round_seed(seed, round_index)))
+                         record_logits=round_index < settings.rounds)  # the next round's detection
         stats["continuation_changed"] |= _suffix_changed(before, out, j)
     return out, stats
 
@@ -186,13 +211,13 @@ def _suffix_changed(before: GenerationOutput, after: GenerationOutput, j: torch.
     return torch.tensor(changed, dtype=torch.bool, device=j.device)
 
 
-def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tensor, *, max_new_tokens: int,
-               eos_id: int, vocab_size: int, options: SamplingOptions, reuse_cache: bool = True,
-               pad_id: int | None = None, record_logits: bool | None = None) -> GenerationOutput:
-    """Rows with j >= 0: keep y_<j, put t_j at j, let the student continue. Other rows are unchanged.
+def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tensor, options: SamplingOptions, *,
+               vocab_size: int, reuse_cache: bool = True, record_logits: bool | None = None) -> GenerationOutput:
+    """Rows with j >= 0: keep y_<j, put t_j at j, let the student continue with `options` (the same
+    max_new_tokens, eos_id and pad_id as the generation of `out`). Other rows are unchanged.
     `record_logits` (default: when `out` has them) keeps the student's logits of the new sequences
     (the recorded ones of `out` below j, the regeneration's from j on)."""
-    pad_id = eos_id if pad_id is None else pad_id
+    max_new_tokens = options.max_new_tokens
     fix = j >= 0
     if not bool(fix.any()):
         return out
@@ -217,8 +242,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     student.eval()
     try:
         new_tokens, lengths = decode(stepper, tokens, out.prompt_lengths, fixed_lengths, cache_valid,
-                                     max_new_tokens=max_new_tokens, eos_id=eos_id, vocab_size=vocab_size,
-                                     options=options, pad_id=pad_id, record=record)
+                                     options=options, vocab_size=vocab_size, record=record)
     finally:
         student.train(was_training)
     logits = None if record is None else record[:, :new_tokens.shape[1]]

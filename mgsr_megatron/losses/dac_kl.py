@@ -8,7 +8,8 @@ Per token, with P the teacher's and Q the student's distribution at the temperat
     m_k    = sigmoid((u - c_(k-1)) / kappa) * sigmoid((c_k - l) / kappa)          k = 1..K_band
     tail_bucket:  KL(P~||Q~) = sum_k p_k m_k log(p_k / q_k) + P_t log(P_t / Q_t),
                   P_t = 1 - sum_k p_k m_k,  Q_t = 1 - sum_k q_k m_k
-    renormalize:  P~ = p m / sum(p m), Q~ = q m / sum(q m):  KL = sum_k P~_k log(p_k / q_k) + log sum(q m) - log sum(p m)
+    renormalize:  P~ = p m / sum(p m), Q~ = q m / sum(q m):
+                  KL = sum_k P~_k log(p_k / q_k) + log sum(q m) - log sum(p m)
 
 q_k is the student's probability at the teacher's k-th token id. Modes: `learned` (ClipNet), `fixed`
 (constant l, u), `off` (the full forward KL, handled by the objective).
@@ -25,6 +26,8 @@ dL/ds_v = sum_{k: id_k = v} w_k - q_v sum_k w_k.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +45,54 @@ from mgsr_megatron.losses.vocab_parallel import (
 FEATURE_LOGP_FLOOR = -20.0
 BAND_NORMS = ("tail_bucket", "renormalize")
 DAC_MODES = ("learned", "fixed", "off")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DacSettings:
+    """The token-level distillation term's settings, built once from the config (`from_config(cfg.mgsr)`)
+    and passed whole. DAC-KL (`mode` learned | fixed) reads the band fields; `mode` off replaces it by
+    the divergence `kd_divergence` (with `kd_beta`, `kd_alpha`) over the whole vocabulary."""
+
+    mode: str = "learned"  # learned | fixed | off (mgsr.dac_mode)
+    k_feat: int = 64
+    k_band: int = 256
+    rho: float = 0.8
+    kappa: float = 0.01
+    band_norm: str = "tail_bucket"
+    fixed_l: float = 0.0
+    fixed_u: float = 0.95
+    temperature: float = 1.0
+    kd_divergence: str = "forward_kl"
+    kd_beta: float = 0.5
+    kd_alpha: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg) -> DacSettings:
+        """From an MGSRConfig (the `mgsr` section)."""
+        return cls(mode=cfg.dac_mode, k_feat=cfg.k_feat, k_band=cfg.k_band, rho=cfg.rho, kappa=cfg.kappa,
+                   band_norm=cfg.band_norm, fixed_l=cfg.fixed_l, fixed_u=cfg.fixed_u,
+                   temperature=float(cfg.temperature), kd_divergence=cfg.kd_divergence, kd_beta=cfg.kd_beta,
+                   kd_alpha=cfg.kd_alpha)
+
+    @property
+    def k_top(self) -> int:
+        """Candidates of the teacher's global top-K: the band's, and ClipNet's features when learned."""
+        return max(self.k_band, self.k_feat if self.mode == "learned" else 0)
+
+    @property
+    def fused_kd(self) -> bool:
+        """Whether the term shares the student's softmax with SFT: DAC-KL and the forward KL do, the
+        other divergences do not."""
+        return self.mode != "off" or self.kd_divergence == "forward_kl"
+
+
+class GradRows(NamedTuple):
+    """The row tensors of one chunk's backward (`dac_backward_rows`, the objective's dac_mode off path)."""
+
+    student: torch.Tensor  # [n, V/TP] the student's logits shard of the chunk
+    row_weight: torch.Tensor  # [n] the weight of each row's term in the loss
+    out: torch.Tensor  # [n, V/TP] float32: the gradient is written here
+    sft: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels [n], weight [n]): fuse SFT's gradient
 
 
 def _logit(x: float) -> float:
@@ -143,28 +194,28 @@ class DacState:
         self.log_q = gather_at_ids(student.float(), ids, shard).double() / temperature - self.lse_s[:, None]
 
 
-def dac_bounds(state: DacState, mode: str, clipnet: ClipNet | None, k_feat: int, rho: float,
-               fixed_l: float, fixed_u: float):
+def dac_bounds(state: DacState, settings: DacSettings, clipnet: ClipNet | None):
     """(l, u) per row in float64. ClipNet runs on float64 copies of its parameters (a differentiable
     cast): the gradient to l and u sums many terms of both signs over the band, and in float32 that
     cancellation costs ~1e-4 relative accuracy in ClipNet's gradient. [n, K] work only, so it is cheap."""
     n = state.log_p.shape[0]
-    if mode == "learned":
-        features = band_features(state.log_p, state.entropy, k_feat)
+    if settings.mode == "learned":
+        features = band_features(state.log_p, state.entropy, settings.k_feat)
         params = {name: p.double() for name, p in clipnet.named_parameters()}
         a, b = torch.func.functional_call(clipnet, params, (features,))
-        return bounds(a, b, rho)
-    return (state.log_p.new_full((n,), fixed_l, dtype=torch.float64),
-            state.log_p.new_full((n,), fixed_u, dtype=torch.float64))
+        return bounds(a, b, settings.rho)
+    return (state.log_p.new_full((n,), settings.fixed_l, dtype=torch.float64),
+            state.log_p.new_full((n,), settings.fixed_u, dtype=torch.float64))
 
 
-def dac_forward_rows(student, teacher, *, mode, clipnet, k_feat, k_band, rho, kappa, band_norm, fixed_l, fixed_u,
-                     temperature, shard):
+def dac_forward_rows(student, teacher, settings: DacSettings, clipnet: ClipNet | None, shard: Shard):
     """DAC-KL of a chunk of rows, no autograd: (kl [n], l, u, band size, kept mass, lse_t, lse_s, state)."""
-    state = DacState(student, teacher, temperature, max(k_band, k_feat if mode == "learned" else 0), shard)
+    state = DacState(student, teacher, settings.temperature, settings.k_top, shard)
+    k_band = settings.k_band
     with torch.no_grad():
-        lower, upper = dac_bounds(state, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
-        kl, size, kept = band_kl(state.log_p[:, :k_band], state.log_q[:, :k_band], lower, upper, kappa, band_norm)
+        lower, upper = dac_bounds(state, settings, clipnet)
+        kl, size, kept = band_kl(state.log_p[:, :k_band], state.log_q[:, :k_band], lower, upper, settings.kappa,
+                                 settings.band_norm)
     return kl.float(), lower.float(), upper.float(), size.float(), kept.float(), state.lse_t, state.lse_s, state
 
 
@@ -185,24 +236,25 @@ def student_softmax_into(out: torch.Tensor, student: torch.Tensor, lse_s: torch.
     return out.exp_()
 
 
-def dac_backward_rows(student, state: DacState, row_weight, out, *, mode, clipnet, params, k_feat, k_band, rho,
-                      kappa, band_norm, fixed_l, fixed_u, temperature, shard, sft=None):
-    """Write into `out` [n, V/TP] the student's shard gradient of sum_rows row_weight * kl (plus, with
-    sft=(labels, weight) at temperature 1, the SFT gradient weight * (softmax - onehot), whose softmax
-    is the same tensor); return ClipNet's parameter gradients. Only the [n, K] part is recomputed (with
-    autograd); no communication."""
+def dac_backward_rows(rows: GradRows, state: DacState, settings: DacSettings, clipnet: ClipNet | None, params,
+                      shard: Shard):
+    """Write into `rows.out` [n, V/TP] the student's shard gradient of sum_rows row_weight * kl (plus, with
+    rows.sft = (labels, weight) at temperature 1, the SFT gradient weight * (softmax - onehot), whose
+    softmax is the same tensor); return ClipNet's parameter gradients. Only the [n, K] part is recomputed
+    (with autograd); no communication."""
+    k_band, temperature, sft = settings.k_band, settings.temperature, rows.sft
     log_q = state.log_q[:, :k_band].clone().requires_grad_(True)
     with torch.enable_grad():
-        lower, upper = dac_bounds(state, mode, clipnet, k_feat, rho, fixed_l, fixed_u)
-        kl, _, _ = band_kl(state.log_p[:, :k_band], log_q, lower, upper, kappa, band_norm)
-        total = (kl * row_weight.double()).sum()
+        lower, upper = dac_bounds(state, settings, clipnet)
+        kl, _, _ = band_kl(state.log_p[:, :k_band], log_q, lower, upper, settings.kappa, settings.band_norm)
+        total = (kl * rows.row_weight.double()).sum()
         grads = torch.autograd.grad(total, [log_q, *params], allow_unused=True)
     weight = grads[0].float().div_(temperature)  # dL/ds at the band ids, before the softmax term
     q_scale = -weight.sum(-1, keepdim=True)  # d/ds_v = sum_{k: id_k = v} w_k - q_v sum_k w_k
     if sft is not None:
         q_scale = q_scale + sft[1][:, None]
-    student_softmax_into(out, student, state.lse_s, temperature).mul_(q_scale)
-    scatter_add_at_ids(out, state.ids[:, :k_band].long(), weight, shard)
+    student_softmax_into(rows.out, rows.student, state.lse_s, temperature).mul_(q_scale)
+    scatter_add_at_ids(rows.out, state.ids[:, :k_band].long(), weight, shard)
     if sft is not None:
-        subtract_label_onehot(out, sft[0], sft[1], shard)
+        subtract_label_onehot(rows.out, sft[0], sft[1], shard)
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], params)]

@@ -18,11 +18,15 @@ into the one [tokens, V/TP] gradient buffer, so the extra memory beyond that buf
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
 import torch
 
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses import dac_kl as dac
+from mgsr_megatron.losses.dac_kl import DacSettings
 from mgsr_megatron.losses.divergences import (
     check_divergence_args,
     divergence_rows,
@@ -30,8 +34,9 @@ from mgsr_megatron.losses.divergences import (
     forward_kl_owned,
 )
 from mgsr_megatron.losses.sft import megatron_tp_active, sft_rows, sft_rows_grad
-from mgsr_megatron.losses.span import SPAN_DISTANCES, span_pairs, span_pairs_grad
+from mgsr_megatron.losses.span import SPAN_DISTANCES, PairGrad, span_pairs, span_pairs_grad
 from mgsr_megatron.losses.vocab_parallel import (
+    Shard,
     all_reduce,
     check_k,
     check_same_shape,
@@ -46,34 +51,74 @@ from mgsr_megatron.losses.vocab_parallel import (
 STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass")
 
 
-def check_config(cfg: MGSRConfig, shard, clipnet) -> None:
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveSettings:
+    """The objective's settings, built once from the config (`ObjectiveSettings.from_config(cfg.mgsr)`) and
+    passed whole to `mgsr_objective`. Field names follow the config keys (`chunk_tokens`:
+    mgsr.loss_chunk_tokens; `dac`: the DAC-KL / token-level divergence term, with the temperature)."""
+
+    w_sft: float = 1.0
+    w_dac: float = 1.0
+    w_span: float = 1.0
+    chunk_tokens: int = 1024
+    span_distance: str = "kl_normalised"
+    dac: DacSettings = field(default_factory=DacSettings)
+
+    @classmethod
+    def from_config(cls, cfg: MGSRConfig) -> ObjectiveSettings:
+        return cls(w_sft=float(cfg.w_sft), w_dac=float(cfg.w_dac), w_span=float(cfg.w_span),
+                   chunk_tokens=int(cfg.loss_chunk_tokens), span_distance=cfg.span_distance,
+                   dac=DacSettings.from_config(cfg))
+
+    @property
+    def temperature(self) -> float:
+        """The distillation temperature (of DAC-KL, the divergences and the span loss)."""
+        return self.dac.temperature
+
+
+class LossTargets(NamedTuple):
+    """What the objective scores the logits against, each [b, s] (see `mgsr_objective`)."""
+
+    labels: torch.Tensor  # global next-token ids
+    sft_mask: torch.Tensor  # weights of the SFT positions
+    kd_mask: torch.Tensor  # weights of the DAC-KL positions
+    span_pair_mask: torch.Tensor  # bool: (i, i+1) lie in the same span
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> LossTargets:
+        """The fields of a collated micro-batch (training/data.py) of the same names."""
+        return cls(*(batch[name] for name in cls._fields))
+
+
+def check_settings(settings: ObjectiveSettings, shard, clipnet) -> None:
     """One-line errors for settings the losses cannot honour (names are the config keys)."""
-    if not cfg.temperature > 0:
-        raise UserError(f"mgsr.temperature={cfg.temperature} must be > 0")
-    if cfg.dac_mode not in dac.DAC_MODES:
-        raise UserError(f"mgsr.dac_mode={cfg.dac_mode!r} must be one of {', '.join(dac.DAC_MODES)}")
-    if cfg.band_norm not in dac.BAND_NORMS:
-        raise UserError(f"mgsr.band_norm={cfg.band_norm!r} must be one of {', '.join(dac.BAND_NORMS)}")
-    if cfg.span_distance not in SPAN_DISTANCES:
-        raise UserError(f"mgsr.span_distance={cfg.span_distance!r} must be one of {', '.join(SPAN_DISTANCES)}")
-    if cfg.loss_chunk_tokens < 1:
-        raise UserError(f"mgsr.loss_chunk_tokens={cfg.loss_chunk_tokens} must be at least 1")
-    if not cfg.kappa > 0:
-        raise UserError(f"mgsr.kappa={cfg.kappa} must be > 0")
-    if cfg.w_dac and cfg.dac_mode == "off":
-        check_divergence_args(cfg.kd_divergence, cfg.temperature, cfg.kd_beta, cfg.kd_alpha, "mgsr.kd_")
-    if cfg.w_dac and cfg.dac_mode != "off":
-        check_k(cfg.k_band, "mgsr.k_band", shard)
-        if cfg.dac_mode == "learned":
-            check_k(cfg.k_feat, "mgsr.k_feat", shard)
-            if not 0.0 < cfg.rho < 1.0:
-                raise UserError(f"mgsr.rho={cfg.rho} must lie in (0, 1)")
+    d = settings.dac
+    if not d.temperature > 0:
+        raise UserError(f"mgsr.temperature={d.temperature} must be > 0")
+    if d.mode not in dac.DAC_MODES:
+        raise UserError(f"mgsr.dac_mode={d.mode!r} must be one of {', '.join(dac.DAC_MODES)}")
+    if d.band_norm not in dac.BAND_NORMS:
+        raise UserError(f"mgsr.band_norm={d.band_norm!r} must be one of {', '.join(dac.BAND_NORMS)}")
+    if settings.span_distance not in SPAN_DISTANCES:
+        raise UserError(f"mgsr.span_distance={settings.span_distance!r} must be one of {', '.join(SPAN_DISTANCES)}")
+    if settings.chunk_tokens < 1:
+        raise UserError(f"mgsr.loss_chunk_tokens={settings.chunk_tokens} must be at least 1")
+    if not d.kappa > 0:
+        raise UserError(f"mgsr.kappa={d.kappa} must be > 0")
+    if settings.w_dac and d.mode == "off":
+        check_divergence_args(d.kd_divergence, d.temperature, d.kd_beta, d.kd_alpha, "mgsr.kd_")
+    if settings.w_dac and d.mode != "off":
+        check_k(d.k_band, "mgsr.k_band", shard)
+        if d.mode == "learned":
+            check_k(d.k_feat, "mgsr.k_feat", shard)
+            if not 0.0 < d.rho < 1.0:
+                raise UserError(f"mgsr.rho={d.rho} must lie in (0, 1)")
             if clipnet is None:
                 raise UserError("clipnet is None but mgsr.dac_mode='learned' needs a ClipNet")
-            if clipnet.k_feat != cfg.k_feat:
-                raise UserError(f"clipnet was built for k_feat={clipnet.k_feat} but mgsr.k_feat={cfg.k_feat}")
-        elif not 0.0 <= cfg.fixed_l < cfg.fixed_u <= 1.0:
-            raise UserError(f"mgsr.fixed_l={cfg.fixed_l}, mgsr.fixed_u={cfg.fixed_u}: need 0 <= l < u <= 1")
+            if clipnet.k_feat != d.k_feat:
+                raise UserError(f"clipnet was built for k_feat={clipnet.k_feat} but mgsr.k_feat={d.k_feat}")
+        elif not 0.0 <= d.fixed_l < d.fixed_u <= 1.0:
+            raise UserError(f"mgsr.fixed_l={d.fixed_l}, mgsr.fixed_u={d.fixed_u}: need 0 <= l < u <= 1")
 
 
 def check_masks(shape, labels, sft_mask, kd_mask, span_pair_mask, vocab: int) -> None:
@@ -108,76 +153,99 @@ def check_masks(shape, labels, sft_mask, kd_mask, span_pair_mask, vocab: int) ->
                         f"them: a span leaves the response")
 
 
+class _Rows(NamedTuple):
+    """The flattened inputs of `_MGSRObjective` besides the student's logits (none needs a gradient)."""
+
+    teacher: torch.Tensor  # [N, V/TP]
+    labels: torch.Tensor  # [N]
+    sft_w: torch.Tensor  # [N]
+    kd_w: torch.Tensor  # [N]
+    pair_first: torch.Tensor  # LongTensor of pair starts
+    counts: torch.Tensor  # [3]: SFT weight, KD weight, pairs
+
+
+class _Call(NamedTuple):
+    """The non-tensor inputs of `_MGSRObjective`: the settings and what this call adds to them."""
+
+    settings: ObjectiveSettings
+    shard: Shard
+    megatron: bool  # SFT through Megatron's vocab_parallel_cross_entropy (losses/sft.py)
+    clipnet: dac.ClipNet | None
+
+
 class _MGSRObjective(torch.autograd.Function):
     """Chunked forward and backward of all three terms (see the module docstring).
 
-    Inputs: student/teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first (LongTensor of pair starts);
-    counts [3]; plan (settings); clipnet; *params (ClipNet's, for the gradient). Outputs: the three term
-    means [3] (differentiable) and the statistics [5] = (mean l, mean u, band size, kept mass, nonfinite).
-    The forward keeps, per chunk, what the backward cannot cheaply recompute: per-row log-sum-exps and
-    DAC-KL's [rows, K] band candidates; the backward rebuilds the [chunk, V/TP] tensors from the logits.
+    Inputs: student [N, V/TP]; rows (`_Rows`: teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first;
+    counts [3]); call (`_Call`: settings, shard, clipnet); *params (ClipNet's, for the gradient). Outputs:
+    the three term means [3] (differentiable) and the statistics [5] = (mean l, mean u, band size, kept
+    mass, nonfinite). The forward keeps, per chunk, what the backward cannot cheaply recompute: per-row
+    log-sum-exps and DAC-KL's [rows, K] band candidates; the backward rebuilds the [chunk, V/TP] tensors
+    from the logits.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, sft_w, kd_w, pair_first, counts, plan, clipnet, *params):
+    def forward(ctx, student, rows_in: _Rows, call: _Call, *params):
+        teacher, labels, sft_w, kd_w, pair_first, counts = rows_in
+        settings, shard, clipnet = call.settings, call.shard, call.clipnet
+        d, temperature = settings.dac, settings.temperature
         sums = student.new_zeros(3, dtype=torch.float32)
         stats = student.new_zeros(5, dtype=torch.float32)
         nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
-        shard, temperature = plan["shard"], plan["temperature"]
-        row_chunks, idle = _row_plan(sft_w, kd_w, plan["chunk"])
+        row_chunks, idle = _row_plan(sft_w, kd_w, settings.chunk_tokens)
         nonfinite |= _any_nonfinite(student, idle, shard) | _any_nonfinite(teacher, idle, shard)
         saved = []
         for rows in row_chunks:
             rows_s, rows_t = _take(student, rows), _take(teacher, rows)
             state = {}
             lse_s = None
-            if plan["w_dac"]:
+            if settings.w_dac:
                 weight = kd_w[rows]
                 with comm_tag("dac_kl"):
-                    if plan["dac_mode"] == "off":
-                        if plan["fused_kd"]:  # forward KL: the lean path, its student lse serves SFT
+                    if d.mode == "off":
+                        if d.fused_kd:  # forward KL: the lean path, its student lse serves SFT
                             kl, state["dac"] = forward_kl_owned(scaled_rows(rows_t, temperature),
                                                                 scaled_rows(rows_s, temperature), shard)
                             lse_t, lse_s = state["dac"]
                             lse_check = lse_s
                         else:
-                            kl, state["dac"] = divergence_rows(rows_s, rows_t, plan["kd_divergence"],
-                                                               temperature, plan["kd_beta"], plan["kd_alpha"], shard)
+                            kl, state["dac"] = divergence_rows(rows_s, rows_t, d.kd_divergence, temperature,
+                                                               d.kd_beta, d.kd_alpha, shard)
                             lse_t, lse_check = state["dac"][:2]
                         extra = [torch.zeros_like(kl), torch.ones_like(kl), torch.full_like(kl, shard.vocab),
                                  torch.ones_like(kl)]
                     else:
                         kl, low, up, size, kept, lse_t, lse_s, state["dac"] = dac.dac_forward_rows(
-                            rows_s, rows_t, clipnet=clipnet, **_dac_settings(plan))
+                            rows_s, rows_t, d, clipnet, shard)
                         lse_check = lse_s
                         extra = [low, up, size, kept]
                 sums[1] += (kl * weight).sum()
                 stats[:4] += torch.stack([(x * weight).sum() for x in extra])
                 nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_check).all())
-            if plan["w_sft"]:
+            if settings.w_sft:
                 if lse_s is not None and temperature == 1.0:
                     # CE = log-sum-exp - logit at the label; DAC-KL already has the student's global lse
                     # (float64), so the [rows, V/TP] pass of a separate cross entropy is not needed
                     at_label = gather_at_ids(rows_s, labels[rows].clamp(min=0)[:, None], shard)[:, 0]
                     ce = (lse_s - at_label.double()).float()
                 else:
-                    ce = sft_rows(rows_s, labels[rows], plan["megatron"])
+                    ce = sft_rows(rows_s, labels[rows], call.megatron)
                 sums[0] += (ce * sft_w[rows]).sum()
                 nonfinite |= ~torch.isfinite(ce).all()
             saved.append(state)
         span_states = []
-        if plan["w_span"]:
-            for start, end in chunks(pair_first.shape[0], plan["chunk"]):
+        if settings.w_span:
+            for start, end in chunks(pair_first.shape[0], settings.chunk_tokens):
                 with comm_tag("span"):
-                    value, state = span_pairs(student, teacher, pair_first[start:end], plan["span_distance"],
+                    value, state = span_pairs(student, teacher, pair_first[start:end], settings.span_distance,
                                               temperature, shard)
                 sums[2] += value.sum()
                 nonfinite |= ~torch.isfinite(value).all()
                 span_states.append(state)
         stats[:4] /= counts[1]
         stats[4] = nonfinite.float()
-        ctx.save_for_backward(student, teacher, labels, sft_w, kd_w, pair_first, counts)
-        ctx.plan, ctx.clipnet, ctx.n_params = plan, clipnet, len(params)
+        ctx.save_for_backward(student, *rows_in)
+        ctx.call, ctx.n_params = call, len(params)
         ctx.row_chunks, ctx.idle, ctx.chunk_states, ctx.span_states = row_chunks, idle, saved, span_states
         ctx.mark_non_differentiable(stats)
         return torch.where(counts > 0, sums / counts.clamp(min=1), sums.new_zeros(())), stats
@@ -185,13 +253,15 @@ class _MGSRObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_terms, _grad_stats):
         student, teacher, labels, sft_w, kd_w, pair_first, counts = ctx.saved_tensors
-        plan, clipnet, shard, temperature = ctx.plan, ctx.clipnet, ctx.plan["shard"], ctx.plan["temperature"]
+        call = ctx.call
+        settings, shard, clipnet = call.settings, call.shard, call.clipnet
+        d, temperature = settings.dac, settings.temperature
         params = list(clipnet.parameters())[:ctx.n_params] if ctx.n_params else []
         coef = torch.where(counts > 0, grad_terms.float() / counts.clamp(min=1), grad_terms.new_zeros(()).float())
-        with_sft = bool(plan["w_sft"]) and bool(counts[0] > 0)
+        with_sft = bool(settings.w_sft) and bool(counts[0] > 0)
         # At temperature 1 the SFT gradient softmax - onehot (the formula of Megatron's backward) shares
         # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
-        fuse_sft = with_sft and bool(plan["w_dac"]) and temperature == 1.0 and plan["fused_kd"]
+        fuse_sft = with_sft and bool(settings.w_dac) and temperature == 1.0 and d.fused_kd
         grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
         for rows in ctx.idle:
             grad[rows] = 0.0
@@ -202,38 +272,35 @@ class _MGSRObjective(torch.autograd.Function):
             rows_s = _take(student, rows)
             grad_rows = grad[rows] if isinstance(rows, slice) else torch.empty_like(rows_s, dtype=torch.float32)
             sft = (labels[rows], sft_w[rows] * coef[0]) if fuse_sft else None
-            if plan["w_dac"]:
+            if settings.w_dac:
                 row_weight = kd_w[rows] * coef[1]
-                if not plan["fused_kd"]:
-                    grad_rows.copy_(divergence_rows_grad(rows_s, _take(teacher, rows), plan["kd_divergence"],
-                                                         temperature, plan["kd_beta"], plan["kd_alpha"],
-                                                         state["dac"], row_weight))
-                elif plan["dac_mode"] == "off":
-                    _off_grad_into(grad_rows, rows_s, _take(teacher, rows), state["dac"], row_weight, temperature,
-                                   shard, sft)
+                if not d.fused_kd:
+                    grad_rows.copy_(divergence_rows_grad(rows_s, _take(teacher, rows), d.kd_divergence, temperature,
+                                                         d.kd_beta, d.kd_alpha, state["dac"], row_weight))
+                elif d.mode == "off":
+                    _off_grad_into(dac.GradRows(rows_s, row_weight, grad_rows, sft), _take(teacher, rows),
+                                   state["dac"], temperature, shard)
                 else:
-                    chunk_param_grads = dac.dac_backward_rows(rows_s, state["dac"], row_weight, grad_rows,
-                                                              clipnet=clipnet, params=params, sft=sft,
-                                                              **_dac_settings(plan))
+                    chunk_param_grads = dac.dac_backward_rows(dac.GradRows(rows_s, row_weight, grad_rows, sft),
+                                                              state["dac"], d, clipnet, params, shard)
                     for total, part in zip(param_grads, chunk_param_grads):
                         total += part
             else:
                 grad_rows.zero_()
             if with_sft and not fuse_sft:
-                grad_rows += sft_rows_grad(rows_s, labels[rows], sft_w[rows] * coef[0], plan["megatron"])
+                grad_rows += sft_rows_grad(rows_s, labels[rows], sft_w[rows] * coef[0], call.megatron)
             if not isinstance(rows, slice):
                 grad.index_copy_(0, rows, grad_rows)
         # Pass 2: span pairs add to rows i and i+1.
-        if plan["w_span"] and bool(counts[2] > 0):
-            for (start, end), state in zip(chunks(pair_first.shape[0], plan["chunk"]), ctx.span_states):
+        if settings.w_span and bool(counts[2] > 0):
+            for (start, end), state in zip(chunks(pair_first.shape[0], settings.chunk_tokens), ctx.span_states):
                 first = pair_first[start:end]
                 with comm_tag("span"):
-                    span_pairs_grad(student, teacher, first, plan["span_distance"], temperature, shard,
-                                    coef[2].expand(first.shape[0]), grad, state)
+                    span_pairs_grad(student, teacher, PairGrad(first, coef[2].expand(first.shape[0]), grad),
+                                    settings.span_distance, temperature, shard, state)
         ctx.chunk_states = ctx.span_states = ctx.row_chunks = ctx.idle = None
         grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
-        return (grad_student, None, None, None, None, None, None, None, None,
-                *[g.to(p.dtype) for g, p in zip(param_grads, params)])
+        return (grad_student, None, None, *[g.to(p.dtype) for g, p in zip(param_grads, params)])
 
 
 def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int):
@@ -268,47 +335,36 @@ def _any_nonfinite(logits: torch.Tensor, idle: list[slice], shard) -> torch.Tens
     return ~torch.isfinite(row_max).all()
 
 
-def _off_grad_into(out, rows_s, rows_t, lse, row_weight, temperature, shard, sft):
-    """dac_mode off: out <- (q - p) * row_weight / T  [+ sft_w * (q - onehot) at T = 1]."""
+def _off_grad_into(rows: dac.GradRows, rows_t, lse, temperature, shard) -> None:
+    """dac_mode off: rows.out <- (q - p) * row_weight / T  [+ sft_w * (q - onehot) at T = 1]."""
     lse_t, lse_s = lse
-    scale = row_weight / temperature
-    q = dac.student_softmax_into(out, rows_s, lse_s, temperature)
+    sft = rows.sft
+    scale = rows.row_weight / temperature
+    q = dac.student_softmax_into(rows.out, rows.student, lse_s, temperature)
     p = scaled_rows(rows_t, temperature).sub_(lse_t.float()[:, None]).exp_().mul_(scale[:, None])
     q.mul_((scale if sft is None else scale + sft[1])[:, None]).sub_(p)
     if sft is not None:
-        dac.subtract_label_onehot(out, sft[0], sft[1], shard)
+        dac.subtract_label_onehot(rows.out, sft[0], sft[1], shard)
 
 
-def _dac_settings(plan) -> dict:
-    return {key: plan[key] for key in ("mode", "k_feat", "k_band", "rho", "kappa", "band_norm", "fixed_l",
-                                       "fixed_u", "temperature", "shard")}
-
-
-def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels: torch.Tensor,
-                   sft_mask: torch.Tensor, kd_mask: torch.Tensor, span_pair_mask: torch.Tensor,
-                   clipnet: dac.ClipNet | None, cfg: MGSRConfig, tp_group=None):
+def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: LossTargets, *,
+                   clipnet: dac.ClipNet | None, settings: ObjectiveSettings, tp_group=None):
     """The MGSR loss of one micro-batch and its metrics.
 
     student_logits, teacher_logits: vocab-parallel shards [b, s, V/TP] (teacher may be bf16), padded
-    vocabulary columns already -inf. labels [b, s] global next-token ids; sft_mask / kd_mask [b, s]
-    weights of the SFT and DAC-KL positions; span_pair_mask [b, s] bool, True at i when (i, i+1) lie in
-    the same span. Returns (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u,
-    band_size, kept_mass (0-dim tensors), rows_without_sft ([b] bool), nonfinite (bool: NaN/Inf in the
-    logits the terms read; the loss and gradients are then meaningless and the step should be skipped).
+    vocabulary columns already -inf. targets (`LossTargets`): labels [b, s] global next-token ids;
+    sft_mask / kd_mask [b, s] weights of the SFT and DAC-KL positions; span_pair_mask [b, s] bool, True at
+    i when (i, i+1) lie in the same span. settings: `ObjectiveSettings.from_config(cfg.mgsr)`. Returns
+    (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u, band_size, kept_mass (0-dim
+    tensors), rows_without_sft ([b] bool), nonfinite (bool: NaN/Inf in the logits the terms read; the loss
+    and gradients are then meaningless and the step should be skipped).
     """
     check_same_shape(student_logits, teacher_logits)
     shard = shard_of(student_logits.shape[-1], tp_group)
-    check_config(cfg, shard, clipnet)
-    check_masks(student_logits.shape[:-1], labels, sft_mask, kd_mask, span_pair_mask, shard.vocab)
-    weights = {"w_sft": float(cfg.w_sft), "w_dac": float(cfg.w_dac), "w_span": float(cfg.w_span)}
-    plan = {**weights, "chunk": int(cfg.loss_chunk_tokens), "shard": shard, "temperature": float(cfg.temperature),
-            "dac_mode": cfg.dac_mode, "mode": cfg.dac_mode, "k_feat": cfg.k_feat, "k_band": cfg.k_band,
-            "rho": cfg.rho, "kappa": cfg.kappa, "band_norm": cfg.band_norm, "fixed_l": cfg.fixed_l,
-            "fixed_u": cfg.fixed_u, "span_distance": cfg.span_distance, "kd_divergence": cfg.kd_divergence,
-            "kd_beta": cfg.kd_beta, "kd_alpha": cfg.kd_alpha,
-            # DAC-KL and forward KL share the student's softmax with SFT; other divergences do not
-            "fused_kd": cfg.dac_mode != "off" or cfg.kd_divergence == "forward_kl",
-            "megatron": megatron_tp_active(shard) if cfg.w_sft else False}
+    check_settings(settings, shard, clipnet)
+    check_masks(student_logits.shape[:-1], *targets, shard.vocab)
+    labels, sft_mask, kd_mask, span_pair_mask = targets
+    call = _Call(settings, shard, megatron_tp_active(shard) if settings.w_sft else False, clipnet)
     vocab_local = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab_local)
     teacher = teacher_logits.detach().reshape(-1, vocab_local)
@@ -316,10 +372,10 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *
     kd_w = kd_mask.reshape(-1).float()
     pair_first = span_pair_mask.reshape(-1).bool().nonzero()[:, 0]
     counts = torch.stack([sft_w.sum(), kd_w.sum(), sft_w.new_tensor(float(pair_first.numel()))])
-    params = list(clipnet.parameters()) if (cfg.w_dac and cfg.dac_mode == "learned") else []
-    terms, stats = _MGSRObjective.apply(student, teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts,
-                                        plan, clipnet, *params)
-    loss = weights["w_sft"] * terms[0] + weights["w_dac"] * terms[1] + weights["w_span"] * terms[2]
+    params = list(clipnet.parameters()) if (settings.w_dac and settings.dac.mode == "learned") else []
+    terms, stats = _MGSRObjective.apply(student, _Rows(teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts),
+                                        call, *params)
+    loss = settings.w_sft * terms[0] + settings.w_dac * terms[1] + settings.w_span * terms[2]
     metrics = {"loss": loss.detach(), "sft": terms[0].detach(), "dac_kl": terms[1].detach(),
                "span": terms[2].detach(), **{name: stats[i] for i, name in enumerate(STAT_NAMES)},
                "rows_without_sft": (sft_mask.reshape(sft_mask.shape[0], -1) > 0).sum(-1) == 0,

@@ -17,12 +17,22 @@ dD/ds_i = g r_s - Q_i C and dD/ds_(i+1) = g r_s - Q_(i+1) C (C is summed in the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mgsr_megatron.losses.divergences import forward_kl_owned, forward_kl_owned_grad
 from mgsr_megatron.losses.vocab_parallel import NEG_LARGE, Shard, all_reduce, consecutive_runs, log_softmax_stats
 
 SPAN_DISTANCES = ("kl_normalised", "l1", "l2")
+
+
+class PairGrad(NamedTuple):
+    """The row tensors of one chunk of pairs in the backward (`span_pairs_grad`)."""
+
+    first: torch.Tensor  # [pairs] row of each pair's first position in the flattened [tokens, V/TP] logits
+    weight: torch.Tensor  # [pairs] the weight of each pair's distance in the loss
+    out: torch.Tensor  # [tokens, V/TP] the gradient buffer: rows first and first + 1 are added to
 
 
 def pair_rows(rows: torch.Tensor, first: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,8 +73,9 @@ def span_pairs(student, teacher, first, distance, temperature, shard: Shard):
     return all_reduce(local, shard.group), None
 
 
-def span_pairs_grad(student, teacher, first, distance, temperature, shard: Shard, pair_weight, grad_out, state):
-    """Add d(sum_pairs pair_weight * distance)/d student into `grad_out` (rows first and first+1)."""
+def span_pairs_grad(student, teacher, pairs: PairGrad, distance, temperature, shard: Shard, state):
+    """Add d(sum_pairs pairs.weight * distance)/d student into `pairs.out` (rows first and first+1)."""
+    first, pair_weight, grad_out = pairs
     if distance == "kl_normalised":
         s_t, s_s = pair_rows(teacher, first, temperature), pair_rows(student, first, temperature)
         grad_first = grad_second = forward_kl_owned_grad(s_t, s_s, state, pair_weight / temperature)

@@ -1,10 +1,6 @@
-"""Build Megatron-Core GPTModels for the three supported architecture styles.
-
-    llama  RMSNorm, SwiGLU, RoPE (theta, optional Llama-3 scaling), GQA, no biases (Qwen2: QKV bias),
-           untied embeddings. Covers Mistral and Qwen2 without sliding window.
-    gpt2   LayerNorm, tanh-GELU, learned absolute positions, tied embeddings, biases.
-    opt    LayerNorm (pre-LN), ReLU, learned positions (HF's offset of 2 is removed at conversion),
-           tied embeddings, biases.
+"""Build Megatron-Core GPTModels for the registered model families (mgsr_megatron/architectures:
+llama, gpt2, opt). The family (`get_family(cfg.arch)`) gives the TransformerConfig options, the layer
+spec, the position embedding and the defaults; this module holds what every family shares.
 
 Models use Megatron's local (non-TransformerEngine) layer spec and CPU initialisation, so the same
 seed gives the same full weights at every TP size. Dropout is off: distillation targets are exact.
@@ -15,25 +11,19 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from mgsr_megatron import platform
-from mgsr_megatron.config import ARCHITECTURES, ModelConfig
+from mgsr_megatron.architectures import REGISTRY, get_family
+from mgsr_megatron.config import ModelConfig
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.models.vocab import padded_vocab_size
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's "gelu_new". (Megatron's openai_gelu is torch.compile'd: ~30 s to compile on CPU.)"""
-    return F.gelu(x, approximate="tanh")
-
-
 def resolve(cfg: ModelConfig) -> ModelConfig:
-    """Fill architecture defaults (FFN size, tied embeddings) and check the fields."""
-    if cfg.arch not in ARCHITECTURES:
-        raise UserError(f"model arch '{cfg.arch}' is not supported (supported: {', '.join(ARCHITECTURES)})")
+    """Fill the family's defaults (FFN size, tied embeddings) and check the fields."""
+    family = get_family(cfg.arch)
     if cfg.params_dtype not in _DTYPES:
         raise UserError(f"params_dtype '{cfg.params_dtype}' is not one of {', '.join(_DTYPES)}")
     if cfg.hidden_size % cfg.num_attention_heads and cfg.kv_channels is None:
@@ -43,12 +33,13 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
     if cfg.num_attention_heads % groups:
         raise UserError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
                         f"num_query_groups={groups}")
-    if cfg.arch != "llama" and cfg.num_query_groups not in (None, cfg.num_attention_heads):
-        raise UserError("grouped-query attention (num_query_groups) is only supported for arch llama")
+    if not family.supports_gqa and cfg.num_query_groups not in (None, cfg.num_attention_heads):
+        gqa = ", ".join(name for name, other in REGISTRY.items() if other.supports_gqa)
+        raise UserError(f"grouped-query attention (num_query_groups) is only supported for arch {gqa}")
     ffn = cfg.ffn_hidden_size
     if ffn is None:
-        ffn = 4 * cfg.hidden_size if cfg.arch != "llama" else -(-(8 * cfg.hidden_size // 3) // 64) * 64
-    tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.arch != "llama"
+        ffn = family.default_ffn_hidden_size(cfg.hidden_size)
+    tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else family.tie_embeddings
     return dataclasses.replace(cfg, ffn_hidden_size=ffn, tie_embeddings=tie, num_query_groups=groups)
 
 
@@ -57,14 +48,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1):
 
     cfg = resolve(cfg)
     dtype = _DTYPES[cfg.params_dtype]
-    arch_options = {
-        "llama": dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                      add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias),
-        "gpt2": dict(normalization="LayerNorm", gated_linear_unit=False, activation_func=gelu_tanh,
-                     add_bias_linear=True, add_qkv_bias=True),
-        "opt": dict(normalization="LayerNorm", gated_linear_unit=False, activation_func=F.relu,
-                    add_bias_linear=True, add_qkv_bias=True),
-    }[cfg.arch]
+    family_options = get_family(cfg.arch).transformer_options(cfg)
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
@@ -78,7 +62,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1):
         # activation recomputation (training only: Megatron skips it in eval mode, i.e. generation)
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
-        **arch_options,
+        **family_options,
     )
 
 
@@ -86,14 +70,13 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
     """A GPTModel for this rank's TP/PP position (parallel_state must be initialised)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg = resolve(cfg)
     config = transformer_config(cfg, tp, pp)
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    rope = cfg.arch == "llama"
+    family = get_family(cfg.arch)
+    spec = family.layer_spec(config)
     model = GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp),
@@ -102,7 +85,7 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope" if rope else "learned_absolute",
+        position_embedding_type=family.position_embedding_type,
         rotary_base=int(cfg.rope_theta),
         rope_scaling=cfg.rope_scaling_factor is not None,
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,

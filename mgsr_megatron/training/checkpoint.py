@@ -6,13 +6,17 @@
                                       Adam moments and, for bf16/fp16, fp32 main weights, stored like
                                       the parameters (so they reshard with them; the distributed
                                       optimizer's shards are gathered over DP into that form)
-        common.pt                     step, AdamW step count, ClipNet and its optimizer, data position,
-                                      batch settings, optimizer kind + precision, layout (written by the
-                                      ClipNet's owner rank)
+        common.pt                     the trainer's state (step, skipped and NaN steps, ClipNet and its
+                                      optimizer, data position), AdamW step count, batch settings,
+                                      optimizer kind + precision, layout (written by the ClipNet's owner rank)
         schedule_dp{d}.pt             data schedule and replay buffer of data-parallel replica d
         rng/rank{r}.pt                RNG states of global rank r (used when the layout is unchanged)
         provenance.json               iterations trained, the last step's loss, the tokenizer's hash
     RUN/checkpoints/latest            names the newest complete iteration directory; written last
+
+The trainer's own state comes from `Trainer.state_dict()` and goes back through `Trainer.load_state_dict()`
+(its keys are the file keys above: `schedule` is schedule_dp{d}.pt, `last_loss` provenance.json's
+training.final_loss); the student and its Megatron optimizer are saved and loaded sharded here.
 
 The directory is assembled under a temporary name and renamed into place, then `latest` is replaced
 with an atomic rename, so a crash at any moment leaves the previous checkpoint intact and `latest`
@@ -248,12 +252,13 @@ def check_checkpoint_origins(cfg, tokenizer, uses_teacher: bool) -> None:
         check_tokenizer_hash(resume, tokenizer, "resume")
 
 
-def _training_provenance(trainer) -> dict:
-    """What this checkpoint's weights went through: steps, the last step's loss, the tokenizer."""
-    loss = getattr(trainer, "last_loss", None)
+def _training_provenance(trainer, state: dict) -> dict:
+    """What this checkpoint's weights went through: steps, the last step's loss (from the trainer's
+    `state`), the tokenizer."""
+    loss = state.get("last_loss")
     final_loss = float(loss) if loss is not None and math.isfinite(loss) else None
     return provenance_of(getattr(trainer.data, "tokenizer", None),
-                         training={"iterations": int(trainer.step), "final_loss": final_loss})
+                         training={"iterations": int(state["step"]), "final_loss": final_loss})
 
 
 def _adam_step(optimizer) -> float:
@@ -285,7 +290,8 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
 
     root = Path(root)
     rank = dist.get_rank()
-    final = root / ITER_FORMAT.format(trainer.step)
+    state = trainer.state_dict()
+    final = root / ITER_FORMAT.format(state["step"])
 
     def write_state(tmp: Path) -> None:
         if rank == 0:
@@ -295,15 +301,12 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
         dist_checkpointing.save(_optimizer_sharded_state(trainer.optimizer, trainer.student, False),
                                 str(tmp / "optimizer"))
         torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
-        if trainer.schedule is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+        if state["schedule"] is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
                 and parallel_state.is_pipeline_first_stage():
-            torch.save(trainer.schedule.state_dict(),
-                       tmp / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt")
+            torch.save(state["schedule"], tmp / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt")
         if rank == _owner_rank():
-            torch.save({"step": trainer.step, "adam_step": _adam_step(trainer.optimizer),
-                        "clipnet": trainer.clipnet.state_dict(),
-                        "clipnet_optimizer": trainer.clipnet_optimizer.state_dict(),
-                        "data": trainer.data.state_dict(), "skipped_steps": trainer.skipped_steps,
+            torch.save({**{key: state[key] for key in TRAINER_COMMON_KEYS},
+                        "adam_step": _adam_step(trainer.optimizer),
                         "global_batch_size": trainer.cfg.schedule.global_batch_size,
                         "optimizer_kind": optimizer_kind(trainer.cfg),
                         "micro_batch_size": trainer.cfg.schedule.micro_batch_size,
@@ -314,7 +317,7 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            _set_aside_abandoned(root, trainer.step)
+            _set_aside_abandoned(root, state["step"])
         except OSError as exc:
             error = exc
     error = _agree_on_failure(error)
@@ -322,7 +325,7 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
         cause = error if isinstance(error, str) else describe_save_error(error)
         raise UserError(f"saving checkpoint {final} failed: {cause}") from None
     save_model(trainer.student, final, trainer.cfg.student, write_extra=write_state,
-               provenance=_training_provenance(trainer))
+               provenance=_training_provenance(trainer, state))
     if rank == 0:
         try:
             _write_latest(root, final.name)
@@ -434,6 +437,9 @@ def _load_file(path: Path) -> dict:
 
 
 COMMON_KEYS = ("step", "adam_step", "clipnet", "clipnet_optimizer", "data", "global_batch_size", "layout")
+# the keys of Trainer.state_dict() that common.pt holds (skipped_steps and nan_steps_in_row may be missing
+# from older checkpoints: the trainer then starts them at 0)
+TRAINER_COMMON_KEYS = ("step", "clipnet", "clipnet_optimizer", "data", "skipped_steps", "nan_steps_in_row")
 
 
 def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> None:
@@ -463,15 +469,12 @@ def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> Non
     except load_errors() as exc:  # noqa: BLE001 - damaged optimizer state: one line naming it
         raise describe_load_error(directory / "optimizer", exc) from exc
     _load_optimizer_state(trainer.optimizer, state)
-    trainer.clipnet.load_state_dict(common["clipnet"])
-    trainer.clipnet_optimizer.load_state_dict(common["clipnet_optimizer"])
-    trainer.data.load_state_dict(common["data"])
-    trainer.step = int(common["step"])
-    trainer.last_loss = (read_provenance(directory).get("training") or {}).get("final_loss")
-    trainer.skipped_steps = int(common.get("skipped_steps", 0))
+    trainer_state = {key: common[key] for key in TRAINER_COMMON_KEYS if key in common}
+    trainer_state["last_loss"] = (read_provenance(directory).get("training") or {}).get("final_loss")
     schedule_file = directory / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt"
-    if trainer.schedule is not None and schedule_file.is_file():
-        trainer.schedule.load_state_dict(_load_file(schedule_file))
+    if schedule_file.is_file():
+        trainer_state["schedule"] = _load_file(schedule_file)
+    trainer.load_state_dict(trainer_state)
     if common["layout"] == _layout():
         _set_rng_state(_load_file(directory / "rng" / f"rank{dist.get_rank()}.pt"))
     dist.barrier()

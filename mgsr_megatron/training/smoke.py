@@ -26,7 +26,7 @@ def tiny_model_config(layers: int, hidden: int) -> ModelConfig:
 def build_files(root: Path) -> None:
     """The corpus, tokenizer (root/tok.model) and indexed rows (root/data.*) under `root`."""
     from mgsr_megatron.data.demo_corpus import build_demo_corpus, write_demo_corpus
-    from mgsr_megatron.data.preprocess import preprocess
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
     from mgsr_megatron.data.tokenizer import train_sentencepiece
 
     corpus = build_demo_corpus(n_train=240, n_eval=12, labelled_fraction=0.5)
@@ -36,7 +36,7 @@ def build_files(root: Path) -> None:
     data_cfg = DataConfig(format="prompt_response", prompt_template=TEMPLATE, max_prompt_length=24,
                           max_length=40, valid_fraction=0.0)
     preprocess([paths["train_labelled"], paths["train_prompts"]], str(root / "data"), str(root / "tok.model"),
-               data_cfg, workers=1, progress=False, prompts_only=True)
+               data_cfg, prompts_only=True, options=PreprocessOptions(workers=1, progress=False))
 
 
 def base_config(root: Path, tp: int = 1, pp: int = 1) -> Config:

@@ -16,6 +16,7 @@ micro-batch loss being a mean over its own tokens, so TP/PP/DP layouts give the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -25,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron import platform
-from mgsr_megatron.config import Config
+from mgsr_megatron.config import Config, check_batch_layout
 from mgsr_megatron.errors import UserError
+from mgsr_megatron.losses.objective import LossTargets, ObjectiveSettings
 from mgsr_megatron.losses.vocab_parallel import mean_entropy
 from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
 from mgsr_megatron.models.builder import check_same_vocab
@@ -74,21 +76,14 @@ class PreemptionFlag:
 
 
 def validate_batch_layout(cfg: Config, dp_size: int) -> int:
-    """Number of micro-batches per step on each DP rank; clear errors for impossible settings."""
+    """Number of micro-batches per step on each DP rank; clear errors for impossible settings
+    (precision / optimizer settings, a resume that changed them, and config.check_batch_layout, the
+    batch checks `mgsr plan` makes too)."""
     from mgsr_megatron.training.checkpoint import check_resume_optimizer
 
     optim.validate_settings(cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     check_resume_optimizer(cfg)
-    sched = cfg.schedule
-    per_step = sched.micro_batch_size * dp_size
-    if sched.global_batch_size % per_step:
-        raise UserError(f"schedule.global_batch_size={sched.global_batch_size} is not a multiple of "
-                        f"micro_batch_size*DP = {sched.micro_batch_size}*{dp_size} = {per_step}")
-    for name, model in (("teacher", cfg.teacher), ("student", cfg.student)):
-        if sched.seq_length > model.max_position_embeddings:
-            raise UserError(f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings="
-                            f"{model.max_position_embeddings}")
-    return sched.global_batch_size // per_step
+    return check_batch_layout(cfg, dp_size)
 
 
 class Trainer:
@@ -124,6 +119,10 @@ class Trainer:
             self.student, cfg.optimizer, cfg.student.params_dtype)
         self.clipnet_optimizer = optim.build_optimizer(self.clipnet, cfg.optimizer)
         self.schedule = self._build_schedule() if self.uses_teacher else None
+        # the loss's and SCRG's settings, built once from cfg.mgsr
+        self.objective_settings = ObjectiveSettings.from_config(cfg.mgsr)
+        self.scrg_settings = self._build_scrg_settings()
+        # the trainer's own resumable state (state_dict / load_state_dict; training/checkpoint.py)
         self.step = 0
         self.last_loss = None  # the latest step's loss, recorded in checkpoints (provenance)
         self.nan_steps_in_row = 0
@@ -162,6 +161,38 @@ class Trainer:
 
         return DataSchedule.from_config(self.cfg.mgsr, seed=self.cfg.parallel.seed)
 
+    def _build_scrg_settings(self):
+        from mgsr_megatron.generation import ScrgSettings
+
+        return ScrgSettings.from_config(self.cfg.mgsr)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The trainer's own resumable state, everything a resume needs besides the student's weights and
+        Megatron's optimizer state (training/checkpoint.py stores those sharded): step, skipped_steps,
+        nan_steps_in_row, last_loss, ClipNet and its AdamW, the data position (the samplers of
+        training/data.py) and this DP replica's data schedule (threshold, previous validation loss, seed
+        of its RNG, replay buffer; None without a teacher). Tensors are not copied."""
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "nan_steps_in_row": self.nan_steps_in_row,
+                "last_loss": self.last_loss, "clipnet": self.clipnet.state_dict(),
+                "clipnet_optimizer": self.clipnet_optimizer.state_dict(), "data": self.data.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned. step, clipnet, clipnet_optimizer and data are required; the
+        others may be missing (checkpoints written before they were stored): skipped_steps and
+        nan_steps_in_row then start at 0, last_loss at None, and the schedule keeps its fresh state (it is
+        also ignored when this run has no schedule)."""
+        self.clipnet.load_state_dict(state["clipnet"])
+        self.clipnet_optimizer.load_state_dict(state["clipnet_optimizer"])
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.last_loss = state.get("last_loss")
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nan_steps_in_row = int(state.get("nan_steps_in_row", 0))
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
+
     # ------------------------------------------------------------------------------------------ batches
     def _tp_rank_masked(self, logits: torch.Tensor) -> torch.Tensor:
         return mask_padded_logits(logits, self.cfg.student.vocab_size, self.tp_rank)
@@ -191,20 +222,24 @@ class Trainer:
         DP rank r holds the samples of global micro-batch k*DP + r (data/sampler.py), so every TP/PP/DP
         layout samples the same tokens for the same prompts.
         """
-        from mgsr_megatron.generation import generate, scrg
+        from mgsr_megatron.generation import SamplingOptions, generate, scrg
 
         samples, corrected, positions, changed = [], [], [], []
+        # the method's sampling (temperature 1, no top-k / top-p); the seed changes per micro-batch
+        options = SamplingOptions(max_new_tokens=self.cfg.mgsr.max_new_tokens, eos_id=self.data.eos_id)
+        vocab_size = self.cfg.student.vocab_size
         for k, prompts in enumerate(self.data.next_prompt_micro_batches(self.num_micro)):
             global_index = k * self.dp_size + self.dp_rank
             seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 10_007 + global_index) % (2 ** 31)
-            options = dict(eos_id=self.data.eos_id, vocab_size=self.cfg.student.vocab_size, seed=seed)
+            seeded = dataclasses.replace(options, seed=seed)
             if self.schedule.use_scrg:
-                out, stats = scrg(self.student, self.teacher, prompts, cfg=self.cfg.mgsr, **options)
+                out, stats = scrg(self.student, self.teacher, prompts, seeded, settings=self.scrg_settings,
+                                  vocab_size=vocab_size)
                 corrected.append(stats["corrected"])
                 changed.append(stats["continuation_changed"][stats["corrected"]])
                 positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
             else:
-                out = generate(self.teacher, prompts, max_new_tokens=self.cfg.mgsr.max_new_tokens, **options)
+                out = generate(self.teacher, prompts, seeded, vocab_size=vocab_size)
             samples += list(zip(prompts, out.responses()))
         self.student.train()
         self.schedule.push(samples)
@@ -242,10 +277,9 @@ class Trainer:
                     teacher = self._tp_rank_masked(teacher_logits[index])
                 else:  # SFT-only run: the KD terms are off, the objective still needs a tensor
                     teacher = student_logits.detach()
-                loss, metrics = mgsr_objective(
-                    student_logits, teacher, labels=mb["labels"], sft_mask=mb["sft_mask"],
-                    kd_mask=mb["kd_mask"], span_pair_mask=mb["span_pair_mask"], clipnet=self.clipnet,
-                    cfg=cfg.mgsr, tp_group=self.tp_group)
+                loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb),
+                                               clipnet=self.clipnet, settings=self.objective_settings,
+                                               tp_group=self.tp_group)
                 # the teacher's entropy on this batch's response rows: ground truth vs generated (source)
                 metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
                     teacher, mb["kd_mask"], self.tp_group, cfg.mgsr.loss_chunk_tokens)

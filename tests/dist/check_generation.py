@@ -189,7 +189,7 @@ def _same_on_all_ranks(obj, what: str):
 def sampler_identical_tp124_and_dense():
     from megatron.core import parallel_state
 
-    from mgsr_megatron.generation.sampling import sample
+    from mgsr_megatron.generation.sampling import SamplingOptions, sample
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(6, PADDED, generator=gen) * 3
@@ -203,21 +203,22 @@ def sampler_identical_tp124_and_dense():
     for seed in (0, 11):
         for mode in modes:
             expected = [ref_sample(logits[r].numpy(), seed=seed, step=9, row=r, **mode) for r in range(6)]
-            gathered = sample(logits, vocab_size=VOCAB, seed=seed, step=9, **mode).tolist()
+            options = SamplingOptions(seed=seed, **mode)
+            gathered = sample(logits, options, vocab_size=VOCAB, step=9).tolist()
             assert gathered == expected, f"gathered {mode} seed {seed}: {gathered} vs {expected}"
             for tp in (1, 2, 4):
                 parallel.initialize_model_parallel(tp, 1)
                 rank = parallel_state.get_tensor_model_parallel_rank()
                 width = PADDED // tp
                 shard = logits[:, rank * width:(rank + 1) * width]
-                got = sample(shard, vocab_size=VOCAB, vocab_start=rank * width,
-                             tp_group=parallel_state.get_tensor_model_parallel_group(), seed=seed, step=9, **mode)
+                got = sample(shard, options, vocab_size=VOCAB, vocab_start=rank * width,
+                             tp_group=parallel_state.get_tensor_model_parallel_group(), step=9)
                 assert got.tolist() == expected, f"TP={tp} {mode} seed {seed}: {got.tolist()} vs {expected}"
                 assert (got < VOCAB).all()
     # the sampled tokens follow the logits (not only the noise): over many seeds the most likely
     # token is the most frequent one
-    counts = torch.bincount(torch.stack([sample(logits[:1], vocab_size=VOCAB, seed=s) for s in range(300)]).flatten(),
-                            minlength=PADDED)
+    counts = torch.bincount(torch.stack([sample(logits[:1], SamplingOptions(seed=s), vocab_size=VOCAB)
+                                         for s in range(300)]).flatten(), minlength=PADDED)
     assert int(counts.argmax()) == int(logits[0, :VOCAB].argmax())
 
 
@@ -265,6 +266,7 @@ def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **over
     runs by default (checked); at `megatron_path_layouts` Megatron's inference path runs as well."""
     from mgsr_megatron.generation.generator import generate
     from mgsr_megatron.generation.kv_decode import unsupported_reason
+    from mgsr_megatron.generation.sampling import SamplingOptions
 
     cfg = _tiny(arch, **overrides)
     full = _sharp_full_state(cfg, seed=21)
@@ -284,7 +286,8 @@ def _generator_check(arch: str, layouts, modes, megatron_path_layouts=(), **over
         paths = (False, True) if (tp, pp) in megatron_path_layouts else (False,)
         for (name, mode, eos, expected), megatron_path in itertools.product(cases, paths):
             with megatron_inference_path(megatron_path):
-                out = generate(model, PROMPTS, max_new_tokens=9, eos_id=eos, vocab_size=VOCAB, seed=5, **mode)
+                out = generate(model, PROMPTS, SamplingOptions(max_new_tokens=9, eos_id=eos, seed=5, **mode),
+                               vocab_size=VOCAB)
             where = f"{arch} {overrides or ''} TP={tp} PP={pp} {name} {out.stepper.path} path"
             assert out.stepper.path == ("megatron" if megatron_path or fallback else "lean"), where
             got = out.responses()
@@ -306,7 +309,8 @@ def generator_matches_dense_reference_gpt2():
 
 @dist_check(world_size=4)
 def scrg_matches_dense_reference():
-    from mgsr_megatron.generation.scrg import scrg
+    from mgsr_megatron.generation.sampling import SamplingOptions
+    from mgsr_megatron.generation.scrg import ScrgSettings, scrg
 
     student_cfg, teacher_cfg = _tiny("llama", num_layers=2), _tiny("llama", num_layers=2, hidden_size=96,
                                                                      ffn_hidden_size=128)
@@ -329,8 +333,9 @@ def scrg_matches_dense_reference():
             where = f"TP={tp} PP={pp} {c.scrg_divergence}/{c.scrg_teacher_token}/delta={c.scrg_delta}"
             results = {}
             for reuse in ((True, False) if index == 0 else (True,)):
-                out, stats = scrg(student, teacher, PROMPTS, cfg=c, eos_id=3, vocab_size=VOCAB, seed=8,
-                                  reuse_cache=reuse)
+                options = SamplingOptions(max_new_tokens=c.max_new_tokens, eos_id=3, seed=8)
+                out, stats = scrg(student, teacher, PROMPTS, options, settings=ScrgSettings.from_config(c),
+                                  vocab_size=VOCAB, reuse_cache=reuse)
                 results[reuse] = out.tokens.tolist()
                 assert out.responses() == responses, f"{where} reuse={reuse}: {out.responses()} vs {responses}"
                 assert len(stats["per_round"]) == len(rounds), where
@@ -465,16 +470,17 @@ def check_regeneration_edge_cases(model, cases, where: str, megatron_path: bool 
 
 
 def _regeneration_edge_cases(model, cases, where: str, megatron_path: bool) -> list:
-    from mgsr_megatron.generation.generator import SamplingOptions, generate
+    from mgsr_megatron.generation.generator import generate
+    from mgsr_megatron.generation.sampling import SamplingOptions
     from mgsr_megatron.generation.scrg import regenerate
 
     results = []
     for name, eos, new_tokens, j, t_j, passes, plain, expected in cases:
         at = f"{where} {name}" + (" (megatron path)" if megatron_path else "")
-        out = generate(model, PROMPTS, max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, seed=2,
-                       record_logits=True, **MODES["sampled"])
+        first = SamplingOptions(max_new_tokens=new_tokens, eos_id=eos, seed=2, **MODES["sampled"])
+        out = generate(model, PROMPTS, first, vocab_size=VOCAB, record_logits=True)
         assert out.responses() == plain, f"{at}: first generation {out.responses()} vs {plain}"
-        common = dict(max_new_tokens=new_tokens, eos_id=eos, vocab_size=VOCAB, options=SamplingOptions(seed=9))
+        common = dict(options=SamplingOptions(max_new_tokens=new_tokens, eos_id=eos, seed=9), vocab_size=VOCAB)
         jt, tt = torch.tensor(j), torch.tensor(t_j)
         with PassRecorder() as reused_passes:
             reused = regenerate(model, out, jt, tt, **common)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mgsr_megatron import parallel
 from mgsr_megatron.config import MGSRConfig
 from mgsr_megatron.errors import UserError
-from mgsr_megatron.losses import KINDS, ClipNet, divergence, mgsr_objective
+from mgsr_megatron.losses import KINDS, ClipNet, LossTargets, ObjectiveSettings, divergence, mgsr_objective
 from tests import loss_reference as ref
 from tests.dist.common import gather_vocab
 from tests.dist.harness import dist_check
@@ -99,8 +99,8 @@ def objective_matches_reference_tp124():
             net = ClipNet(cfg.k_feat, 16, seed=5)
             x = _shard(student).requires_grad_(True)
             loss, metrics = mgsr_objective(x, _shard(teacher).bfloat16() if case == "off" else _shard(teacher),
-                                           labels=labels, sft_mask=sft_mask, kd_mask=kd_mask, span_pair_mask=pairs,
-                                           clipnet=net, cfg=cfg,
+                                           LossTargets(labels, sft_mask, kd_mask, pairs), clipnet=net,
+                                           settings=ObjectiveSettings.from_config(cfg),
                                            tp_group=_tp_state()[2] if case == "learned_tail" else None)
             loss.backward()
             t_ref = teacher.bfloat16().float() if case == "off" else teacher
@@ -137,8 +137,9 @@ def clipnet_identical_on_every_rank_after_optimizer_steps():
         for step in range(3):
             student, teacher, labels, sft_mask, kd_mask, pairs = _batch(seed=100 + 10 * dp_rank + step)
             opt.zero_grad()
-            loss, _ = mgsr_objective(_shard(student).requires_grad_(True), _shard(teacher), labels=labels,
-                                     sft_mask=sft_mask, kd_mask=kd_mask, span_pair_mask=pairs, clipnet=net, cfg=cfg)
+            loss, _ = mgsr_objective(_shard(student).requires_grad_(True), _shard(teacher),
+                                     LossTargets(labels, sft_mask, kd_mask, pairs), clipnet=net,
+                                     settings=ObjectiveSettings.from_config(cfg))
             loss.backward()
             flat = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
             peers = [torch.empty_like(flat) for _ in range(tp)]
@@ -164,8 +165,8 @@ def nonfinite_on_one_shard_is_reported_on_every_rank():
     if rank == 1:
         x[0, 3, 2] = float("nan")
     cfg = MGSRConfig(k_feat=8, k_band=16)
-    _, metrics = mgsr_objective(x, _shard(teacher), labels=labels, sft_mask=sft_mask, kd_mask=kd_mask,
-                                span_pair_mask=pairs, clipnet=ClipNet(8, 16, seed=0), cfg=cfg)
+    _, metrics = mgsr_objective(x, _shard(teacher), LossTargets(labels, sft_mask, kd_mask, pairs),
+                                clipnet=ClipNet(8, 16, seed=0), settings=ObjectiveSettings.from_config(cfg))
     assert metrics["nonfinite"] is True
 
 
@@ -175,8 +176,9 @@ def tp_group_other_than_megatrons_is_refused():
     student, teacher, labels, sft_mask, kd_mask, pairs = _batch(seed=2)
     cfg = MGSRConfig(k_feat=8, k_band=16)
     try:
-        mgsr_objective(_shard(student), _shard(teacher), labels=labels, sft_mask=sft_mask, kd_mask=kd_mask,
-                       span_pair_mask=pairs, clipnet=ClipNet(8, 16, seed=0), cfg=cfg, tp_group=dist.group.WORLD)
+        mgsr_objective(_shard(student), _shard(teacher), LossTargets(labels, sft_mask, kd_mask, pairs),
+                       clipnet=ClipNet(8, 16, seed=0), settings=ObjectiveSettings.from_config(cfg),
+                       tp_group=dist.group.WORLD)
     except UserError as exc:
         assert "tp_group differs from Megatron" in str(exc), exc
     else:

@@ -135,15 +135,16 @@ def reference_run(cfg, hf_dir: str, steps: int, root: Path, decode: bool = True,
 def framework_run(cfg, steps: int, root: Path) -> dict:
     """The framework's SFT-only run at cfg's layout: per-step metrics, greedy answers, ROUGE-L."""
     from mgsr_megatron.evaluation.evaluate import evaluate
-    from mgsr_megatron.generation import generate
+    from mgsr_megatron.generation import SamplingOptions, generate
     from mgsr_megatron.training.run import build_trainer
 
     trainer = build_trainer(cfg)
     assert trainer.teacher is None, "an SFT-only run must not load a teacher"
     records = [trainer.train_step() for _ in range(steps)]
     tokenizer, items = eval_prompts(root)
-    out = generate(trainer.student, [it.prompt_ids.tolist() for it in items], max_new_tokens=EVAL_NEW_TOKENS,
-                   eos_id=tokenizer.eos_id, vocab_size=cfg.student.vocab_size, greedy=True)
+    out = generate(trainer.student, [it.prompt_ids.tolist() for it in items],
+                   SamplingOptions(max_new_tokens=EVAL_NEW_TOKENS, eos_id=tokenizer.eos_id, greedy=True),
+                   vocab_size=cfg.student.vocab_size)
     tokens = out.responses()
     answers = [tokenizer.decode(ref.strip_eos(t, tokenizer.eos_id)) for t in tokens]
     weights = trained_weights_hf(trainer)
@@ -156,11 +157,11 @@ def framework_run(cfg, steps: int, root: Path) -> dict:
 def trained_weights_hf(trainer) -> dict:
     """The framework's trained student as HF tensors (full, every rank): gathered over TP/PP, then the
     conversion's name mapping (the same one `export_hf` uses). Collective."""
-    from mgsr_megatron.conversion.architectures import BY_ARCH
+    from mgsr_megatron.architectures import get_family
     from mgsr_megatron.models.state_dict import gather_full_state_dict
 
     full = gather_full_state_dict(trainer.student)
-    arch = BY_ARCH[trainer.cfg.student.arch](trainer.cfg.student)
+    arch = get_family(trainer.cfg.student.arch).hf_mapping(trainer.cfg.student)
     out = {}
     for group in arch.groups():
         out.update(arch.to_hf(group, full.__getitem__))

@@ -16,11 +16,16 @@ EXIT_USER_ERROR = 2
 
 def _train(args, overrides):
     from mgsr_megatron.config import load_config
-    from mgsr_megatron.training.run import main
 
     cfg = load_config(args.config, overrides)
     if args.resume is not None:
         cfg.checkpoint.resume = args.resume
+    if args.deepspeed is not None:  # HF Trainer's convention: --deepspeed ds.json selects the engine
+        cfg.deepspeed.enabled, cfg.deepspeed.config_json = True, args.deepspeed
+    if cfg.deepspeed.enabled:
+        from mgsr_megatron.deepspeed_engine.run import main
+    else:
+        from mgsr_megatron.training.run import main
     main(cfg)
 
 
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="distill a student (MGSR) or train with SFT")
     train.add_argument("--config", required=True, help="YAML config file")
     train.add_argument("--resume", help="none | auto | a checkpoint directory (= --checkpoint.resume)")
+    train.add_argument("--deepspeed", metavar="DS_JSON",
+                       help="train Hugging Face models with the DeepSpeed engine, this DeepSpeed config "
+                            "(= --deepspeed.enabled=true --deepspeed.config_json=DS_JSON)")
 
     generate = sub.add_parser("generate", help="generate responses for a JSONL file of prompts")
     _add_model_source(generate)

@@ -189,6 +189,22 @@ class LoggingConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (mgsr_megatron/deepspeed_engine/): Hugging Face teacher/student directories in
+    teacher.load / student.load, data parallel under ZeRO. `mgsr train --deepspeed ds.json` sets enabled
+    and config_json."""
+
+    enabled: bool = False  # train with DeepSpeed instead of Megatron-Core
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer states and their update in CPU memory
+    offload_params: bool = False  # parameters in CPU memory (zero_stage 3 only; a ZeRO-3 teacher's too)
+    cpu_adam: bool = False  # DeepSpeedCPUAdam for offloaded states (compiled once; GPU machines), else torch AdamW
+    teacher_zero3: bool = False  # partition the frozen teacher with ZeRO-3 inference (else replicated)
+    config_json: str | None = None  # a DeepSpeed JSON: batch sizes, precision, stage must agree with this config
+    export_dir: str | None = None  # after training: the student as a Hugging Face directory (safetensors)
+
+
+@dataclass
 class Config:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, hidden_size=128))
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +215,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
     def needs_teacher(self) -> bool:
@@ -427,6 +444,10 @@ def validate(cfg: Config) -> Config:
                 _check(not (save == source or source.is_relative_to(save) or save.is_relative_to(source)),
                        f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there would "
                        f"overwrite or mix with the {name}'s checkpoint; choose another directory")
+    if cfg.deepspeed.enabled:  # the DeepSpeed engine's own rules (TP=PP=1, ground truth, its JSON, ...)
+        from mgsr_megatron.deepspeed_engine.settings import validate_settings
+
+        validate_settings(cfg)
     return cfg
 
 

@@ -67,7 +67,7 @@ def test_parse_overrides_types():
 
 def test_every_section_roundtrips():
     assert set(Config().to_dict()) == {"teacher", "student", "parallel", "data", "mgsr", "optimizer",
-                                       "schedule", "checkpoint", "logging"}
+                                       "schedule", "checkpoint", "logging", "deepspeed"}
 
 
 @pytest.mark.parametrize("overrides,needed", [

@@ -1,0 +1,345 @@
+"""The DeepSpeed engine's multi-process checks, one torchrun launch of 2 ranks (tests/test_deepspeed_engine.py):
+
+    torchrun --nproc-per-node 2 tests/dist/deepspeed_checks.py --root DIR --out results.json
+
+Rank 0 builds the tiny setup under DIR (training/smoke.py's SentencePiece tokenizer and indexed data, a
+random HF llama student 2x32 and teacher 2x64 whose embedding is wider than the tokenizer), then the ranks
+train with `deepspeed_engine.run.train` in several settings (5 steps, global batch 8 = micro-batch 2 x
+DP 2 x 2 accumulation steps, SFT + DAC-KL + span on ground truth, fp32) and record per check ok/error and
+the losses. Not named check_*.py: the Megatron harness (tests/dist/harness.py) imports those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STEPS = 5
+RTOL = 1e-5
+
+
+def build_setup(root: Path) -> None:
+    """Tokenizer + data (smoke.build_files) and the HF student / teacher directories (rank 0)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mgsr_megatron.training.smoke import build_files
+
+    if not (root / "tok.model").is_file():
+        build_files(root)
+    for name, hidden, vocab in (("student_hf", 32, 256), ("teacher_hf", 64, 320)):
+        if (root / name / "config.json").is_file():
+            continue
+        torch.manual_seed(7 if name == "student_hf" else 8)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                             tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+        if name == "teacher_hf":  # a sharper teacher than a fresh init: DAC-KL's band has something to cut
+            with torch.no_grad():
+                model.lm_head.weight.mul_(8.0)
+        model.save_pretrained(root / name)
+
+
+def base_config(root: Path, run: str, **deepspeed):
+    from mgsr_megatron.config import Config
+
+    cfg = Config()
+    cfg.deepspeed.enabled = True
+    for key, value in deepspeed.items():
+        setattr(cfg.deepspeed, key, value)
+    cfg.student.load, cfg.teacher.load = str(root / "student_hf"), str(root / "teacher_hf")
+    cfg.data.tokenizer, cfg.data.train_path = str(root / "tok.model"), str(root / "data.train")
+    cfg.data.max_prompt_length = 24
+    cfg.parallel.seed = 5
+    sched = cfg.schedule
+    sched.seq_length, sched.micro_batch_size, sched.global_batch_size = 40, 2, 8
+    sched.train_iters, sched.lr_warmup_iters, sched.eval_interval = STEPS, 2, 0
+    cfg.optimizer.lr = 1e-2
+    cfg.mgsr.data_schedule = "ground_truth"
+    cfg.mgsr.k_band, cfg.mgsr.k_feat, cfg.mgsr.loss_chunk_tokens = 32, 16, 64
+    cfg.logging.output_dir = str(root / "runs" / run)
+    cfg.logging.log_interval, cfg.logging.progress_bar, cfg.logging.tensorboard = 1, False, False
+    return cfg
+
+
+def losses_of(output_dir: str | Path) -> dict[int, float]:
+    out = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def assert_close(actual: dict, expected: dict, what: str, rtol: float = RTOL) -> None:
+    assert sorted(actual) == sorted(expected), f"{what}: steps {sorted(actual)} vs {sorted(expected)}"
+    for step in expected:
+        a, e = actual[step], expected[step]
+        assert math.isfinite(a) and abs(a - e) <= rtol * abs(e), f"{what}: step {step} loss {a!r} vs {e!r}"
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_losses(cfg, steps: int) -> dict[int, float]:
+    """An independent single-process loop on the same HF models: both DP ranks' micro-batches in one process,
+    each micro-batch's loss from losses.mgsr_objective, gradients averaged over micro-batches and ranks,
+    the student clipped on its norm and stepped by torch AdamW (decay on matrices only), the ClipNet
+    likewise with its own AdamW, the LR from training/optimizer.py."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mgsr_megatron.deepspeed_engine.settings import resolve_models
+    from mgsr_megatron.losses import ClipNet, LossTargets, ObjectiveSettings, mgsr_objective
+    from mgsr_megatron.training.data import TrainingData
+    from mgsr_megatron.training.optimizer import build_optimizer, learning_rate
+
+    cfg = copy.deepcopy(cfg)
+    tokenizer, _ = resolve_models(cfg)
+    vocab = tokenizer.vocab_size
+    student = AutoModelForCausalLM.from_pretrained(cfg.student.load, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.load, dtype=torch.float32).eval()
+    m, opt = cfg.mgsr, cfg.optimizer
+    clipnet = ClipNet(k_feat=m.k_feat, hidden=m.clipnet_hidden, seed=cfg.parallel.seed, rho=m.rho)
+    settings = ObjectiveSettings.from_config(m)
+    matrices = [p for p in student.parameters() if p.ndim > 1]
+    vectors = [p for p in student.parameters() if p.ndim == 1]
+    student_opt = torch.optim.AdamW([{"params": matrices, "weight_decay": opt.weight_decay},
+                                     {"params": vectors, "weight_decay": 0.0}], lr=opt.lr,
+                                    betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps)
+    clipnet_opt = build_optimizer(clipnet, opt)
+    dp = 2
+    ranks = [TrainingData(cfg, r, dp) for r in range(dp)]
+    num_micro = cfg.schedule.global_batch_size // (cfg.schedule.micro_batch_size * dp)
+    out = {}
+    for step in range(steps):
+        lr = learning_rate(step, opt, cfg.schedule)
+        for group in student_opt.param_groups + clipnet_opt.param_groups:
+            group["lr"] = lr
+        student_opt.zero_grad(set_to_none=True)
+        clipnet_opt.zero_grad(set_to_none=True)
+        batches = [data.next_micro_batches(num_micro) for data in ranks]
+        total = 0.0
+        for rank_batches in batches:
+            for mb in rank_batches:
+                with torch.no_grad():
+                    t = teacher(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits[..., :vocab]
+                s = student(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits[..., :vocab]
+                loss, _ = mgsr_objective(s, t, LossTargets.from_batch(mb), clipnet=clipnet, settings=settings)
+                (loss / (num_micro * dp)).backward()
+                total += float(loss)
+        out[step + 1] = total / (num_micro * dp)
+        for params in (list(student.parameters()), list(clipnet.parameters())):
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.clip_grad)
+        student_opt.step()
+        clipnet_opt.step()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checks
+class Checks:
+    def __init__(self, root: Path, out: Path):
+        import torch.distributed as dist
+
+        self.root, self.out, self.dist = root, out, dist
+        self.results: dict = {"checks": {}, "losses": {}, "seconds": {}}
+
+    def record(self, name: str, fn) -> None:
+        dist = self.dist
+        start = time.time()
+        try:
+            fn()
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - reported per check (SystemExit of the CLI included)
+            error = "".join(traceback.format_exception(exc))[-4000:]
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = {r: e for r, e in enumerate(errors) if e}
+        self.results["checks"][name] = {"ok": not failed, "seconds": round(time.time() - start, 2),
+                                        "error": "\n".join(f"[rank {r}] {e}" for r, e in failed.items())}
+        if dist.get_rank() == 0:
+            print(f"{'PASS' if not failed else 'FAIL'} {name} ({time.time() - start:.1f} s)", flush=True)
+            self.out.write_text(json.dumps(self.results, indent=1))
+
+    def train(self, run: str, on_step=None, edit=None, **deepspeed):
+        from mgsr_megatron.deepspeed_engine.run import train
+
+        cfg = base_config(self.root, run, **deepspeed)
+        if edit is not None:
+            edit(cfg)
+        code, trainer = train(cfg, on_step=on_step)
+        self.results["losses"][run] = losses_of(cfg.logging.output_dir)
+        return code, trainer, cfg
+
+
+def main(root: Path, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mgsr_megatron.deepspeed_engine import runtime
+
+    started = time.time()
+    runtime.init_distributed(timeout_minutes=2)
+    rank = dist.get_rank()
+    if rank == 0:
+        build_setup(root)
+    dist.barrier()
+    checks = Checks(root, out)
+    losses = checks.results["losses"]
+    trainers = {}
+
+    def zero_stages():
+        for stage in (1, 2, 3):
+            export = str(root / "export_zero3") if stage == 3 else None
+            _, trainers[stage], _ = checks.train(f"zero{stage}", zero_stage=stage, export_dir=export)
+        for stage in (2, 3):
+            assert_close(losses[f"zero{stage}"], losses["zero1"], f"ZeRO-{stage} vs ZeRO-1")
+        assert len(losses["zero1"]) == STEPS and losses["zero1"][STEPS] < losses["zero1"][1], losses["zero1"]
+
+    def teacher_zero3():
+        checks.train("teacher_zero3", zero_stage=2, teacher_zero3=True)
+        assert_close(losses["teacher_zero3"], losses["zero2"], "ZeRO-3 teacher vs replicated teacher")
+
+    def offload_optimizer():
+        checks.train("offload", zero_stage=2, offload_optimizer=True)
+        assert_close(losses["offload"], losses["zero2"], "ZeRO-2 + optimizer offload (torch AdamW) vs ZeRO-2")
+
+    def reference():
+        try:
+            if rank == 0:
+                losses["reference"] = reference_losses(base_config(root, "reference"), STEPS)
+                assert_close(losses["zero1"], losses["reference"], "ZeRO-1 vs the plain PyTorch loop")
+        finally:
+            dist.barrier()
+
+    def export():
+        from transformers import AutoModelForCausalLM
+
+        trainer = trainers[3]
+        tokens = torch.arange(30).reshape(2, 15) % 250
+        positions = torch.arange(15).expand(2, -1)
+        trainer.engine.eval()
+        with torch.no_grad():
+            expected = trainer.logits(trainer.engine, tokens, positions)
+        try:
+            if rank == 0:
+                model = AutoModelForCausalLM.from_pretrained(root / "export_zero3", trust_remote_code=False).eval()
+                initial = AutoModelForCausalLM.from_pretrained(root / "student_hf").eval()
+                with torch.no_grad():
+                    got = model(input_ids=tokens, position_ids=positions).logits[..., :256]
+                    before = initial(input_ids=tokens, position_ids=positions).logits[..., :256]
+                err = (got - expected).abs().max().item()
+                assert err < 1e-5, f"exported model's logits differ from the engine's by {err}"
+                assert (before - expected).abs().max().item() > 1e-2, "the exported student is still the initial one"
+        finally:
+            dist.barrier()
+
+    def preempt_and_resume():
+        def usr1_at_3(trainer):
+            if trainer.step == 3 and rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        save = root / "runs" / "resume" / "checkpoints"
+
+        def with_save(cfg):
+            cfg.checkpoint.save, cfg.checkpoint.save_interval = str(save), 2
+
+        code, _, _ = checks.train("resume", on_step=usr1_at_3, edit=with_save, zero_stage=3)
+        assert code == 115, f"preempted run exited with {code}, expected 115"
+        assert (save / "latest").read_text().strip() == "iter_0000003"
+        first = dict(losses["resume"])
+        from mgsr_megatron.deepspeed_engine.run import train
+
+        cfg = base_config(root, "resume", zero_stage=3)
+        with_save(cfg)
+        cfg.checkpoint.resume = "auto"
+        code, trainer = train(cfg)
+        assert code == 0 and trainer.step == STEPS, (code, trainer.step)
+        resumed = losses_of(cfg.logging.output_dir)
+        losses["resume"] = resumed
+        assert_close({s: first[s] for s in (1, 2, 3)}, {s: losses["zero3"][s] for s in (1, 2, 3)}, "before the stop")
+        assert_close(resumed, losses["zero3"], "resumed run vs uninterrupted", rtol=1e-6)
+        assert (save / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+
+    def bf16_master_weights():
+        from mgsr_megatron.deepspeed_engine.run import train
+
+        cfg = base_config(root, "bf16", zero_stage=2)
+        cfg.student.params_dtype = cfg.teacher.params_dtype = "bfloat16"
+        cfg.schedule.train_iters = 3
+        _, trainer = train(cfg)
+        losses["bf16"] = losses_of(cfg.logging.output_dir)
+        assert all(math.isfinite(v) for v in losses["bf16"].values()), losses["bf16"]
+        assert abs(losses["bf16"][1] - losses["zero1"][1]) < 0.05 * abs(losses["zero1"][1]), losses["bf16"]
+        assert next(trainer.student.parameters()).dtype == torch.bfloat16
+        masters = trainer.optimizer.single_partition_of_fp32_groups
+        assert all(m.dtype == torch.float32 for m in masters), [m.dtype for m in masters]
+
+    def cli_with_config_json():
+        """`mgsr train --config X.yaml --deepspeed ds.json` end to end (last: it ends the process group)."""
+        import yaml
+
+        from mgsr_megatron.cli import main as cli_main
+
+        run_dir = root / "runs" / "cli"
+        cfg = base_config(root, "cli", zero_stage=2)
+        data = cfg.to_dict()
+        data.pop("deepspeed")
+        data["schedule"]["train_iters"] = 2
+        ds_json = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": 8, "gradient_clipping": "auto",
+                   "zero_optimization": {"stage": 2, "reduce_bucket_size": 500000}}
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(data))
+            (run_dir / "ds.json").write_text(json.dumps(ds_json))
+        dist.barrier()
+        try:
+            cli_main(["train", "--config", str(run_dir / "config.yaml"), "--deepspeed", str(run_dir / "ds.json")])
+        except SystemExit as exc:
+            assert exc.code == 0, f"mgsr train exited with {exc.code}"
+        losses["cli"] = losses_of(run_dir)
+        assert_close(losses["cli"], {s: losses["zero2"][s] for s in (1, 2)}, "CLI + ds.json vs ZeRO-2")
+
+    checks.record("zero_stages_agree", zero_stages)
+    checks.record("teacher_zero3_matches_replicated", teacher_zero3)
+    checks.record("offload_optimizer_cpu", offload_optimizer)
+    checks.record("parity_with_plain_pytorch_loop", reference)
+    checks.record("export_loads_in_transformers", export)
+    checks.record("preempt_resume_exact", preempt_and_resume)
+    checks.record("bf16_fp32_master_weights", bf16_master_weights)
+    checks.results["seconds"]["before_cli"] = round(time.time() - started, 1)
+    cli_results = checks.results
+    # the CLI run destroys the process group at its end: record its outcome on each rank's own
+    error = None
+    start = time.time()
+    try:
+        cli_with_config_json()
+    except BaseException as exc:  # noqa: BLE001
+        error = "".join(traceback.format_exception(exc))[-4000:]
+    if rank == 0:
+        cli_results["checks"]["cli_deepspeed_json"] = {"ok": error is None, "seconds": round(time.time() - start, 2),
+                                                       "error": error or ""}
+        cli_results["seconds"]["total"] = round(time.time() - started, 1)
+        out.write_text(json.dumps(cli_results, indent=1))
+        print(f"{'PASS' if error is None else 'FAIL'} cli_deepspeed_json", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    main(args.root, args.out)

@@ -79,3 +79,22 @@ def test_every_section_roundtrips():
 ])
 def test_needs_teacher(overrides, needed):
     assert load_config(None, overrides).needs_teacher is needed
+
+
+def test_off_policy_that_can_never_generate_is_refused():
+    from mgsr_megatron.training.run import check_generation_fits
+
+    cfg = Config()
+    cfg.mgsr.data_schedule, cfg.schedule.eval_interval = "off_policy", 0
+    with pytest.raises(UserError, match="never generates"):
+        check_generation_fits(cfg)
+    for fix in ("init_threshold", "eval_interval", "schedule"):
+        ok = Config()
+        ok.mgsr.data_schedule, ok.schedule.eval_interval = "off_policy", 0
+        if fix == "init_threshold":
+            ok.mgsr.init_threshold = 0.2
+        elif fix == "eval_interval":
+            ok.schedule.eval_interval = 50
+        else:
+            ok.mgsr.data_schedule = "on_policy"
+        check_generation_fits(ok)

@@ -24,6 +24,12 @@ def check_generation_fits(cfg: Config) -> None:
         if needed > cfg.schedule.seq_length:
             raise UserError(f"data.max_prompt_length + mgsr.max_new_tokens = {needed} exceeds "
                             f"schedule.seq_length={cfg.schedule.seq_length}: generated rows would not fit")
+    # DistiLLM's adaptive schedule only raises its threshold when a validation loss rises: without
+    # validation and with threshold 0 it never generates, and the run would silently be KD on ground truth
+    if cfg.mgsr.data_schedule == "off_policy" and cfg.mgsr.init_threshold == 0 and not cfg.schedule.eval_interval:
+        raise UserError("mgsr.data_schedule=off_policy with mgsr.init_threshold=0 and schedule.eval_interval=0 "
+                        "never generates (its threshold rises only on validation): enable validation, set "
+                        "mgsr.init_threshold > 0, or use on_policy / ground_truth")
 
 
 def build_trainer(cfg: Config) -> Trainer:

@@ -232,3 +232,60 @@ def test_prompt_only_messages_and_template_errors(dirs, tmp_path):
     with pytest.raises(UserError, match="bad.jsonl:2: chat template of .* failed: conversation must not start") as info:
         list(read_jsonl(bad, chat=chat_renderer(tok)))
     assert "\n" not in str(info.value)
+
+
+# ---- 4. `mgsr generate` on an imported model: the prompt as transformers encodes it ------------------------
+
+def test_generate_on_an_imported_llama_prepends_bos_where_transformers_does(dirs, tmp_path):
+    """Import a tiny LLaMA whose directory holds a LLaMA-2 style tokenizer (add_bos_token), run `mgsr
+    generate --greedy` on a text prompt, and compare with greedy decoding in transformers from
+    `tok(prompt)["input_ids"]` (BOS first)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers as tf
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=64)).eval()
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(dirs["llama_plain"] / name, hf / name)
+    meg = tmp_path / "meg"
+    result = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "import", "--hf-path", str(hf),
+                             "--megatron-path", str(meg), "--no-progress"],
+                            env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    prompt = "convert 3 km to m"
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    output = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, "-m", "mgsr_megatron", "generate", "--load", str(meg), "--prompts",
+                             str(tmp_path / "prompts.jsonl"), "--output", str(output), "--greedy",
+                             "--max-new-tokens", "6"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+
+    reference = tf.AutoTokenizer.from_pretrained(hf)
+
+    def greedy(ids: list[int]) -> list[int]:
+        out = []
+        with torch.no_grad():
+            for _ in range(6):
+                out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+                if out[-1] == reference.eos_token_id:
+                    break
+        return out
+
+    with_bos = reference(prompt)["input_ids"]
+    assert with_bos[0] == reference.bos_token_id == 2
+    expected = greedy(with_bos)
+    assert expected != greedy(with_bos[1:])  # the check can tell a prompt with BOS from one without
+    assert row["output_ids"] == expected

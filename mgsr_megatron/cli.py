@@ -1,4 +1,4 @@
-"""Command line: `mgsr {demo,train,eval,generate,plan} ...`; identical under torchrun, srun and mpirun.
+"""Command line: `mgsr {demo,train,eval,generate,plan,cache-teacher} ...`; identical under torchrun, srun and mpirun.
 
 Config overrides are `--section.field=value` (or Megatron's `--tensor-model-parallel-size N`).
 Bad input ends the program with one line `mgsr: error: ...` and exit code 2.
@@ -51,6 +51,21 @@ def _plan(args, overrides):
     from mgsr_megatron.planner import run_plan
 
     run_plan(args, overrides)
+
+
+def _cache_teacher(args, overrides):
+    from mgsr_megatron import parallel
+    from mgsr_megatron.config import load_config
+    from mgsr_megatron.training.teacher_cache import write_cache
+
+    cfg = load_config(args.config, overrides)
+    manifest = write_cache(cfg, args.output, args.top_k, args.rows_per_shard)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"mgsr cache-teacher: {manifest['tokens']} tokens of {manifest['rows']} rows, top-{manifest['k']} "
+              f"at temperature {manifest['temperature']} -> {args.output}")
+    parallel.destroy()
 
 
 def _add_model_source(parser):
@@ -108,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--output", help="JSONL file to append the result to")
 
+    cache = sub.add_parser("cache-teacher", help="write the teacher's top-K distributions of the ground-truth data "
+                                                 "(for teacher.cache)")
+    cache.add_argument("--config", required=True, help="YAML config (teacher.load, data, parallel layout, mgsr)")
+    cache.add_argument("--output", required=True, help="cache directory to write (replaced atomically)")
+    cache.add_argument("--top-k", type=int, help="candidates per token (default: max(mgsr.k_band, mgsr.k_feat))")
+    cache.add_argument("--rows-per-shard", type=int, default=4096, help="dataset rows per shard file")
+
     plan = sub.add_parser("plan", help="per-GPU memory plan of a config on a cluster")
     plan.add_argument("--config", required=True)
     plan.add_argument("--nodes", type=int, required=True)
@@ -119,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"demo": _demo, "train": _train, "generate": _generate, "eval": _eval, "plan": _plan}
+COMMANDS = {"demo": _demo, "train": _train, "generate": _generate, "eval": _eval, "plan": _plan,
+            "cache-teacher": _cache_teacher}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,9 @@ class ModelConfig:
     # teacher only: accept a checkpoint whose provenance.json records neither training nor an HF import
     # (train_iters 0, hand-made, older than the record); refused by default
     allow_untrained: bool = False
+    # teacher only: a directory written by `mgsr cache-teacher` (training/teacher_cache.py); ground-truth
+    # batches take the teacher's top-K distribution from it instead of a teacher forward
+    cache: str | None = None
     # activation recomputation, as Megatron's TransformerConfig names it (student only; the teacher
     # runs forward-only): granularity None | full | selective (Megatron's default modules: core_attn);
     # method uniform | block and num_layers with full only
@@ -123,6 +126,9 @@ class MGSRConfig:
     scrg_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward_kl | reverse_kl | jsd
     scrg_delta: float = 0.0
     scrg_teacher_token: Literal["greedy", "sampled"] = "greedy"  # greedy | sampled
+    # the training step reuses the teacher logits of SCRG's last detection pass for rows the correction
+    # left unchanged (docs/generation.md); false: one teacher forward over every generated row, as before
+    reuse_scrg_teacher_logits: bool = True
     max_new_tokens: int = 256
     # data schedule
     data_schedule: Literal["off_policy", "on_policy", "ground_truth", "seqkd"] = "off_policy"
@@ -186,6 +192,9 @@ class LoggingConfig:
     output_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
+    # per-phase step times (metrics time/<phase>, tools/bench_step.py): synchronises the device at every
+    # phase boundary and in the loss backward, which costs overlap on GPU, so off unless asked for
+    time_phases: bool = False
 
 
 @dataclass
@@ -221,6 +230,12 @@ class Config:
     def needs_teacher(self) -> bool:
         """Whether training loads the teacher: a KD term (DAC-KL or span) is on, or rows are generated."""
         return bool(self.mgsr.w_dac or self.mgsr.w_span or self.mgsr.data_schedule != "ground_truth")
+
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether training builds the teacher model: it is needed, and not every teacher distribution comes
+        from teacher.cache (generating schedules still need the online teacher)."""
+        return self.needs_teacher and not (self.teacher.cache and self.mgsr.data_schedule == "ground_truth")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -444,6 +459,10 @@ def validate(cfg: Config) -> Config:
                 _check(not (save == source or source.is_relative_to(save) or save.is_relative_to(source)),
                        f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there would "
                        f"overwrite or mix with the {name}'s checkpoint; choose another directory")
+    if cfg.teacher.cache is not None or cfg.student.cache is not None:  # the manifest, before any model
+        from mgsr_megatron.training.teacher_cache import check_cache_config
+
+        check_cache_config(cfg)
     if cfg.deepspeed.enabled:  # the DeepSpeed engine's own rules (TP=PP=1, ground truth, its JSON, ...)
         from mgsr_megatron.deepspeed_engine.settings import validate_settings
 

@@ -267,6 +267,34 @@ def test_scrg_large_delta_corrects_nothing(models):
     assert torch.equal(out.tokens, plain.tokens) and stats["j"].tolist() == [-1, -1, -1]
 
 
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_scrg_keeps_the_last_detection_teacher_logits(models, rounds):
+    """keep_teacher_view (the trainer's reuse, docs/generation.md): the same samples and decisions as
+    without it; the kept logits are the teacher's over the padded view of the FINAL sequences for the
+    rows the last detection did not correct (teacher_seen)."""
+    import importlib
+
+    scrg_module = importlib.import_module("mgsr_megatron.generation.scrg")
+    student, teacher = models
+    options = SamplingOptions(max_new_tokens=5, eos_id=3, seed=4)
+    settings = ScrgSettings(rounds=rounds, delta=5.5)  # between the rows' d_j here: some rows kept as sampled
+    plain, plain_stats = scrg(student, teacher, PROMPTS, options, settings=settings, vocab_size=VOCAB)
+    length, pad = max(map(len, PROMPTS)) + 5 + 3, 0
+    out, stats = scrg(student, teacher, PROMPTS, options, settings=settings, vocab_size=VOCAB,
+                      keep_teacher_view=(length, pad))
+    assert torch.equal(out.tokens, plain.tokens) and torch.equal(stats["j"], plain_stats["j"])
+    assert torch.equal(stats["teacher_seen"], stats["per_round"][-1][:, 0] < 0)
+    assert stats["teacher_seen"].any() and not stats["teacher_seen"].all(), stats["per_round"]
+    final = scrg_module.teacher_view(out, (length, pad))
+    assert stats["teacher_scored"].shape == (len(PROMPTS), length)
+    for row in torch.nonzero(stats["teacher_seen"]).flatten().tolist():
+        end = int(out.prompt_lengths[row] + out.response_lengths[row])
+        assert stats["teacher_scored"][row, :end].tolist() == out.tokens[row, :end].tolist()
+        assert (stats["teacher_scored"][row, end:] == pad).all()
+        assert torch.equal(stats["teacher_scored"][row], final[row])
+    assert torch.equal(stats["teacher_logits"], scrg_module._score(teacher, stats["teacher_scored"]))
+
+
 @pytest.mark.parametrize("prompts,kwargs,message", [
     ([[1] * 41], dict(max_new_tokens=1), "41 tokens, longer than the model's context of 40"),
     ([[1] * 30], dict(max_new_tokens=11), "30 tokens) + max_new_tokens (11) = 41 overflows the model's 40"),

@@ -8,7 +8,14 @@ In one run, on the same ground-truth batch and models:
             cross entropy, plus the step's bookkeeping and metrics — the full MGSR step on a
             ground-truth batch. The difference is the distillation machinery.
 The two run alternately, step by step. Prints median times, the overhead ratio (target: mgsr <= 1.15 x
-baseline) and tokens/s.
+baseline), tokens/s, and a breakdown of both steps into phases measured in the same run: the trainer's
+own timing hook (`Trainer.phase_seconds`, filled every step, logged as the metrics `time/<phase>`) times
+its step; the baseline is timed with the same hook. Phases: data (batch assembly), generation (SCRG or
+the teacher's samples; only with --generate), teacher_forward, student_forward_backward (Megatron's
+schedule without the loss), loss_forward, loss_backward, optimizer (zero grads, gradient sync, clipping,
+AdamW) and bookkeeping (the rest: learning rate, metric reduction). With --generate every MGSR step is
+an SCRG step (on-policy samples of the student, one correction round; the baseline stays a
+ground-truth step, so the ratio then includes generation).
 
     python tools/bench_step.py                      # CPU defaults (single process, ~2 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
@@ -46,6 +53,8 @@ def parse_args():
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    parser.add_argument("--generate", action="store_true",
+                        help="every MGSR step generates (SCRG over the first half of each row as the prompt)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
@@ -77,6 +86,27 @@ class SyntheticData:
 
     def next_micro_batches(self, count: int) -> list[dict]:
         return [dict(self.batch) for _ in range(count)]
+
+    def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
+        """The first half of every row as the prompt (--generate)."""
+        half = self.batch["tokens"].shape[1] // 2
+        return [[row[:half].tolist() for row in self.batch["tokens"]] for _ in range(count)]
+
+    def collate_generated(self, samples: list, count: int) -> list[dict]:
+        """(prompt, response) pairs -> `count` micro-batches of distillation rows (no spans, no SFT)."""
+        import numpy as np
+
+        from mgsr_megatron.data.collate import collate
+        from mgsr_megatron.data.indexed import Sample
+
+        seq = self.batch["tokens"].shape[1]
+        rows = [Sample(np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)[:seq - len(p)], [])
+                for p, r in samples]
+        size = len(rows) // count
+        batches = [collate(rows[k * size:(k + 1) * size], self.pad_id, seq) for k in range(count)]
+        for batch in batches:
+            batch["kd_mask"], batch["sft_mask"] = batch["loss_mask"], batch["loss_mask"] * 0
+        return batches
 
     def state_dict(self) -> dict:
         return {}
@@ -112,6 +142,10 @@ def build(args, workdir: str):
     dp_size = parallel_state.get_data_parallel_world_size()
     cfg.schedule.global_batch_size = args.micro_batch * args.micro_batches * dp_size
     cfg.mgsr.data_schedule = "ground_truth"
+    cfg.logging.time_phases = True  # the phase breakdown below (device synchronised at phase boundaries)
+    if args.generate:  # every step: SCRG samples of (seq / 4) tokens after a prompt of seq / 2
+        cfg.mgsr.data_schedule, cfg.mgsr.on_policy_lambda = "on_policy", 1.0
+        cfg.mgsr.max_new_tokens = max(1, args.seq // 4)
     teacher = build_teacher(cfg.teacher)
     with torch.no_grad():
         for param in teacher.parameters():
@@ -122,18 +156,24 @@ def build(args, workdir: str):
     return Trainer(cfg, SyntheticData(args.vocab, args.seq, args.micro_batch))
 
 
-def baseline_step(trainer) -> None:
-    """Teacher forward + student forward/backward with plain cross entropy, same schedule and batch."""
+def baseline_step(trainer) -> dict:
+    """Teacher forward + student forward/backward with plain cross entropy, same schedule and batch.
+    Returns its phases, timed with the trainer's own hook (`Trainer.phase`, `time_loss_backward`)."""
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mgsr_megatron import platform
     from mgsr_megatron.training import optimizer as optim
 
-    batches = [{k: v.to(platform.device()) for k, v in mb.items()}
-               for mb in trainer.data.next_micro_batches(trainer.num_micro)]
-    trainer.teacher_forward(batches)
-    optim.zero_grads(trainer.student_ddp, trainer.optimizer, trainer.clipnet_optimizer)
+    trainer.phase_seconds = {}
+    clock = time.perf_counter()
+    with trainer.phase("data"):
+        batches = [{k: v.to(platform.device()) for k, v in mb.items()}
+                   for mb in trainer.data.next_micro_batches(trainer.num_micro)]
+    with trainer.phase("teacher_forward"):
+        trainer.teacher_forward(batches)
+    with trainer.phase("optimizer"):
+        optim.zero_grads(trainer.student_ddp, trainer.optimizer, trainer.clipnet_optimizer)
     items = iter(batches)
 
     def forward_step(_iterator, model):
@@ -141,18 +181,46 @@ def baseline_step(trainer) -> None:
         logits = model(mb["tokens"], mb["position_ids"], None)
 
         def loss_func(output):
-            losses = tensor_parallel.vocab_parallel_cross_entropy(output.transpose(0, 1).float().contiguous(),
-                                                                  mb["labels"].transpose(0, 1).contiguous())
-            loss = (losses.transpose(0, 1) * mb["loss_mask"]).sum() / mb["loss_mask"].sum()
+            with trainer.phase("loss_forward"):
+                losses = tensor_parallel.vocab_parallel_cross_entropy(output.transpose(0, 1).float().contiguous(),
+                                                                      mb["labels"].transpose(0, 1).contiguous())
+                loss = (losses.transpose(0, 1) * mb["loss_mask"]).sum() / mb["loss_mask"].sum()
+            trainer.time_loss_backward(output, loss)
             return loss, {"loss": loss.detach()}
 
         return logits, loss_func
 
     b, s = batches[0]["tokens"].shape
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None, model=[trainer.student_ddp],
-                                num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=False)
-    optim.optimizer_step(trainer.student_ddp, trainer.optimizer, trainer.clipnet, trainer.clipnet_optimizer,
-                         trainer.cfg.optimizer.clip_grad)
+    with trainer.phase("student_forward_backward"):
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None,
+                                    model=[trainer.student_ddp], num_microbatches=len(batches), seq_length=s,
+                                    micro_batch_size=b, forward_only=False)
+    with trainer.phase("optimizer"):
+        optim.optimizer_step(trainer.student_ddp, trainer.optimizer, trainer.clipnet, trainer.clipnet_optimizer,
+                             trainer.cfg.optimizer.clip_grad)
+    return dict(trainer.exclusive_phases(clock))
+
+
+def mgsr_step(trainer) -> dict:
+    """Trainer.train_step(); returns its phases (`Trainer.phase_seconds`) and, on SCRG steps, the
+    share of rows whose teacher forward ran again (`teacher_rows_recomputed`)."""
+    metrics = trainer.train_step()
+    return {**trainer.phase_seconds, "teacher_rows_recomputed": metrics.get("teacher_rows_recomputed")}
+
+
+PHASES = ("data", "generation", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
+          "optimizer", "bookkeeping")
+
+
+def breakdown_lines(baseline: list[dict], mgsr: list[dict]) -> list[str]:
+    """Median ms per phase of each step (medians do not add up exactly to the step's median)."""
+    lines = [f"{'phase (median ms/step)':<26} {'baseline':>10} {'mgsr':>10}"]
+    for phase in PHASES:
+        values = [statistics.median(step.get(phase, 0.0) for step in steps) * 1e3 for steps in (baseline, mgsr)]
+        if phase == "generation" and not any(values):
+            continue
+        lines.append(f"{phase:<26} {values[0]:10.1f} {values[1]:10.1f}")
+    return lines
 
 
 def step_flops(trainer, args) -> float:
@@ -167,21 +235,22 @@ def step_flops(trainer, args) -> float:
     return float(student + teacher)
 
 
-def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float]:
+def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float, list, list]:
     """Median seconds of `baseline` and `candidate`, run alternately (after one warm-up each) so that
-    a drift of the machine's speed during the run does not land on one side."""
+    a drift of the machine's speed during the run does not land on one side; and what each call
+    returned (its phases) per timed step."""
     from mgsr_megatron import platform
 
     baseline(), candidate()  # warm-up
-    times = ([], [])
+    times, results = ([], []), ([], [])
     for _ in range(steps):
-        for fn, bucket in zip((baseline, candidate), times):
+        for fn, bucket, returned in zip((baseline, candidate), times, results):
             platform.synchronize()
             start = time.perf_counter()
-            fn()
+            returned.append(fn())
             platform.synchronize()
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
 def peak_only(args) -> None:
@@ -234,7 +303,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build(args, workdir)
-        baseline, mgsr = timed_pairs(lambda: baseline_step(trainer), trainer.train_step, args.steps)
+        baseline, mgsr, baseline_phases, mgsr_phases = timed_pairs(lambda: baseline_step(trainer),
+                                                                   lambda: mgsr_step(trainer), args.steps)
         flops = step_flops(trainer, args)
     tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
     if dist.get_rank() == 0:
@@ -245,6 +315,11 @@ def main() -> None:
         print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
         print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
         print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
+        print("\n".join(breakdown_lines(baseline_phases, mgsr_phases)))
+        shares = [s["teacher_rows_recomputed"] for s in mgsr_phases if s["teacher_rows_recomputed"] is not None]
+        if shares:
+            print(f"SCRG steps: teacher forward re-run for {statistics.mean(shares):.3f} of the generated rows "
+                  f"(mgsr.reuse_scrg_teacher_logits; the rest reuse the detection pass's logits)")
         achieved = flops / mgsr / 1e12
         print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
               f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"

@@ -20,6 +20,10 @@ corrected never do (generator.decode). Noise: the first generation uses `seed`, 
 seed `round_seed(seed, k)`, the sampled teacher token `round_seed(seed, -k)`; every noise value also
 depends on (absolute position, row, vocabulary id), so cache reuse and a cold regeneration agree.
 
+`keep_teacher_view` (the trainer, mgsr.reuse_scrg_teacher_logits) also returns the teacher logits
+of the last detection pass, computed over the rows exactly as the loss pass collates them
+(`teacher_view`), for the rows that pass did not correct: the training step reuses them.
+
 The per-position divergences are the losses' own vocab-parallel `losses.divergences.divergence`
 (JSD with beta = 0.5; padded vocabulary masked to -inf, it contributes 0). The teacher argmax is an
 all-gather of (value, id) per position.
@@ -118,15 +122,42 @@ def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape) -> torch.
     return values
 
 
+def teacher_view(out: GenerationOutput, teacher_input: tuple[int, int] | None) -> torch.Tensor:
+    """The tokens the teacher scores. `teacher_input = (length, pad_id)`: every row cut at its end
+    (prompt + response) and right-padded with pad_id to `length` — the trainer's collated micro-batch
+    (training/data.py collate_generated), so that the detection logits ARE the loss pass's. Sequences
+    longer than `length` (the collation would truncate them) and `teacher_input=None`: `out.tokens`."""
+    tokens = out.tokens
+    if teacher_input is None or tokens.shape[1] > teacher_input[0]:
+        return tokens
+    length, pad_id = teacher_input
+    b, total = tokens.shape
+    ends = (out.prompt_lengths + out.response_lengths).unsqueeze(-1)
+    inside = torch.arange(total, device=tokens.device).unsqueeze(0) < ends
+    view = torch.full((b, length), pad_id, dtype=tokens.dtype, device=tokens.device)
+    view[:, :total] = torch.where(inside, tokens, pad_id)
+    return view
+
+
 def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, vocab_size: int,
            seed: int) -> torch.Tensor:
     """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
     no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed`: the
     noise of sampled teacher tokens."""
+    return _detect(teacher, student, out, settings, vocab_size=vocab_size, seed=seed)[0]
+
+
+def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, vocab_size: int, seed: int,
+            teacher_input: tuple[int, int] | None = None):
+    """`detect`, also returning the teacher's logits (last stage, else None) and the tokens it scored
+    (`teacher_view`): the decision does not depend on the view (causal: positions beyond a row's end
+    are never candidates)."""
     temperature = settings.temperature
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
-    teacher_logits = _score(teacher, tokens)
+    scored = teacher_view(out, teacher_input)
+    full_teacher_logits = _score(teacher, scored)
+    teacher_logits = None if full_teacher_logits is None else full_teacher_logits[:, :total]
     # the student's logits over [x; y] were computed while sampling y (generate(record_logits=True))
     student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
@@ -157,11 +188,12 @@ def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, v
         j = torch.where(has, best + first, -1)
         t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
         decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
-    return _broadcast_from_last_stage_tp0(decision, (b, 3))
+    return _broadcast_from_last_stage_tp0(decision, (b, 3)), full_teacher_logits, scored
 
 
 def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *, settings: ScrgSettings,
-         vocab_size: int, reuse_cache: bool = True) -> tuple[GenerationOutput, dict]:
+         vocab_size: int, reuse_cache: bool = True,
+         keep_teacher_view: tuple[int, int] | None = None) -> tuple[GenerationOutput, dict]:
     """Student sample + `settings.rounds` correction rounds. See the module docstring.
 
     `options` are the student's sampling options (method: temperature 1.0, top_k 0, top_p 1.0), with the
@@ -171,9 +203,18 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
       rounds_used (how many rounds corrected the row), continuation_changed (a regeneration changed the
       tokens after j); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
     `reuse_cache=False` regenerates with a fresh cache (the reference for the cache-reuse test).
+
+    `keep_teacher_view=(seq_length, pad_id)` makes the teacher score every row as the trainer collates it
+    (`teacher_view`) and adds the teacher's work of the LAST detection pass, for the trainer to
+    reuse as its loss-pass logits: `teacher_logits` (this TP rank's shard [b, s, V_padded/TP] on the last
+    pipeline stage, None elsewhere), `teacher_scored` ([b, s], the tokens scored) and `teacher_seen`
+    ([b] bool, identical on every rank: the row's final sequence is the one scored, i.e. the last
+    detection did not correct it; all False when settings.rounds == 0). The decisions do not depend on
+    the view (causal attention; identical on CPU).
     """
     prompts = check_request(student, prompts, options, vocab_size=vocab_size)
     seed = options.seed
+    keep_teacher_logits = keep_teacher_view is not None
     out = generate(student, prompts, options, vocab_size=vocab_size, record_logits=settings.rounds > 0)
     b, device = out.tokens.shape[0], out.tokens.device
     stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
@@ -182,11 +223,23 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
              "teacher_token": torch.full((b,), -1, dtype=torch.int64, device=device),
              "rounds_used": torch.zeros(b, dtype=torch.int64, device=device),
              "continuation_changed": torch.zeros(b, dtype=torch.bool, device=device), "per_round": []}
+    if keep_teacher_logits:
+        stats.update(teacher_logits=None, teacher_scored=None, teacher_seen=torch.zeros(b, dtype=torch.bool,
+                                                                                         device=device))
     for round_index in range(1, settings.rounds + 1):
-        decision = detect(teacher, student, out, settings, vocab_size=vocab_size, seed=round_seed(seed, -round_index))
+        if keep_teacher_logits:
+            decision, teacher_logits, scored = _detect(teacher, student, out, settings, vocab_size=vocab_size,
+                                                       seed=round_seed(seed, -round_index),
+                                                       teacher_input=keep_teacher_view)
+        else:
+            decision = detect(teacher, student, out, settings, vocab_size=vocab_size,
+                              seed=round_seed(seed, -round_index))
         stats["per_round"].append(decision)
         j, t_j = decision[:, 0].long(), decision[:, 1].long()
         fix = j >= 0
+        if keep_teacher_logits:  # only the last pass's are kept: rows it did not correct stay as scored
+            stats.update(teacher_logits=teacher_logits, teacher_scored=scored, teacher_seen=~fix)
+            del teacher_logits
         if not bool(fix.any()):
             break
         stats["corrected"] |= fix

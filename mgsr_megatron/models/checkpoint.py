@@ -55,6 +55,7 @@ def write_model_config(directory: Path, model_cfg: ModelConfig) -> None:
     fields = dataclasses.asdict(model_cfg)
     fields["load"] = None  # the directory itself is what one loads
     fields.pop("allow_untrained")  # how a run treats a teacher, not a property of the weights
+    fields.pop("cache")  # where a run reads the teacher's distributions, neither
     (Path(directory) / MODEL_CONFIG).write_text(yaml.safe_dump(fields, sort_keys=False))
 
 

@@ -9,6 +9,7 @@ preprocessed data are prompts only: they feed generation but never a ground-trut
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mgsr_megatron.config import Config
 from mgsr_megatron.data.collate import collate
@@ -96,8 +97,17 @@ class TrainingData:
         return batch
 
     def next_micro_batches(self, count: int) -> list[dict]:
-        return [self.with_loss_masks(collate([self.dataset[i] for i in self.ground_truth.next()], self.pad_id,
-                                     self.seq_length), generated=False) for _ in range(count)]
+        """Ground-truth micro-batches; with teacher.cache each also carries `row_ids` [b] (the dataset rows:
+        where the trainer reads their cached teacher distributions)."""
+        batches = []
+        for _ in range(count):
+            rows = self.ground_truth.next()
+            batch = self.with_loss_masks(collate([self.dataset[i] for i in rows], self.pad_id, self.seq_length),
+                                         generated=False)
+            if self.cfg.teacher.cache:
+                batch["row_ids"] = torch.tensor(rows, dtype=torch.long)
+            batches.append(batch)
+        return batches
 
     def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
         return [[self.dataset[i].prompt_ids.tolist() for i in self.prompts.next()] for _ in range(count)]

@@ -16,6 +16,7 @@ micro-batch loss being a mean over its own tokens, so TP/PP/DP layouts give the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -47,6 +48,12 @@ class StepBatch:
     micro_batches: list[dict]
     source: str  # ground_truth | generate | replay
     stats: dict = field(default_factory=dict)
+    # SCRG steps with mgsr.reuse_scrg_teacher_logits: the teacher logits of SCRG's last detection pass per
+    # micro-batch (this TP rank's vocabulary shard, on the last pipeline stage; None elsewhere) and which
+    # rows of them ARE the loss pass's ([mbs] bool per micro-batch, identical on every rank of the model
+    # replica). Held for this step only.
+    teacher_logits: list | None = None
+    teacher_reused: list[torch.Tensor] | None = None
 
 
 def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
@@ -97,7 +104,8 @@ class Trainer:
         self.cfg = cfg
         self.data = data
         check_same_vocab(cfg.teacher, cfg.student)
-        self.uses_teacher = cfg.needs_teacher
+        self.uses_teacher = cfg.loads_teacher  # False with teacher.cache and ground truth only
+        self.cache = self._open_cache()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_micro = validate_batch_layout(cfg, self.dp_size)
@@ -127,6 +135,8 @@ class Trainer:
         self.last_loss = None  # the latest step's loss, recorded in checkpoints (provenance)
         self.nan_steps_in_row = 0
         self.skipped_steps = 0
+        # wall seconds per phase of the latest train_step (filled by `_phase`; metrics "time/<phase>")
+        self.phase_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def _load_teacher(self):
@@ -148,6 +158,13 @@ class Trainer:
                             f"initialisation: refusing to distill from an untrained teacher")
         teacher.eval()
         return teacher
+
+    def _open_cache(self):
+        if not self.cfg.teacher.cache or not self.cfg.needs_teacher:
+            return None
+        from mgsr_megatron.training.teacher_cache import TeacherCache
+
+        return TeacherCache(self.cfg.teacher.cache)
 
     def _build_clipnet(self):
         from mgsr_megatron.losses import ClipNet
@@ -224,22 +241,31 @@ class Trainer:
         """
         from mgsr_megatron.generation import SamplingOptions, generate, scrg
 
-        samples, corrected, positions, changed = [], [], [], []
+        samples, corrected, positions, changed, kept = [], [], [], [], []
         # the method's sampling (temperature 1, no top-k / top-p); the seed changes per micro-batch
         options = SamplingOptions(max_new_tokens=self.cfg.mgsr.max_new_tokens, eos_id=self.data.eos_id)
         vocab_size = self.cfg.student.vocab_size
-        for k, prompts in enumerate(self.data.next_prompt_micro_batches(self.num_micro)):
+        reuse = self.schedule.use_scrg and self.cfg.mgsr.reuse_scrg_teacher_logits
+        # the teacher scores SCRG's samples exactly as the loss pass will see them (collate_generated)
+        teacher_input = (self.cfg.schedule.seq_length, self.data.pad_id) if reuse else None
+        with self.phase("generation"):
+            prompt_batches = self.data.next_prompt_micro_batches(self.num_micro)
+        for k, prompts in enumerate(prompt_batches):
             global_index = k * self.dp_size + self.dp_rank
             seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 10_007 + global_index) % (2 ** 31)
             seeded = dataclasses.replace(options, seed=seed)
             if self.schedule.use_scrg:
-                out, stats = scrg(self.student, self.teacher, prompts, seeded, settings=self.scrg_settings,
-                                  vocab_size=vocab_size)
+                with self.phase("generation"):
+                    out, stats = scrg(self.student, self.teacher, prompts, seeded, settings=self.scrg_settings,
+                                      vocab_size=vocab_size, keep_teacher_view=teacher_input)
+                if reuse:
+                    kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_seen"]))
                 corrected.append(stats["corrected"])
                 changed.append(stats["continuation_changed"][stats["corrected"]])
                 positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
             else:
-                out = generate(self.teacher, prompts, seeded, vocab_size=vocab_size)
+                with self.phase("generation"):
+                    out = generate(self.teacher, prompts, seeded, vocab_size=vocab_size)
             samples += list(zip(prompts, out.responses()))
         self.student.train()
         self.schedule.push(samples)
@@ -249,12 +275,120 @@ class Trainer:
             batch_stats.update(scrg_corrected=float(torch.cat(corrected).float().mean()),
                                scrg_mean_j=float(j.float().mean()) if j.numel() else float("nan"),
                                scrg_changed=float(changed.float().mean()) if changed.numel() else float("nan"))
-        return StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
+        batch = StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
+        if reuse:
+            self._attach_scrg_teacher_logits(batch, kept)
+        elif self.schedule.use_scrg:
+            batch.stats["teacher_rows_recomputed"] = 1.0
+        return batch
+
+    def _attach_scrg_teacher_logits(self, batch: StepBatch, kept: list) -> None:
+        """Keep SCRG's last detection logits for the rows whose collated tokens are exactly the ones the
+        teacher scored (same tokens, positions, padding and length: then the logits are the loss pass's).
+        A row whose sequence the last detection corrected, or that the collation cut, is recomputed."""
+        reused = []
+        for mb, (_, scored, seen) in zip(batch.micro_batches, kept, strict=True):
+            tokens = mb["tokens"]
+            if scored is None or scored.shape != tokens.shape:
+                reused.append(torch.zeros(tokens.shape[0], dtype=torch.bool))
+            else:
+                reused.append(seen.cpu() & (scored.cpu() == tokens).all(-1))
+        batch.teacher_logits = [logits for logits, _, _ in kept]
+        batch.teacher_reused = reused
+        rows = torch.cat(reused)
+        batch.stats["teacher_rows_recomputed"] = 1.0 - float(rows.float().mean())
 
     # ------------------------------------------------------------------------------------------ step
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the block to `phase_seconds[name]` (the device is synchronised at both
+        ends so that GPU work lands in its phase: a few synchronisations per step). Only with
+        logging.time_phases; otherwise the block just runs."""
+        if not self.cfg.logging.time_phases:
+            yield
+            return
+        platform.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            platform.synchronize()
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def time_loss_backward(self, logits: torch.Tensor, loss: torch.Tensor) -> None:
+        """Phase `loss_backward`: from the loss's gradient to the student logits' gradient (two tensor
+        hooks that leave the gradients unchanged; nothing without autograd)."""
+        if not (self.cfg.logging.time_phases and torch.is_grad_enabled() and loss.requires_grad
+                and logits.requires_grad):
+            return
+        started = []
+
+        def begin(_grad):
+            platform.synchronize()
+            started.append(time.perf_counter())
+
+        def end(_grad):
+            platform.synchronize()
+            if started:
+                self.phase_seconds["loss_backward"] = (self.phase_seconds.get("loss_backward", 0.0)
+                                                       + time.perf_counter() - started.pop())
+
+        loss.register_hook(begin)
+        logits.register_hook(end)
+
+    def step_teacher_logits(self, batch: StepBatch):
+        """The teacher logits of the step's micro-batches (as `teacher_forward`), reusing SCRG's
+        detection logits where the batch carries them: only the other rows run the teacher again."""
+        if batch.teacher_reused is None:
+            return self.teacher_forward(batch.micro_batches)
+        return self._complete_teacher_logits(batch.micro_batches, batch.teacher_logits, batch.teacher_reused)
+
+    def _complete_teacher_logits(self, micro_batches: list[dict], kept: list, reused: list[torch.Tensor]):
+        """Fill the rows of `kept` that `reused` does not mark with a teacher forward of those rows only.
+
+        Micro-batches without a reused row run whole; the rows to recompute of the others are packed into
+        sub-batches of micro_batch_size rows, the last one filled up with copies of its last row, so that
+        every batch has the loss pass's shape (a row's values do not depend on the other rows' values, but
+        a GEMM of another shape may round differently: at TP=2 a 1-row batch gave ~1e-7 relative
+        differences) and one pipeline pass runs them all. `reused` is identical on every rank of the
+        model replica, so every pipeline stage runs the same pass."""
+        mbs = micro_batches[0]["tokens"].shape[0]
+        whole = [k for k, rows in enumerate(reused) if not bool(rows.any())]
+        partial = [(k, r) for k, rows in enumerate(reused) if bool(rows.any())
+                   for r in torch.nonzero(~rows).flatten().tolist()]
+        chunks = [(micro_batches[k]["tokens"], k) for k in whole]
+        for i in range(0, len(partial), mbs):
+            part = partial[i:i + mbs]
+            rows = [micro_batches[k]["tokens"][r] for k, r in part]
+            chunks.append((torch.stack(rows + rows[-1:] * (mbs - len(rows))), part))
+        logits = list(kept) if self.last_stage else None
+        if not chunks:
+            return logits
+        outputs = forward_logits(self.teacher, [tokens for tokens, _ in chunks])
+        if outputs is None:  # not the last pipeline stage: nothing to place
+            return None
+        for (_, target), out in zip(chunks, outputs, strict=True):
+            if isinstance(target, int):
+                logits[target] = out
+            else:
+                for row, (k, r) in enumerate(target):
+                    logits[k][r] = out[row]
+        return logits
+
     def teacher_forward(self, micro_batches: list[dict]):
         """The frozen teacher's vocab-parallel logits of the micro-batches (a list, on the last pipeline
-        stage; None on other stages and without a teacher)."""
+        stage; None on other stages and without a teacher). With teacher.cache, ground-truth micro-batches
+        (they carry `row_ids`) take the cached top-K distribution instead: no teacher forward."""
+        if self.cache is not None and all("row_ids" in mb for mb in micro_batches):
+            if not self.last_stage:
+                return None
+            from mgsr_megatron.models.vocab import padded_vocab_size
+
+            tp = self.cfg.parallel.tensor_model_parallel_size
+            model = self.cfg.teacher
+            local_vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
+            return [self.cache.dense_teacher_logits(mb["row_ids"], mb["loss_mask"], local_vocab, self.tp_rank,
+                                                    self.cfg.mgsr.temperature) for mb in micro_batches]
         if self.teacher is None:
             return None
         return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
@@ -271,7 +405,13 @@ class Trainer:
             index, mb = next(batches)
             output = model(mb["tokens"], mb["position_ids"], None)
 
-            def loss_func(student_logits):
+            def loss_func(output_logits):
+                with self.phase("loss_forward"):
+                    loss, extra = objective(output_logits)
+                self.time_loss_backward(output_logits, loss)
+                return loss, extra
+
+            def objective(student_logits):
                 student_logits = self._tp_rank_masked(student_logits)
                 if teacher_logits is not None:
                     teacher = self._tp_rank_masked(teacher_logits[index])
@@ -314,6 +454,8 @@ class Trainer:
     def validation_loss(self) -> dict | None:
         """The MGSR objective on the fixed validation micro-batches (no update), averaged over DP;
         reported to the data schedule (DistiLLM's threshold rule). None without a validation split."""
+        if self.teacher is None and self.cache is not None:  # the cache holds the training split only
+            return None
         micro_batches = self.data.validation_micro_batches(self.cfg.schedule.eval_iters, self.dp_rank, self.dp_size)
         count = torch.tensor([len(micro_batches)], device=platform.device())
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
@@ -331,14 +473,20 @@ class Trainer:
         return metrics
 
     def train_step(self) -> dict:
-        start = time.time()
+        start, clock = time.time(), time.perf_counter()
         lr = optim.learning_rate(self.step, self.cfg.optimizer, self.cfg.schedule)
         optim.set_learning_rate(self.optimizer, self.clipnet_optimizer, lr, self.cfg.optimizer)
-        batch = self.next_batch()
+        self.phase_seconds = {}
+        with self.phase("data"):
+            batch = self.next_batch()
         self.student.train()
-        teacher_logits = self.teacher_forward(batch.micro_batches)
-        optim.zero_grads(self.student_ddp, self.optimizer, self.clipnet_optimizer)
-        outputs = self._forward_backward(batch.micro_batches, teacher_logits)
+        with self.phase("teacher_forward"):
+            teacher_logits = self.step_teacher_logits(batch)
+        with self.phase("optimizer"):
+            optim.zero_grads(self.student_ddp, self.optimizer, self.clipnet_optimizer)
+        with self.phase("student_forward_backward"):
+            outputs = self._forward_backward(batch.micro_batches, teacher_logits)
+        del teacher_logits
         metrics = self._reduce_metrics(outputs)
         grad_norm = float("nan")
         if metrics["nonfinite"] or not math.isfinite(metrics["loss"]):
@@ -349,8 +497,9 @@ class Trainer:
                                 f"schedule.max_nan_steps={self.cfg.schedule.max_nan_steps}); stopping")
         else:
             self.nan_steps_in_row = 0
-            grad_norm = optim.optimizer_step(self.student_ddp, self.optimizer, self.clipnet,
-                                             self.clipnet_optimizer, self.cfg.optimizer.clip_grad)
+            with self.phase("optimizer"):
+                grad_norm = optim.optimizer_step(self.student_ddp, self.optimizer, self.clipnet,
+                                                 self.clipnet_optimizer, self.cfg.optimizer.clip_grad)
             if math.isnan(grad_norm):  # fp16 loss scaling found inf/NaN gradients: step skipped
                 self.skipped_steps += 1
         self.step += 1
@@ -361,4 +510,17 @@ class Trainer:
                        tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed, source=batch.source,
                        skipped_steps=self.skipped_steps)
         metrics["mem_gib"] = platform.peak_memory_bytes() / 2 ** 30
+        if self.cfg.logging.time_phases:
+            metrics.update({f"time/{name}": seconds for name, seconds in self.exclusive_phases(clock).items()})
         return metrics
+
+    def exclusive_phases(self, clock: float) -> dict:
+        """`phase_seconds` with nested phases taken out of their parents (generation out of data, the
+        loss out of the student's forward/backward) and the rest of the step as `bookkeeping`."""
+        phases = self.phase_seconds
+        phases["data"] = phases.get("data", 0.0) - phases.get("generation", 0.0)
+        for part in ("loss_forward", "loss_backward"):
+            inner = phases.setdefault(part, 0.0)
+            phases["student_forward_backward"] = phases.get("student_forward_backward", 0.0) - inner
+        phases["bookkeeping"] = max(0.0, time.perf_counter() - clock - sum(phases.values()))
+        return phases

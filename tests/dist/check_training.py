@@ -89,3 +89,34 @@ def teacher_left_at_random_init_is_refused():
         raise AssertionError("a teacher still at its random initialisation was accepted")
     finally:
         checkpoint.load_model = real_load
+
+
+@dist_check(world_size=4)
+def scrg_teacher_logit_reuse_matches_recompute():
+    """mgsr.reuse_scrg_teacher_logits at TP=2 PP=2 (4 micro-batches per step): the step's losses,
+    gradient norms and the student's weights equal those of the full teacher forward (the old path)."""
+    import torch
+
+    from mgsr_megatron.training.run import build_trainer
+
+    root = shared_root()
+    ensure_teacher(root)
+    init = ensure_student_init(root)
+
+    def run(reuse: bool):
+        cfg = base_config(root, 2, 2)
+        cfg.student.load = init
+        cfg.mgsr.on_policy_lambda = 1.0  # every step is an SCRG step
+        cfg.mgsr.scrg_delta = 0.11  # some rows corrected, some not (see tests/test_scrg_teacher_reuse.py)
+        cfg.mgsr.reuse_scrg_teacher_logits = reuse
+        trainer = build_trainer(cfg)
+        metrics = [trainer.train_step() for _ in range(3)]
+        return metrics, [p.detach().clone() for p in trainer.student.parameters()]
+
+    (reused, weights), (recomputed, reference) = run(True), run(False)
+    shares = [m["teacher_rows_recomputed"] for m in reused]
+    assert any(share < 1.0 for share in shares) and any(share > 0.0 for share in shares), shares
+    assert [m["teacher_rows_recomputed"] for m in recomputed] == [1.0] * 3
+    for key in ("loss", "sft", "dac_kl", "span", "grad_norm"):
+        assert [m[key] for m in reused] == [m[key] for m in recomputed], (key, reused, recomputed)
+    assert all(torch.equal(a, b) for a, b in zip(weights, reference, strict=True))

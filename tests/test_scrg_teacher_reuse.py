@@ -1,0 +1,81 @@
+"""SCRG's teacher logits reused for the loss (mgsr.reuse_scrg_teacher_logits, docs/generation.md).
+
+The last detection pass scores every row exactly as the loss pass sees it (collated: padded to
+seq_length with the tokenizer's pad); rows it did not correct keep those logits, the others run the
+teacher again in sub-batches of the micro-batch's shape. Here, single process: the completed logits
+equal a full teacher forward bit for bit (same tokens, positions, padding and batch shape; a row's
+values do not depend on the other rows' values), and training with reuse equals training without it
+(losses, gradient norms, weights: exact equality, no tolerance needed).
+The TP=2 / PP=2 version is tests/dist/check_training.py::scrg_teacher_logit_reuse_matches_recompute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from mgsr_megatron.training.smoke import build_files, ensure_teacher
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29647")
+    path = tmp_path_factory.mktemp("scrg_reuse")
+    build_files(path)
+    ensure_teacher(path)
+    return path
+
+
+def _trainer(root, reuse: bool, delta: float):
+    from mgsr_megatron.training.run import build_trainer
+    from mgsr_megatron.training.smoke import base_config
+
+    cfg = base_config(root)  # 4 micro-batches of 2 rows per step
+    cfg.mgsr.on_policy_lambda = 1.0  # every step generates (SCRG, one round)
+    # a threshold between the rows' divergences on this toy setup: some rows are corrected, some not
+    cfg.mgsr.scrg_delta = delta
+    cfg.mgsr.reuse_scrg_teacher_logits = reuse
+    cfg.logging.time_phases = True  # the step's phase timings are checked below
+    return build_trainer(cfg)
+
+
+# 0.11: two micro-batches without a reused row (run whole) + one full sub-batch of corrected rows;
+# 0.12: one corrected row (a sub-batch smaller than the micro-batch)
+@pytest.mark.parametrize("delta", [0.11, 0.12])
+def test_completed_logits_equal_a_full_teacher_forward(root, delta):
+    trainer = _trainer(root, True, delta)
+    batch = trainer.next_batch()
+    assert batch.source == "generate"
+    reused = torch.cat(batch.teacher_reused)
+    assert reused.any() and not reused.all(), reused  # both kinds of rows
+    assert batch.stats["teacher_rows_recomputed"] == pytest.approx(1 - reused.float().mean().item())
+    completed = trainer.step_teacher_logits(batch)
+    reference = trainer.teacher_forward(batch.micro_batches)
+    for got, want in zip(completed, reference, strict=True):
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_training_with_reuse_equals_training_without(root):
+    runs = {}
+    for reuse in (True, False):
+        trainer = _trainer(root, reuse, 0.11)
+        metrics = [trainer.train_step() for _ in range(3)]
+        runs[reuse] = (metrics, [p.detach().clone() for p in trainer.student.parameters()],
+                       [p.detach().clone() for p in trainer.clipnet.parameters()])
+    (with_reuse, weights, clip), (without, weights_ref, clip_ref) = runs[True], runs[False]
+    assert all(m["source"] == "generate" for m in with_reuse + without)
+    assert [m["teacher_rows_recomputed"] for m in without] == [1.0] * 3
+    assert min(m["teacher_rows_recomputed"] for m in with_reuse) < 1.0, with_reuse
+    for key in ("loss", "sft", "dac_kl", "span", "grad_norm", "scrg_corrected"):
+        assert [m[key] for m in with_reuse] == [m[key] for m in without], key
+    for got, want in zip(weights + clip, weights_ref + clip_ref, strict=True):
+        assert torch.equal(got, want)
+    # the step's phase timings (tools/bench_step.py prints them)
+    phases = {k for k in with_reuse[0] if k.startswith("time/")}
+    assert phases == {f"time/{p}" for p in ("data", "generation", "teacher_forward", "student_forward_backward",
+                                            "loss_forward", "loss_backward", "optimizer", "bookkeeping")}
+    assert all(with_reuse[0][k] >= 0 for k in phases)

@@ -384,6 +384,19 @@ def _in_range(cfg, key: str, low: float, high: float, low_open: bool = False, hi
                f", got {value!r}")
 
 
+def check_apart_from_models(cfg: Config, key: str, output: str) -> None:
+    """An output directory (config `key`) may not equal, contain or lie inside teacher.load or
+    student.load: writing there would overwrite or mix with a model's files."""
+    out = Path(output).resolve()
+    for name in ("teacher", "student"):
+        load = getattr(cfg, name).load
+        if load:
+            source = Path(load).resolve()
+            _check(not (out == source or source.is_relative_to(out) or out.is_relative_to(source)),
+                   f"{key}={output} overlaps {name}.load={load}: writing there would overwrite or mix with "
+                   f"the {name}'s files; choose another directory")
+
+
 def validate(cfg: Config) -> Config:
     """Every setting that can be checked without files or processes: positive sizes, ranges,
     divisibility, batch layout, paths that must not overlap. Raises UserError naming the key."""
@@ -451,14 +464,7 @@ def validate(cfg: Config) -> Config:
     _in_range(cfg, "optimizer.adam_eps", 0.0, 1.0, low_open=True)
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume': expected none, auto or a directory")
     if cfg.checkpoint.save:
-        save = Path(cfg.checkpoint.save).resolve()
-        for name in ("teacher", "student"):
-            load = getattr(cfg, name).load
-            if load:
-                source = Path(load).resolve()
-                _check(not (save == source or source.is_relative_to(save) or save.is_relative_to(source)),
-                       f"checkpoint.save={cfg.checkpoint.save} overlaps {name}.load={load}: saving there would "
-                       f"overwrite or mix with the {name}'s checkpoint; choose another directory")
+        check_apart_from_models(cfg, "checkpoint.save", cfg.checkpoint.save)
     if cfg.teacher.cache is not None or cfg.student.cache is not None:  # the manifest, before any model
         from mgsr_megatron.training.teacher_cache import check_cache_config
 

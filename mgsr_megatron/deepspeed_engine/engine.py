@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from mgsr_megatron.config import check_batch_layout
 from mgsr_megatron.deepspeed_engine import models, runtime, settings
-from mgsr_megatron.errors import UserError
 from mgsr_megatron.training import optimizer as optim
+from mgsr_megatron.training.trainer import count_nonfinite_step
 
 METRIC_KEYS = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "band_size", "kept_mass", "teacher_entropy")
 
@@ -189,14 +189,7 @@ class DeepSpeedTrainer:
         metrics = self._reduce(reported)
         applied = bool(self.engine.was_step_applied())
         grad_norm = float("nan")
-        if metrics["nonfinite"] or not math.isfinite(metrics["loss"]) or not applied:
-            self.nan_steps_in_row += 1
-            self.skipped_steps += 1
-            if self.nan_steps_in_row > self.cfg.schedule.max_nan_steps:
-                raise UserError(f"loss was NaN/Inf in {self.nan_steps_in_row} steps in a row (limit "
-                                f"schedule.max_nan_steps={self.cfg.schedule.max_nan_steps}); stopping")
-        else:
-            self.nan_steps_in_row = 0
+        if count_nonfinite_step(self, metrics["nonfinite"] or not math.isfinite(metrics["loss"]) or not applied):
             student_norm = self.engine.get_global_grad_norm()
             student_norm = float(student_norm) if student_norm is not None else float("nan")
             grad_norm = math.sqrt(student_norm ** 2 + self._clipnet_step() ** 2)

@@ -49,50 +49,21 @@ def run_validation(trainer, log: MetricsLogger) -> None:
         log.log(trainer.step, metrics, kind="valid")
 
 
-def train(cfg: Config, on_step=None):
-    """Train to schedule.train_iters. Returns (exit code: 0 or EXIT_PREEMPTED, trainer). `on_step(trainer)`
-    runs after every step (tests use it to raise a signal)."""
+def train(cfg: Config):
+    """Train to schedule.train_iters (training/run.py run_steps, the loop both engines share). Returns
+    (exit code: 0 or EXIT_PREEMPTED, trainer)."""
     from mgsr_megatron.deepspeed_engine.models import export_hf
-    from mgsr_megatron.training.trainer import EXIT_PREEMPTED, PreemptionFlag
+    from mgsr_megatron.training.run import open_metrics, run_steps
 
     trainer, resume_dir = build_trainer(cfg)
     if resume_dir is not None:
         load_checkpoint(trainer, resume_dir, verify=cfg.checkpoint.verify)
     rank0 = dist.get_rank() == 0
-    log = MetricsLogger(cfg.logging.output_dir, cfg.schedule.train_iters, cfg.logging.log_interval, rank0,
-                        cfg.logging.tensorboard, cfg.logging.progress_bar, start_step=trainer.step)
-    if rank0 and resume_dir is not None:
-        log.write_line(trainer.step, "resume", {"from": str(resume_dir)})
+    log = open_metrics(trainer, cfg, resume_dir)
     if rank0 and cfg.schedule.eval_interval and cfg.schedule.eval_prompts:
         log.write_line(trainer.step, "note", {"eval": "generation (ROUGE-L) is not implemented in the deepspeed "
                                                       "engine yet: validation loss only"})
-    preemption = PreemptionFlag()
-    save_dir = cfg.checkpoint.save
-    exit_code = 0
-    saved_step = trainer.step if resume_dir is not None else -1
-    interval = cfg.schedule.eval_interval
-    while trainer.step < cfg.schedule.train_iters:
-        metrics = trainer.train_step()
-        log.log(trainer.step, metrics)
-        if on_step is not None:
-            on_step(trainer)
-        if interval and trainer.step % interval == 0:
-            run_validation(trainer, log)
-        if preemption.any_rank():
-            if save_dir:
-                save_checkpoint(trainer, save_dir)
-                saved_step = trainer.step
-            if rank0:
-                log.write_line(trainer.step, "preempted", {"checkpoint": str(save_dir), "exit_code": EXIT_PREEMPTED})
-            exit_code = EXIT_PREEMPTED
-            break
-        if save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0:
-            save_checkpoint(trainer, save_dir)
-            saved_step = trainer.step
-    if interval and exit_code == 0 and trainer.step % interval:
-        run_validation(trainer, log)
-    if save_dir and saved_step != trainer.step:  # the final state is always saved
-        save_checkpoint(trainer, save_dir)
+    exit_code = run_steps(trainer, cfg, log, resume_dir, save_checkpoint, run_validation)
     if exit_code == 0 and cfg.deepspeed.export_dir:
         out = export_hf(trainer.student, cfg.student.load, cfg.deepspeed.export_dir)
         if rank0:

@@ -35,6 +35,8 @@ def _check(condition: bool, message: str) -> None:
 
 def validate_settings(cfg) -> None:
     """The DeepSpeed engine's settings (no files but the JSON, no processes). Raises UserError."""
+    from mgsr_megatron.config import check_apart_from_models
+
     ds = cfg.deepspeed
     _check(cfg.parallel.tensor_model_parallel_size == 1 and cfg.parallel.pipeline_model_parallel_size == 1,
            f"the deepspeed engine is data-parallel only: parallel.tensor_model_parallel_size="
@@ -68,14 +70,7 @@ def validate_settings(cfg) -> None:
            "optimizer.loss_scale / initial_loss_scale: fp16 loss scaling is not used by the deepspeed engine "
            "(float32 or bfloat16)")
     if ds.export_dir:
-        out = Path(ds.export_dir).resolve()
-        for name in ("student", "teacher"):
-            load = getattr(cfg, name).load
-            if load:
-                source = Path(load).resolve()
-                _check(not (out == source or source.is_relative_to(out) or out.is_relative_to(source)),
-                       f"deepspeed.export_dir={ds.export_dir} overlaps {name}.load={load}: the export would "
-                       f"replace or mix with the {name}'s directory; choose another one")
+        check_apart_from_models(cfg, "deepspeed.export_dir", ds.export_dir)
     if ds.config_json:
         read_config_json(cfg)
 

@@ -62,6 +62,46 @@ def run_evaluation(trainer: Trainer, log: MetricsLogger) -> None:
         log.log(trainer.step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, kind="eval")
 
 
+def open_metrics(trainer, cfg: Config, resume_dir) -> MetricsLogger:
+    """The run's metrics logger (progress bar and lines on rank 0, JSONL, TensorBoard), from the step the
+    trainer is at; a resumed run says where it resumed from."""
+    rank0 = dist.get_rank() == 0
+    log = MetricsLogger(cfg.logging.output_dir, cfg.schedule.train_iters, cfg.logging.log_interval, rank0,
+                        cfg.logging.tensorboard, cfg.logging.progress_bar, start_step=trainer.step)
+    if rank0 and resume_dir is not None:
+        log.write_line(trainer.step, "resume", {"from": str(resume_dir)})
+    return log
+
+
+def run_steps(trainer, cfg: Config, log: MetricsLogger, resume_dir, save, evaluate) -> int:
+    """The training loop of both engines (Megatron's Trainer, deepspeed_engine's): steps to
+    schedule.train_iters with metrics, `evaluate(trainer, log)` every schedule.eval_interval steps and at
+    the end, `save(trainer, checkpoint.save)` every checkpoint.save_interval steps and at the end, and on
+    SIGTERM / SIGUSR1 a checkpoint and EXIT_PREEMPTED. Returns the exit code (0 or EXIT_PREEMPTED)."""
+    preemption = PreemptionFlag()
+    save_dir, interval = cfg.checkpoint.save, cfg.schedule.eval_interval
+    saved_step = trainer.step if resume_dir is not None else -1
+    while trainer.step < cfg.schedule.train_iters:
+        metrics = trainer.train_step()  # (before trainer.step is read: the step it logs is the one it ran)
+        log.log(trainer.step, metrics)
+        if interval and trainer.step % interval == 0:
+            evaluate(trainer, log)
+        if preemption.any_rank():
+            if save_dir:
+                save(trainer, save_dir)
+            if dist.get_rank() == 0:
+                log.write_line(trainer.step, "preempted", {"checkpoint": str(save_dir), "exit_code": EXIT_PREEMPTED})
+            return EXIT_PREEMPTED
+        if save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0:
+            save(trainer, save_dir)
+            saved_step = trainer.step
+    if interval and trainer.step % interval:
+        evaluate(trainer, log)
+    if save_dir and saved_step != trainer.step:  # the final state is always saved
+        save(trainer, save_dir)
+    return 0
+
+
 def train(cfg: Config) -> tuple[int, Trainer]:
     """Run training to `schedule.train_iters`. Returns the exit code (0, or EXIT_PREEMPTED after the
     preemption checkpoint) and the trainer."""
@@ -70,36 +110,8 @@ def train(cfg: Config) -> tuple[int, Trainer]:
     if resume_dir is not None:
         load_checkpoint(trainer, resume_dir, verify=cfg.checkpoint.verify)
     rank0 = dist.get_rank() == 0
-    log = MetricsLogger(cfg.logging.output_dir, cfg.schedule.train_iters, cfg.logging.log_interval, rank0,
-                        cfg.logging.tensorboard, cfg.logging.progress_bar, start_step=trainer.step)
-    if rank0 and resume_dir is not None:
-        log.write_line(trainer.step, "resume", {"from": str(resume_dir)})
-    preemption = PreemptionFlag()
-    save_dir = cfg.checkpoint.save
-    exit_code = 0
-    saved_step = trainer.step if resume_dir is not None else -1
-    while trainer.step < cfg.schedule.train_iters:
-        metrics = trainer.train_step()
-        log.log(trainer.step, metrics)
-        if cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0:
-            run_evaluation(trainer, log)
-        periodic = save_dir and cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
-        if preemption.any_rank():
-            if save_dir:
-                save_checkpoint(trainer, save_dir)
-                saved_step = trainer.step
-            if rank0:
-                log.write_line(trainer.step, "preempted", {"checkpoint": str(save_dir), "exit_code": EXIT_PREEMPTED})
-            exit_code = EXIT_PREEMPTED
-            break
-        if periodic:
-            save_checkpoint(trainer, save_dir)
-            saved_step = trainer.step
-    evaluated_last = cfg.schedule.eval_interval and trainer.step % cfg.schedule.eval_interval == 0
-    if cfg.schedule.eval_interval and exit_code == 0 and not evaluated_last:  # and at the end
-        run_evaluation(trainer, log)
-    if save_dir and saved_step != trainer.step:  # the final state is always saved
-        save_checkpoint(trainer, save_dir)
+    log = open_metrics(trainer, cfg, resume_dir)
+    exit_code = run_steps(trainer, cfg, log, resume_dir, save_checkpoint, run_evaluation)
     if rank0:
         Path(cfg.logging.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.output_dir) / "train_summary.json").write_text(

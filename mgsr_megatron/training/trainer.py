@@ -65,6 +65,21 @@ def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
             "gen_distinct_2": 100.0 * len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
 
 
+def count_nonfinite_step(trainer, nonfinite: bool) -> bool:
+    """Book a step's health on either engine's trainer: a non-finite loss or gradient is skipped and
+    counted, and more than schedule.max_nan_steps of them in a row stop the run. True: the step may update."""
+    if not nonfinite:
+        trainer.nan_steps_in_row = 0
+        return True
+    trainer.nan_steps_in_row += 1
+    trainer.skipped_steps += 1
+    limit = trainer.cfg.schedule.max_nan_steps
+    if trainer.nan_steps_in_row > limit:
+        raise UserError(f"loss was NaN/Inf in {trainer.nan_steps_in_row} steps in a row (limit "
+                        f"schedule.max_nan_steps={limit}); stopping")
+    return False
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop saves and exits at the next step boundary."""
 
@@ -489,14 +504,7 @@ class Trainer:
         del teacher_logits
         metrics = self._reduce_metrics(outputs)
         grad_norm = float("nan")
-        if metrics["nonfinite"] or not math.isfinite(metrics["loss"]):
-            self.nan_steps_in_row += 1
-            self.skipped_steps += 1
-            if self.nan_steps_in_row > self.cfg.schedule.max_nan_steps:
-                raise UserError(f"loss was NaN/Inf in {self.nan_steps_in_row} steps in a row (limit "
-                                f"schedule.max_nan_steps={self.cfg.schedule.max_nan_steps}); stopping")
-        else:
-            self.nan_steps_in_row = 0
+        if count_nonfinite_step(self, metrics["nonfinite"] or not math.isfinite(metrics["loss"])):
             with self.phase("optimizer"):
                 grad_norm = optim.optimizer_step(self.student_ddp, self.optimizer, self.clipnet,
                                                  self.clipnet_optimizer, self.cfg.optimizer.clip_grad)

@@ -173,12 +173,27 @@ class Checks:
             self.out.write_text(json.dumps(self.results, indent=1))
 
     def train(self, run: str, on_step=None, edit=None, **deepspeed):
+        """`on_step(trainer)` runs after every training step (the test wraps the trainer's train_step: the
+        library has no hook for it)."""
+        from mgsr_megatron.deepspeed_engine.engine import DeepSpeedTrainer
         from mgsr_megatron.deepspeed_engine.run import train
 
         cfg = base_config(self.root, run, **deepspeed)
         if edit is not None:
             edit(cfg)
-        code, trainer = train(cfg, on_step=on_step)
+        original = DeepSpeedTrainer.train_step
+
+        def train_step(trainer):
+            metrics = original(trainer)
+            if on_step is not None:
+                on_step(trainer)
+            return metrics
+
+        DeepSpeedTrainer.train_step = train_step
+        try:
+            code, trainer = train(cfg)
+        finally:
+            DeepSpeedTrainer.train_step = original
         self.results["losses"][run] = losses_of(cfg.logging.output_dir)
         return code, trainer, cfg
 

@@ -11,23 +11,22 @@ The TP=2 / PP=2 version is tests/dist/check_training.py::scrg_teacher_logit_reus
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
+    from mgsr_megatron import parallel
     from mgsr_megatron.training.smoke import build_files, ensure_teacher
 
-    for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", "29647")
+    # a single-process world on a free port (parallel.discover_env); no launcher variables are set here,
+    # because they would leak into the tests that run after this module (a SLURM launch took the port)
     path = tmp_path_factory.mktemp("scrg_reuse")
     build_files(path)
     ensure_teacher(path)
-    return path
+    yield path
+    parallel.destroy()
 
 
 def _trainer(root, reuse: bool, delta: float):

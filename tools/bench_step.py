@@ -284,7 +284,9 @@ def memory(args) -> None:
         if proc.returncode or not found:
             raise SystemExit(f"--recompute {setting} failed:\n{proc.stderr[-3000:]}")
         rows[setting] = (int(found.group(2)), int(found.group(3)), float(found.group(4)))
-    kind = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
+    from mgsr_megatron import platform
+
+    kind = "peak GPU memory allocated" if platform.cuda_available() else "peak RSS"
     print(f"student {args.student_layers}x{args.student_hidden}, teacher {args.teacher_layers}x{args.teacher_hidden}, "
           f"V={args.vocab}, {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, TP={args.tp}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} steps; {kind} per process, GiB")
@@ -300,6 +302,8 @@ def main() -> None:
     if args.peak_only:
         return peak_only(args)
     import torch.distributed as dist
+
+    from mgsr_megatron import platform
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build(args, workdir)
@@ -323,7 +327,7 @@ def main() -> None:
         achieved = flops / mgsr / 1e12
         print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
               f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"
-              + ("" if torch.cuda.is_available() else " (CPU: not meaningful)"))
+              + ("" if platform.cuda_available() else " (CPU: not meaningful)"))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.models.checkpoint import (
     LATEST,
@@ -78,17 +79,13 @@ def _write_latest(root: Path, name: str) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "device": platform.device_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    platform.set_device_rng_state(state.get("device"))
 
 
 def save_checkpoint(trainer, root: str | Path) -> Path:

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from mgsr_megatron import platform
 from mgsr_megatron.config import check_batch_layout
 from mgsr_megatron.deepspeed_engine import models, runtime, settings
 from mgsr_megatron.training import optimizer as optim
@@ -68,7 +69,7 @@ class DeepSpeedTrainer:
         self.num_micro = check_batch_layout(cfg, self.dp_size,
                                             models=("teacher", "student") if self.uses_teacher else ("student",))
         self.vocab = cfg.student.vocab_size  # the tokenizer's (settings.resolve_models)
-        self.device = runtime.device()
+        self.device = platform.device()
         self.ds_config = settings.engine_config(cfg, self.dp_size)
         if cfg.deepspeed.cpu_adam:
             runtime.check_extension_lock(runtime.CPU_ADAM_OP)
@@ -197,8 +198,6 @@ class DeepSpeedTrainer:
         self.last_loss = metrics["loss"]
         tokens = sum(int(mb["loss_mask"].numel()) for mb in micro_batches) * self.dp_size
         elapsed = time.time() - start
-        from mgsr_megatron import platform
-
         metrics.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed,
                        source="ground_truth", skipped_steps=self.skipped_steps,
                        mem_gib=platform.peak_memory_bytes() / 2 ** 30)

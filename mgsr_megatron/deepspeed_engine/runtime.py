@@ -66,9 +66,9 @@ def check_extension_lock(op_name: str) -> None:
 def init_distributed(timeout_minutes: int = 10, rendezvous_timeout_s: float = 300.0):
     """torch.distributed (NCCL on CUDA, gloo on CPU) from torchrun / srun / mpirun variables, then the
     variables DeepSpeed reads itself (LOCAL_RANK, ...). Idempotent. Returns the DistEnv."""
-    import torch
     import torch.distributed as dist
 
+    from mgsr_megatron import platform
     from mgsr_megatron.parallel import discover_env, wait_for_rendezvous
 
     env = discover_env()
@@ -76,19 +76,12 @@ def init_distributed(timeout_minutes: int = 10, rendezvous_timeout_s: float = 30
                         ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
         os.environ.setdefault(name, str(value))
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        platform.set_local_device(env.local_rank)
         wait_for_rendezvous(env, rendezvous_timeout_s)
-        dist.init_process_group(backend="nccl" if cuda else "gloo",
+        dist.init_process_group(backend=platform.backend(),
                                 init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                                 world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     import_deepspeed().init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
                                         verbose=False)
     return env
 
-
-def device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

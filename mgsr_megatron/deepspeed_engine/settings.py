@@ -149,14 +149,16 @@ def _merge(base: dict, extra: dict) -> dict:
 def engine_config(cfg, dp: int) -> dict:
     """The student's DeepSpeed config: the project's batch layout, precision, clipping, ZeRO stage and
     offload, on top of the user's JSON (whose remaining keys - bucket sizes, prefetching, ... - pass)."""
+    from mgsr_megatron import platform
+
     ds, sched = cfg.deepspeed, cfg.schedule
     micro = sched.global_batch_size // (sched.micro_batch_size * dp)
     bf16 = cfg.student.params_dtype == "bfloat16"
     zero = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _cuda()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": platform.cuda_available()}
     if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": _cuda()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": platform.cuda_available()}
     ours = {
         "train_batch_size": sched.global_batch_size, "train_micro_batch_size_per_gpu": sched.micro_batch_size,
         "gradient_accumulation_steps": micro, "gradient_clipping": cfg.optimizer.clip_grad,
@@ -178,20 +180,17 @@ def engine_config(cfg, dp: int) -> dict:
 
 def teacher_config(cfg, dp: int) -> dict:
     """A frozen teacher partitioned with ZeRO-3 (no optimizer): forward gathers each layer's weights."""
+    from mgsr_megatron import platform
+
     zero = {"stage": 3}
     if cfg.deepspeed.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": _cuda()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": platform.cuda_available()}
     sched = cfg.schedule
     return {"train_batch_size": sched.global_batch_size, "train_micro_batch_size_per_gpu": sched.micro_batch_size,
             "gradient_accumulation_steps": sched.global_batch_size // (sched.micro_batch_size * dp),
             "zero_optimization": zero, "bf16": {"enabled": cfg.teacher.params_dtype == "bfloat16"},
             "fp16": {"enabled": False}, "steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False}
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -68,3 +68,14 @@ def peak_memory_bytes() -> int:
 
 def bf16_supported() -> bool:
     return cuda_available() and torch.cuda.is_bf16_supported()
+
+
+def device_rng_state():
+    """Every local GPU's RNG state (None on the CPU), for a checkpoint."""
+    return torch.cuda.get_rng_state_all() if cuda_available() else None
+
+
+def set_device_rng_state(state) -> None:
+    """Restore `device_rng_state()`'s result (nothing to do on the CPU or for a CPU-written state)."""
+    if state is not None and cuda_available():
+        torch.cuda.set_rng_state_all(state)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from mgsr_megatron.errors import UserError
+from tests.test_cli_inference import _assert_one_line_error as _one_error_line
+from tests.test_cli_inference import _mgsr
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -27,21 +29,6 @@ OTHER_HASH = "0123456789abcdef"
 
 def _train(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return _mgsr("train", "--config", config, *extra)
-
-
-def _mgsr(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mgsr_megatron", *map(str, args)], env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _one_error_line(result, *fragments) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("mgsr: error:")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

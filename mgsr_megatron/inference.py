@@ -120,21 +120,6 @@ def read_prompt_file(path: str | Path, tokenizer) -> tuple[list[dict], list[list
     return rows, prompts, numbers
 
 
-def _my_rows(count: int) -> list[int]:
-    from megatron.core import parallel_state
-
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    return [i for i in range(count) if i % dp_size == dp_rank]
-
-
-def _gather_dp(local: list) -> list:
-    from megatron.core import parallel_state
-
-    parts = [None] * parallel_state.get_data_parallel_world_size()
-    dist.all_gather_object(parts, local, group=parallel_state.get_data_parallel_group())
-    return [item for part in parts for item in part]
-
-
 def generate_file(args, overrides) -> None:
     from mgsr_megatron.generation import SamplingOptions, generate
 
@@ -145,15 +130,13 @@ def generate_file(args, overrides) -> None:
     eos_id = tokenizer.eos_id if tokenizer is not None else model_cfg.vocab_size - 1
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, eos_id=eos_id, greedy=args.greedy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    mine = _my_rows(len(rows))
     results = []
-    for start in range(0, len(mine), args.batch_size):
-        chunk = mine[start:start + args.batch_size]
-        out = generate(model, [prompts[i] for i in chunk],
-                       dataclasses.replace(options, seed=args.seed * 1_000_003 + chunk[0]),
+    for block in parallel.replica_blocks(len(rows), args.batch_size):  # answers independent of the DP size
+        out = generate(model, [prompts[i] for i in block],
+                       dataclasses.replace(options, seed=args.seed * 1_000_003 + block.start),
                        vocab_size=model_cfg.vocab_size)
-        results += list(zip(chunk, out.responses()))
-    results = dict(_gather_dp(results))
+        results += zip(block, out.responses())
+    results = dict(parallel.gather_over_replicas(results))
     if dist.get_rank() == 0:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

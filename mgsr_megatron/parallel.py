@@ -247,3 +247,26 @@ def destroy() -> None:
     destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def replica_blocks(count: int, block_size: int) -> list[range]:
+    """The blocks of rows this data-parallel replica handles when `count` rows are processed
+    `block_size` at a time: block k (rows [k*block_size, (k+1)*block_size)) goes to replica k % DP.
+
+    Generation seeds each block by its first GLOBAL row and the sampler's noise is keyed by the row's
+    place in its block, so a sampled answer depends only on (seed, row), never on the DP size."""
+    from megatron.core import parallel_state
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    starts = range(0, count, block_size)[dp_rank::dp_size]
+    return [range(start, min(start + block_size, count)) for start in starts]
+
+
+def gather_over_replicas(local: list) -> list:
+    """The concatenation of every data-parallel replica's `local` list (collective over the DP group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parts = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(parts, local, group=parallel_state.get_data_parallel_group())
+    return [item for part in parts for item in part]

@@ -1,7 +1,8 @@
 """Generate with a model over held-out prompts and score the answers, over several seeds.
 
-Prompts are split over data-parallel replicas (row i on replica i % DP) and generated in batches; every
-rank of a replica holds the same tokens, so scores are gathered over the DP group only.
+Prompts are generated in batches of consecutive prompts, batch k on data-parallel replica k % DP
+(parallel.replica_blocks) and seeded by its first prompt's index, so the answers do not depend on the DP
+size; every rank of a replica holds the same tokens, so answers are gathered over the DP group only.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from typing import TYPE_CHECKING
-
-import torch.distributed as dist
 
 from mgsr_megatron.evaluation.metrics import distinct_n, exact_match, rouge_l
 
@@ -25,17 +24,14 @@ def _strip_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 def generate_answers(model, prompt_ids: list[list[int]], tokenizer, options: SamplingOptions, *, vocab_size: int,
-                     batch_size: int) -> list[str]:
-    """Decoded answers, generated `batch_size` prompts at a time with `options` (a SamplingOptions whose
-    seed is the evaluation seed; batch k starting at prompt `start` samples with seed*100003 + start)."""
+                     first_index: int = 0) -> list[str]:
+    """Decoded answers to one batch of prompts, the first of which is prompt `first_index` of the
+    evaluation set; `options.seed` is the evaluation seed, the batch samples with seed*100003 + first_index."""
     from mgsr_megatron.generation import generate
 
-    answers = []
-    for start in range(0, len(prompt_ids), batch_size):
-        out = generate(model, prompt_ids[start:start + batch_size],
-                       dataclasses.replace(options, seed=options.seed * 100_003 + start), vocab_size=vocab_size)
-        answers += [tokenizer.decode(_strip_eos(ids, tokenizer.eos_id)) for ids in out.responses()]
-    return answers
+    out = generate(model, prompt_ids, dataclasses.replace(options, seed=options.seed * 100_003 + first_index),
+                   vocab_size=vocab_size)
+    return [tokenizer.decode(_strip_eos(ids, tokenizer.eos_id)) for ids in out.responses()]
 
 
 def evaluate(model, items, tokenizer, *, vocab_size: int, max_new_tokens: int, seeds=PAPER_SEEDS,
@@ -45,25 +41,31 @@ def evaluate(model, items, tokenizer, *, vocab_size: int, max_new_tokens: int, s
     `items`: a sequence of data.indexed.PromptItem (prompt_ids, references, family). Collective over
     the whole job; the result is identical on every rank.
     """
-    from megatron.core import parallel_state
-
     from mgsr_megatron.generation import SamplingOptions
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    mine = [i for i in range(len(items)) if i % dp_size == dp_rank]
+    options = [SamplingOptions(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, greedy=greedy, seed=seed)
+               for seed in (seeds if not greedy else seeds[:1])]
+    return score(items, answers_per_seed(model, items, tokenizer, options, vocab_size=vocab_size,
+                                         batch_size=batch_size))
+
+
+def answers_per_seed(model, items, tokenizer, options_per_seed: list[SamplingOptions], *, vocab_size: int,
+                     batch_size: int) -> list[dict[int, str]]:
+    """For each SamplingOptions (one per evaluation seed): {item index: decoded answer} over all items,
+    the same on every rank and for every data-parallel size. Collective over the whole job."""
+    from mgsr_megatron.parallel import gather_over_replicas, replica_blocks
+
     was_training = model.training
     per_seed = []
-    for seed in (seeds if not greedy else seeds[:1]):
-        options = SamplingOptions(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, greedy=greedy, seed=seed)
-        answers = generate_answers(model, [items[i].prompt_ids.tolist() for i in mine], tokenizer, options,
-                                   vocab_size=vocab_size, batch_size=batch_size)
-        local = [(i, answer) for i, answer in zip(mine, answers)]
-        gathered = [None] * dp_size
-        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
-        per_seed.append(dict(pair for part in gathered for pair in part))
+    for options in options_per_seed:
+        local = []
+        for block in replica_blocks(len(items), batch_size):
+            answers = generate_answers(model, [items[i].prompt_ids.tolist() for i in block], tokenizer, options,
+                                       vocab_size=vocab_size, first_index=block.start)
+            local += zip(block, answers)
+        per_seed.append(dict(gather_over_replicas(local)))
     model.train(was_training)
-    return score(items, per_seed)
+    return per_seed
 
 
 def score(items, per_seed: list[dict[int, str]]) -> dict:

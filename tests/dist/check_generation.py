@@ -308,6 +308,39 @@ def generator_matches_dense_reference_gpt2():
 
 
 @dist_check(world_size=4)
+def evaluation_answers_independent_of_dp_size():
+    """evaluate()'s sampled answers at DP=4, DP=2 (TP=2) and DP=1 (TP2xPP2) equal the dense reference's,
+    block by block: batch k of consecutive prompts samples with seed*100003 + its first prompt's index."""
+    from types import SimpleNamespace
+
+    from mgsr_megatron.evaluation.evaluate import answers_per_seed
+    from mgsr_megatron.generation.sampling import SamplingOptions
+
+    cfg = _tiny("llama")
+    full = _sharp_full_state(cfg, seed=22)
+    reference = _dense(cfg, full)
+    prompts = [[5 + i, 6 + 2 * i, 40 + i][: 1 + i % 3] for i in range(7)]  # 7 prompts, blocks of 2: 4 blocks
+    items = [SimpleNamespace(prompt_ids=torch.tensor(p)) for p in prompts]
+    tokenizer = SimpleNamespace(eos_id=249, decode=lambda ids: " ".join(map(str, ids)))
+    options = [SamplingOptions(max_new_tokens=6, eos_id=249, seed=seed) for seed in (10, 20)]
+    expected = []
+    for seed in (10, 20):
+        answers = {}
+        for start in range(0, len(prompts), 2):
+            block = ref_generate(reference, prompts[start:start + 2], max_new_tokens=6, eos_id=249,
+                                 seed=seed * 100_003 + start, **MODES["sampled"])
+            answers.update({start + row: tokenizer.decode([t for t in ids if t != 249])
+                            for row, ids in enumerate(block)})
+        expected.append(answers)
+    for tp, pp in [(1, 1), (2, 1), (2, 2)]:
+        parallel.initialize_model_parallel(tp, pp, models={"m": cfg})
+        model = build_model(cfg)
+        load_full_state_dict(model, full)
+        got = answers_per_seed(model, items, tokenizer, options, vocab_size=VOCAB, batch_size=2)
+        assert got == expected, f"TP={tp} PP={pp} (DP={4 // (tp * pp)}): {got} vs reference {expected}"
+
+
+@dist_check(world_size=4)
 def scrg_matches_dense_reference():
     from mgsr_megatron.generation.sampling import SamplingOptions
     from mgsr_megatron.generation.scrg import ScrgSettings, scrg

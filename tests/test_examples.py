@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mgsr_megatron.config import load_config
+from mgsr_megatron.config import load_config, validate
 from mgsr_megatron.models.builder import resolve
 from mgsr_megatron.parallel import validate_layout
-from mgsr_megatron.planner import plan, stage_params
+from mgsr_megatron.planner import format_plan, plan, stage_params
 from mgsr_megatron.training.trainer import validate_batch_layout
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -17,6 +17,9 @@ PAIRS = ["gpt2_1.5b_to_0.1b", "opt_6.7b_to_1.3b", "openllama2_7b_to_3b", "llama2
 # parameter counts of the Hugging Face checkpoints (teacher, student), to 3 significant digits
 HF_PARAMS = {"gpt2_1.5b_to_0.1b": (1.56e9, 0.124e9), "opt_6.7b_to_1.3b": (6.66e9, 1.32e9),
              "openllama2_7b_to_3b": (6.74e9, 3.43e9), "llama2_13b_to_7b": (13.0e9, 6.74e9)}
+# Hugging Face pairs under the DeepSpeed engine (deepspeed.enabled; model directories are placeholders, the
+# config's model fields give the shapes)
+HF_PAIRS = {"hf_llama2_13b_to_7b_zero3": "llama2_13b_to_7b"}  # -> the Megatron example of the same models
 
 
 def stated_cluster(name: str) -> dict:
@@ -68,7 +71,27 @@ def test_plan_fits_and_sizes_are_the_papers_models(name):
     assert cfg.teacher.vocab_size == cfg.student.vocab_size
 
 
-@pytest.mark.parametrize("name", PAIRS + ["tiny"])
+@pytest.mark.parametrize("name", list(HF_PAIRS))
+def test_deepspeed_example_validates_and_fits(name):
+    """Loads, passes validate() (the DeepSpeed engine's own rules included), and `mgsr plan` fits its stated
+    cluster with the Hugging Face models' parameter counts (no weights needed: the directories are placeholders)."""
+    cfg = validate(load_config(EXAMPLES / name / "config.yaml"))
+    assert cfg.deepspeed.enabled and cfg.mgsr.data_schedule == "ground_truth"
+    assert cfg.teacher.load and cfg.student.load and cfg.deepspeed.export_dir
+    cluster = stated_cluster(name)
+    p = plan(cfg, cluster["nodes"] * cluster["gpus_per_node"], cluster["gpu_memory_gib"])
+    assert p.fits(), f"{name} does not fit its stated cluster"
+    assert (p.tp, p.pp, p.dp) == (1, 1, cluster["nodes"] * cluster["gpus_per_node"])
+    teacher, student = HF_PARAMS[HF_PAIRS[name]]
+    assert p.zero.teacher_params == pytest.approx(teacher, rel=5e-3)
+    assert p.zero.student_params == pytest.approx(student, rel=5e-3)
+    out = format_plan(cfg, p, cluster["nodes"], cluster["gpus_per_node"], name)
+    assert "FITS" in out and "ZeRO-1" in out and "CPU memory per node" in out
+    options = sbatch_options(name)
+    assert int(options["nodes"]) == cluster["nodes"] and int(options["gpus-per-node"]) == cluster["gpus_per_node"]
+
+
+@pytest.mark.parametrize("name", PAIRS + ["tiny"] + list(HF_PAIRS))
 def test_sbatch_script(name):
     text = sbatch_script(name).read_text()
     options = sbatch_options(name)

@@ -30,16 +30,22 @@ def _batch(scale: float, seed: int = 0):
     return teacher, student, LossTargets(labels, mask, mask.clone(), pairs)
 
 
-def _cached_teacher(teacher, mask, temperature, k=K):
-    """What a cache gives back for these logits: top-k log p and log rest through bf16, densified."""
-    log_p, ids, rest, _ = topk_rows(teacher[mask > 0], k, temperature, Shard(None, 1, 0, PADDED))
-    log_p, rest = (_from_bf16_bits(_bf16_bits(x)) for x in (log_p, rest))
-    return mask_padded_logits(dense_from_topk(log_p, ids, rest, mask, PADDED, 0, VOCAB, temperature), VOCAB)
+def _cached_teacher(teacher, mask, temperature, k=K, bf16=True):
+    """What a cache gives back for these logits: (top-k log p and log rest through bf16, densified;
+    the stored float32 entropy H(P) [b, s], 0 outside the mask)."""
+    log_p, ids, rest, entropy = topk_rows(teacher[mask > 0], k, temperature, Shard(None, 1, 0, PADDED))
+    if bf16:
+        log_p, rest = (_from_bf16_bits(_bf16_bits(x)) for x in (log_p, rest))
+    at_tokens = torch.zeros(mask.shape)
+    at_tokens[mask > 0] = entropy.float()
+    dense = dense_from_topk(log_p, ids, rest, mask, PADDED, 0, VOCAB, temperature)
+    return mask_padded_logits(dense, VOCAB), at_tokens
 
 
-def _metrics(student, teacher, targets, settings):
+def _metrics(student, teacher, targets, settings, entropy=None):
     clipnet = ClipNet(k_feat=settings.dac.k_feat, hidden=16, seed=3, rho=settings.dac.rho)
-    _, metrics = mgsr_objective(student, teacher, targets, clipnet=clipnet, settings=settings)
+    _, metrics = mgsr_objective(student, teacher, targets, clipnet=clipnet, settings=settings,
+                                teacher_entropy=entropy)
     return {k: float(metrics[k]) for k in ("sft", "dac_kl", "span", "mean_l", "mean_u")}
 
 
@@ -52,7 +58,8 @@ def test_losses_from_cache_match_full_teacher(mode, band_norm, scale, temperatur
                                                                   band_norm=band_norm, fixed_u=0.9,
                                                                   temperature=temperature))
     full = _metrics(student, teacher, targets, settings)
-    cached = _metrics(student, _cached_teacher(teacher, targets.kd_mask, temperature), targets, settings)
+    dense, entropy = _cached_teacher(teacher, targets.kd_mask, temperature)
+    cached = _metrics(student, dense, targets, settings, entropy)
     with capsys.disabled():
         print(f"\n[teacher cache] {mode}/{band_norm} scale {scale} T {temperature}: full {full} cached {cached} "
               f"span rel diff {abs(cached['span'] - full['span']) / full['span']:.3e}")
@@ -62,6 +69,59 @@ def test_losses_from_cache_match_full_teacher(mode, band_norm, scale, temperatur
     assert cached["dac_kl"] == pytest.approx(full["dac_kl"], rel=5e-3)
     if mode == "fixed":  # the bounds do not read the teacher
         assert (cached["mean_l"], cached["mean_u"]) == (full["mean_l"], full["mean_u"])
+    else:  # ClipNet reads the stored log p (bf16) and the true entropy
+        assert cached["mean_l"] == pytest.approx(full["mean_l"], abs=1e-5)
+        assert cached["mean_u"] == pytest.approx(full["mean_u"], abs=1e-5)
+
+
+def _learned_step(student, teacher, targets, settings, entropy=None):
+    """(loss, student gradient, ClipNet gradients, mean l, mean u) of one learned-mode objective call, with
+    a ClipNet whose output layer is far from its near-zero start (so that every feature moves the bounds)."""
+    clipnet = ClipNet(k_feat=settings.dac.k_feat, hidden=16, seed=3, rho=settings.dac.rho)
+    with torch.no_grad():
+        clipnet.fc2_weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(5))
+    logits = student.clone().requires_grad_(True)
+    loss, metrics = mgsr_objective(logits, teacher, targets, clipnet=clipnet, settings=settings,
+                                   teacher_entropy=entropy)
+    loss.backward()
+    return (float(loss.detach()), logits.grad, [p.grad for p in clipnet.parameters()], float(metrics["mean_l"]),
+            float(metrics["mean_u"]))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("scale,temperature", [(3.0, 1.0), (6.0, 2.0)])
+def test_learned_mode_from_cache_with_true_entropy_equals_online(scale, temperature, capsys):
+    """DAC-KL's learned mode from a cache with K >= max(k_band, k_feat), the stored entropy passed as
+    teacher_entropy, against the online teacher (the full logits): without the bf16 storage the loss,
+    the bounds and the gradients (student logits and ClipNet) are the online ones to float rounding; the
+    rebuild's own entropy (a uniform tail: larger) instead moves ClipNet's gradient by ~6e-3. With bf16
+    values SFT + DAC-KL stays within 1e-4 relative; the gradients carry bf16's ~2^-9 |log p| error of p."""
+    teacher, student, targets = _batch(scale, seed=2)
+    settings = ObjectiveSettings(w_span=0.0, chunk_tokens=8, dac=DacSettings(mode="learned", k_band=32, k_feat=16,
+                                                                             temperature=temperature))
+    online = _learned_step(student, teacher, targets, settings)
+    exact, entropy = _cached_teacher(teacher, targets.kd_mask, temperature, bf16=False)
+    true = _learned_step(student, exact, targets, settings, entropy)
+    rebuild = _learned_step(student, exact, targets, settings)
+    assert true[0] == pytest.approx(online[0], rel=1e-6)
+    assert (true[3], true[4]) == pytest.approx((online[3], online[4]), abs=1e-7)
+    assert _rel(true[1], online[1]) < 1e-6
+    clip_true = max(_rel(a, b) for a, b in zip(true[2], online[2]))
+    clip_rebuild = max(_rel(a, b) for a, b in zip(rebuild[2], online[2]))
+    assert clip_true < 2e-5 and clip_rebuild > 1e-3, (clip_true, clip_rebuild)
+    stored, entropy = _cached_teacher(teacher, targets.kd_mask, temperature)
+    bf16 = _learned_step(student, stored, targets, settings, entropy)
+    assert bf16[0] == pytest.approx(online[0], rel=1e-4)
+    assert _rel(bf16[1], online[1]) < 5e-3
+    with capsys.disabled():
+        print(f"\n[teacher cache] learned, scale {scale} T {temperature}: ClipNet grad rel diff, true entropy "
+              f"{clip_true:.1e}, rebuild's {clip_rebuild:.1e}; bf16 cache: loss rel "
+              f"{abs(bf16[0] / online[0] - 1):.1e}, "
+              f"student grad rel {_rel(bf16[1], online[1]):.1e}, ClipNet grad rel "
+              f"{max(_rel(a, b) for a, b in zip(bf16[2], online[2])):.1e}")
 
 
 def test_cache_exact_without_bf16_for_fixed_band():

@@ -17,6 +17,18 @@ AdamW) and bookkeeping (the rest: learning rate, metric reduction). With --gener
 an SCRG step (on-policy samples of the student, one correction round; the baseline stays a
 ground-truth step, so the ratio then includes generation).
 
+Two more comparisons in the same run (each alternated step by step with its reference, ratios against
+the reference measured in that run):
+  cache     the MGSR ground-truth step with `teacher.cache` (the synthetic batch's top-K teacher cache,
+            written once before timing in the cache's own format) against the same step with the online
+            teacher (target: online / cached >= 1.4); runs with the first comparison, in a 3-way rotation
+            (not with --generate: a cache holds ground-truth rows only);
+  scrg      an SCRG step (on-policy samples of the student, one correction round) with
+            mgsr.reuse_scrg_teacher_logits against the same step without it (target: without / with >= 1.2).
+            Reuse saves the teacher forward of the rows SCRG leaves unchanged, so mgsr.scrg_delta is set to
+            the median of the rows' largest candidate divergence d_j in one calibration SCRG call (rows whose
+            d_j is below it are not corrected: about half); --scrg-delta sets it instead. `--no-scrg` skips it.
+
     python tools/bench_step.py                      # CPU defaults (single process, ~2 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
         --student-hidden 256 --seq 128              # smaller: the V=32000 loss rows weigh more
@@ -35,6 +47,7 @@ process (what the training steps add: activations, logits, gradients, optimizer 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -55,6 +68,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     parser.add_argument("--generate", action="store_true",
                         help="every MGSR step generates (SCRG over the first half of each row as the prompt)")
+    parser.add_argument("--scrg-delta", type=float, default=None,
+                        help="mgsr.scrg_delta of the SCRG comparison (default: calibrated, see above)")
+    parser.add_argument("--no-scrg", action="store_true", help="skip the SCRG logit-reuse comparison")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
@@ -83,9 +99,11 @@ class SyntheticData:
                       "sft_mask": loss_mask, "kd_mask": loss_mask, "span_pair_mask": span_pairs,
                       "position_ids": torch.arange(seq).expand(micro_batch, -1).contiguous()}
         self.eos_id, self.pad_id = 3, 0
+        self.row_ids = False  # ground-truth batches carry `row_ids` (rows 0..b-1) for the teacher cache
 
     def next_micro_batches(self, count: int) -> list[dict]:
-        return [dict(self.batch) for _ in range(count)]
+        rows = {"row_ids": torch.arange(self.batch["tokens"].shape[0])} if self.row_ids else {}
+        return [{**self.batch, **rows} for _ in range(count)]
 
     def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
         """The first half of every row as the prompt (--generate)."""
@@ -112,7 +130,7 @@ class SyntheticData:
         return {}
 
 
-def build(args, workdir: str):
+def build(args, workdir: str, generate: bool = False):
     from mgsr_megatron import parallel
     from mgsr_megatron.config import Config, ModelConfig
     from mgsr_megatron.models import build_teacher
@@ -143,15 +161,15 @@ def build(args, workdir: str):
     cfg.schedule.global_batch_size = args.micro_batch * args.micro_batches * dp_size
     cfg.mgsr.data_schedule = "ground_truth"
     cfg.logging.time_phases = True  # the phase breakdown below (device synchronised at phase boundaries)
-    if args.generate:  # every step: SCRG samples of (seq / 4) tokens after a prompt of seq / 2
+    if generate:  # every step: SCRG samples of (seq / 4) tokens after a prompt of seq / 2
         cfg.mgsr.data_schedule, cfg.mgsr.on_policy_lambda = "on_policy", 1.0
         cfg.mgsr.max_new_tokens = max(1, args.seq // 4)
     teacher = build_teacher(cfg.teacher)
     with torch.no_grad():
         for param in teacher.parameters():
             param.add_(1e-3)
-    save_model(teacher, f"{workdir}/teacher", cfg.teacher)
-    cfg.teacher.load = f"{workdir}/teacher"
+    cfg.teacher.load = f"{workdir}/teacher_{'scrg' if generate else 'gt'}"
+    save_model(teacher, cfg.teacher.load, cfg.teacher)
     cfg.teacher.allow_untrained = True  # a timing teacher: its weights are the random init plus a constant
     return Trainer(cfg, SyntheticData(args.vocab, args.seq, args.micro_batch))
 
@@ -208,18 +226,88 @@ def mgsr_step(trainer) -> dict:
     return {**trainer.phase_seconds, "teacher_rows_recomputed": metrics.get("teacher_rows_recomputed")}
 
 
+def synthetic_cache(trainer, workdir: str):
+    """The teacher cache of the synthetic batch's rows 0..b-1 (K = max(k_band, k_feat)), written in the cache's
+    format with its own top-K statistics (`mgsr cache-teacher` itself needs a tokenizer and indexed data)."""
+    import json
+    import pathlib
+
+    import numpy as np
+    from megatron.core import parallel_state
+
+    from mgsr_megatron import platform
+    from mgsr_megatron.losses.vocab_parallel import shard_of
+    from mgsr_megatron.models import mask_padded_logits
+    from mgsr_megatron.models.pipeline import forward_logits
+    from mgsr_megatron.training import teacher_cache as tc
+
+    batch, cfg = trainer.data.batch, trainer.cfg
+    k, temperature = tc.needed_k(cfg.mgsr), float(cfg.mgsr.temperature)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    logits = forward_logits(trainer.teacher, [batch["tokens"].to(platform.device())])[0]
+    logits = mask_padded_logits(logits, cfg.teacher.vocab_size, tp_rank)
+    mask = batch["loss_mask"].to(logits.device) > 0
+    shard = shard_of(logits.shape[-1], parallel_state.get_tensor_model_parallel_group())
+    with torch.no_grad():
+        log_p, ids, rest, entropy = tc.topk_rows(logits[mask], k, temperature, shard)
+    directory = f"{workdir}/teacher_cache"  # this rank's own workdir: every rank writes the same values
+    pathlib.Path(directory).mkdir()
+    arrays = tc._write_shard_arrays(pathlib.Path(directory), 0, log_p.shape[0], k)
+    arrays["logp"][:], arrays["ids"][:] = tc._bf16_bits(log_p), ids.int().cpu().numpy()
+    arrays["rest"][:], arrays["entropy"][:] = tc._bf16_bits(rest.clamp(min=-1e30)), entropy.float().cpu().numpy()
+    for array in arrays.values():
+        array.flush()
+    rows = batch["tokens"].shape[0]
+    np.save(f"{directory}/{tc.ROW_OFFSETS}", np.concatenate([[0], np.cumsum(mask.sum(-1).cpu().numpy())]))
+    pathlib.Path(directory, tc.MANIFEST).write_text(json.dumps(
+        {"format_version": tc.FORMAT_VERSION, "k": k, "temperature": temperature, "vocab_size": cfg.teacher.vocab_size,
+         "rows": rows, "tokens": int(log_p.shape[0]), "rows_per_shard": rows}))
+    return tc.TeacherCache(directory)
+
+
+def cached_step(trainer, cache) -> dict:
+    """The MGSR ground-truth step with the teacher cache (no teacher forward); as `mgsr_step`."""
+    trainer.cache, trainer.data.row_ids = cache, True
+    try:
+        return mgsr_step(trainer)
+    finally:
+        trainer.cache, trainer.data.row_ids = None, False
+
+
+def calibrated_delta(trainer) -> float:
+    """The median (interpolated) over rows of SCRG's largest candidate divergence d_j on one step's prompts
+    (delta 0): with mgsr.scrg_delta at that value about half of the rows are left unchanged."""
+    from mgsr_megatron.generation import SamplingOptions, scrg
+
+    found = []
+    for seed, prompts in enumerate(trainer.data.next_prompt_micro_batches(trainer.num_micro), 1):
+        options = SamplingOptions(max_new_tokens=trainer.cfg.mgsr.max_new_tokens, eos_id=trainer.data.eos_id,
+                                  seed=seed)
+        _, stats = scrg(trainer.student, trainer.teacher, prompts, options, settings=trainer.scrg_settings,
+                        vocab_size=trainer.cfg.student.vocab_size)
+        found.append(stats["d_j"][stats["corrected"]])
+    d_j = torch.cat(found)
+    return float(torch.quantile(d_j, 0.5)) if d_j.numel() else 0.0
+
+
+def scrg_step(trainer, reuse: bool) -> dict:
+    """An SCRG step (`mgsr_step`) with or without mgsr.reuse_scrg_teacher_logits."""
+    trainer.cfg.mgsr.reuse_scrg_teacher_logits = reuse
+    return mgsr_step(trainer)
+
+
 PHASES = ("data", "generation", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
           "optimizer", "bookkeeping")
 
 
-def breakdown_lines(baseline: list[dict], mgsr: list[dict]) -> list[str]:
-    """Median ms per phase of each step (medians do not add up exactly to the step's median)."""
-    lines = [f"{'phase (median ms/step)':<26} {'baseline':>10} {'mgsr':>10}"]
+def breakdown_lines(columns: dict[str, list[dict]]) -> list[str]:
+    """Median ms per phase of each kind of step (medians do not add up exactly to the step's median)."""
+    lines = [f"{'phase (median ms/step)':<26}" + "".join(f" {name:>12}" for name in columns)]
     for phase in PHASES:
-        values = [statistics.median(step.get(phase, 0.0) for step in steps) * 1e3 for steps in (baseline, mgsr)]
+        values = [statistics.median(step.get(phase, 0.0) for step in steps) * 1e3 for steps in columns.values()]
         if phase == "generation" and not any(values):
             continue
-        lines.append(f"{phase:<26} {values[0]:10.1f} {values[1]:10.1f}")
+        lines.append(f"{phase:<26}" + "".join(f" {value:12.1f}" for value in values))
     return lines
 
 
@@ -235,22 +323,23 @@ def step_flops(trainer, args) -> float:
     return float(student + teacher)
 
 
-def timed_pairs(baseline, candidate, steps: int) -> tuple[float, float, list, list]:
-    """Median seconds of `baseline` and `candidate`, run alternately (after one warm-up each) so that
-    a drift of the machine's speed during the run does not land on one side; and what each call
-    returned (its phases) per timed step."""
+def timed_rotation(variants: list, steps: int) -> tuple[list[float], list[list]]:
+    """Median seconds of each of `variants` (callables), run in rotation, one step each (after one warm-up
+    each), so that a drift of the machine's speed during the run does not land on one side; and what
+    each call returned (its phases) per timed step."""
     from mgsr_megatron import platform
 
-    baseline(), candidate()  # warm-up
-    times, results = ([], []), ([], [])
+    for fn in variants:  # warm-up
+        fn()
+    times, results = [[] for _ in variants], [[] for _ in variants]
     for _ in range(steps):
-        for fn, bucket, returned in zip((baseline, candidate), times, results):
+        for fn, bucket, returned in zip(variants, times, results):
             platform.synchronize()
             start = time.perf_counter()
             returned.append(fn())
             platform.synchronize()
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
+    return [statistics.median(bucket) for bucket in times], results
 
 
 def peak_only(args) -> None:
@@ -260,7 +349,7 @@ def peak_only(args) -> None:
     from mgsr_megatron import platform
 
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = build(args, workdir)
+        trainer = build(args, workdir, args.generate)
         built = platform.peak_memory_bytes()
         losses = [trainer.train_step()["loss"] for _ in range(args.steps)]
         peak = platform.peak_memory_bytes()
@@ -305,25 +394,53 @@ def main() -> None:
 
     from mgsr_megatron import platform
 
+    rank0 = dist.get_rank() == 0 if dist.is_initialized() else True
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = build(args, workdir)
-        baseline, mgsr, baseline_phases, mgsr_phases = timed_pairs(lambda: baseline_step(trainer),
-                                                                   lambda: mgsr_step(trainer), args.steps)
+        trainer = build(args, workdir, args.generate)
+        variants = {"baseline": lambda: baseline_step(trainer), "mgsr": lambda: mgsr_step(trainer)}
+        if not args.generate:
+            cache = synthetic_cache(trainer, workdir)
+            variants["mgsr cached"] = lambda: cached_step(trainer, cache)
+        medians, results = timed_rotation(list(variants.values()), args.steps)
+        times, phases = dict(zip(variants, medians)), dict(zip(variants, results))
         flops = step_flops(trainer, args)
-    tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
-    if dist.get_rank() == 0:
-        print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "
-              f"teacher {args.teacher_layers}x{args.teacher_hidden}, student {args.student_layers}x"
-              f"{args.student_hidden}, TP={args.tp}, {'bf16' if args.bf16 else 'fp32'}")
-        print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
-        print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
-        print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
-        print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
-        print("\n".join(breakdown_lines(baseline_phases, mgsr_phases)))
-        shares = [s["teacher_rows_recomputed"] for s in mgsr_phases if s["teacher_rows_recomputed"] is not None]
-        if shares:
-            print(f"SCRG steps: teacher forward re-run for {statistics.mean(shares):.3f} of the generated rows "
-                  f"(mgsr.reuse_scrg_teacher_logits; the rest reuse the detection pass's logits)")
+        baseline, mgsr = times["baseline"], times["mgsr"]
+        tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
+        if rank0:
+            print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "
+                  f"teacher {args.teacher_layers}x{args.teacher_hidden}, student {args.student_layers}x"
+                  f"{args.student_hidden}, TP={args.tp}, {'bf16' if args.bf16 else 'fp32'}; {args.steps} timed steps "
+                  f"per variant, in rotation")
+            print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
+            print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
+            print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
+            print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
+            if "mgsr cached" in times:
+                cached = times["mgsr cached"]
+                print(f"mgsr step from teacher.cache (top-{cache.k}, no teacher forward): {cached * 1e3:8.1f} ms/step")
+                print(f"ratio online teacher / cache: {mgsr / cached:.3f}  (target >= 1.4)")
+            print("\n".join(breakdown_lines(phases)))
+            shares = [s["teacher_rows_recomputed"] for s in phases["mgsr"] if s["teacher_rows_recomputed"] is not None]
+            if shares:
+                print(f"SCRG steps: teacher forward re-run for {statistics.mean(shares):.3f} of the generated rows "
+                      f"(mgsr.reuse_scrg_teacher_logits; the rest reuse the detection pass's logits)")
+        if not args.no_scrg:
+            scrg_trainer = trainer if args.generate else build(args, workdir, generate=True)
+            delta = calibrated_delta(scrg_trainer) if args.scrg_delta is None else args.scrg_delta
+            scrg_trainer.cfg.mgsr.scrg_delta = delta
+            scrg_trainer.scrg_settings = dataclasses.replace(scrg_trainer.scrg_settings, delta=delta)
+            (without, with_reuse), (phases_without, phases_with) = timed_rotation(
+                [lambda: scrg_step(scrg_trainer, False), lambda: scrg_step(scrg_trainer, True)], args.steps)
+            recomputed = statistics.mean(s["teacher_rows_recomputed"] for s in phases_with)
+            if rank0:
+                how = "calibrated: the median row d_j of one SCRG call" if args.scrg_delta is None else "given"
+                print(f"SCRG step (1 round, {scrg_trainer.cfg.mgsr.max_new_tokens} new tokens), mgsr.scrg_delta "
+                      f"{delta:.4g} ({how}; rows with a smaller largest divergence are left unchanged)")
+                print(f"  without logit reuse {without * 1e3:8.1f} ms/step, with reuse {with_reuse * 1e3:8.1f} ms/step "
+                      f"(teacher forward re-run for {recomputed:.3f} of the rows)")
+                print(f"ratio SCRG without / with logit reuse: {without / with_reuse:.3f}  (target >= 1.2)")
+                print("\n".join(breakdown_lines({"no reuse": phases_without, "reuse": phases_with})))
+    if rank0:
         achieved = flops / mgsr / 1e12
         print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
               f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"

@@ -177,14 +177,22 @@ def band_kl(log_p: torch.Tensor, log_q: torch.Tensor, lower: torch.Tensor, upper
 
 class DacState:
     """The replicated [n, K] quantities of one chunk of rows, kept from the forward for the backward
-    (about 20 bytes per candidate token and row: ~5 KB per token at K=256, ~1-4% of a logits row)."""
+    (about 20 bytes per candidate token and row: ~5 KB per token at K=256, ~1-4% of a logits row).
+
+    `entropy` [n]: the teacher's H(P) at the temperature when the caller knows it better than `teacher`
+    does (a top-K cache, whose dense rebuild has a uniform tail and hence a larger entropy than the
+    teacher's); it is then ClipNet's entropy feature as given. None: H(P) = lse_t - sum_v P_v s_v of
+    `teacher` (float64 sums; computed either way, since they come with lse_t's float64 accumulation).
+    Either way the value is per token and the same on every TP rank."""
 
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, k_top: int,
-                 shard: Shard):
+                 shard: Shard, entropy: torch.Tensor | None = None):
         s_t = scaled_rows(teacher, temperature)
         # the student's statistics read it without editing it: no copy unless it must be scaled or cast
         s_s = student if temperature == 1.0 and student.dtype == torch.float32 else scaled_rows(student, temperature)
         (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
+        if entropy is not None:
+            self.entropy = entropy.to(torch.float64)
         # The packets carry the raw teacher logits: their float64 division by the temperature below is
         # exact, where s_t's float32 rounding would move the band edges (amplified by 1/kappa).
         top_raw, ids = global_topk(s_t, k_top, shard, report=teacher)
@@ -208,9 +216,11 @@ def dac_bounds(state: DacState, settings: DacSettings, clipnet: ClipNet | None):
             state.log_p.new_full((n,), settings.fixed_u, dtype=torch.float64))
 
 
-def dac_forward_rows(student, teacher, settings: DacSettings, clipnet: ClipNet | None, shard: Shard):
-    """DAC-KL of a chunk of rows, no autograd: (kl [n], l, u, band size, kept mass, lse_t, lse_s, state)."""
-    state = DacState(student, teacher, settings.temperature, settings.k_top, shard)
+def dac_forward_rows(student, teacher, settings: DacSettings, clipnet: ClipNet | None, shard: Shard,
+                     entropy: torch.Tensor | None = None):
+    """DAC-KL of a chunk of rows, no autograd: (kl [n], l, u, band size, kept mass, lse_t, lse_s, state).
+    `entropy` [n]: the teacher's true H(P) where `teacher` is a rebuild (see DacState), else None."""
+    state = DacState(student, teacher, settings.temperature, settings.k_top, shard, entropy)
     k_band = settings.k_band
     with torch.no_grad():
         lower, upper = dac_bounds(state, settings, clipnet)

@@ -162,6 +162,7 @@ class _Rows(NamedTuple):
     kd_w: torch.Tensor  # [N]
     pair_first: torch.Tensor  # LongTensor of pair starts
     counts: torch.Tensor  # [3]: SFT weight, KD weight, pairs
+    entropy: torch.Tensor | None = None  # [N] the teacher's true H(P) (a top-K cache), else None
 
 
 class _Call(NamedTuple):
@@ -177,16 +178,16 @@ class _MGSRObjective(torch.autograd.Function):
     """Chunked forward and backward of all three terms (see the module docstring).
 
     Inputs: student [N, V/TP]; rows (`_Rows`: teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first;
-    counts [3]); call (`_Call`: settings, shard, clipnet); *params (ClipNet's, for the gradient). Outputs:
-    the three term means [3] (differentiable) and the statistics [5] = (mean l, mean u, band size, kept
-    mass, nonfinite). The forward keeps, per chunk, what the backward cannot cheaply recompute: per-row
-    log-sum-exps and DAC-KL's [rows, K] band candidates; the backward rebuilds the [chunk, V/TP] tensors
-    from the logits.
+    counts [3]; entropy [N] or None); call (`_Call`: settings, shard, clipnet); *params (ClipNet's, for
+    the gradient). Outputs: the three term means [3] (differentiable) and the statistics [5] = (mean l,
+    mean u, band size, kept mass, nonfinite). The forward keeps, per chunk, what the backward cannot
+    cheaply recompute: per-row log-sum-exps and DAC-KL's [rows, K] band candidates; the backward rebuilds
+    the [chunk, V/TP] tensors from the logits.
     """
 
     @staticmethod
     def forward(ctx, student, rows_in: _Rows, call: _Call, *params):
-        teacher, labels, sft_w, kd_w, pair_first, counts = rows_in
+        teacher, labels, sft_w, kd_w, pair_first, counts, entropy = rows_in
         settings, shard, clipnet = call.settings, call.shard, call.clipnet
         d, temperature = settings.dac, settings.temperature
         sums = student.new_zeros(3, dtype=torch.float32)
@@ -216,7 +217,7 @@ class _MGSRObjective(torch.autograd.Function):
                                  torch.ones_like(kl)]
                     else:
                         kl, low, up, size, kept, lse_t, lse_s, state["dac"] = dac.dac_forward_rows(
-                            rows_s, rows_t, d, clipnet, shard)
+                            rows_s, rows_t, d, clipnet, shard, None if entropy is None else entropy[rows])
                         lse_check = lse_s
                         extra = [low, up, size, kept]
                 sums[1] += (kl * weight).sum()
@@ -252,7 +253,7 @@ class _MGSRObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_terms, _grad_stats):
-        student, teacher, labels, sft_w, kd_w, pair_first, counts = ctx.saved_tensors
+        student, teacher, labels, sft_w, kd_w, pair_first, counts, _entropy = ctx.saved_tensors
         call = ctx.call
         settings, shard, clipnet = call.settings, call.shard, call.clipnet
         d, temperature = settings.dac, settings.temperature
@@ -348,13 +349,19 @@ def _off_grad_into(rows: dac.GradRows, rows_t, lse, temperature, shard) -> None:
 
 
 def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: LossTargets, *,
-                   clipnet: dac.ClipNet | None, settings: ObjectiveSettings, tp_group=None):
+                   clipnet: dac.ClipNet | None, settings: ObjectiveSettings, tp_group=None,
+                   teacher_entropy: torch.Tensor | None = None):
     """The MGSR loss of one micro-batch and its metrics.
 
     student_logits, teacher_logits: vocab-parallel shards [b, s, V/TP] (teacher may be bf16), padded
     vocabulary columns already -inf. targets (`LossTargets`): labels [b, s] global next-token ids;
     sft_mask / kd_mask [b, s] weights of the SFT and DAC-KL positions; span_pair_mask [b, s] bool, True at
-    i when (i, i+1) lie in the same span. settings: `ObjectiveSettings.from_config(cfg.mgsr)`. Returns
+    i when (i, i+1) lie in the same span. settings: `ObjectiveSettings.from_config(cfg.mgsr)`.
+    teacher_entropy [b, s] (optional): the teacher's own H(P) at the temperature per position, for
+    teacher_logits that are a rebuild of it (the top-K cache's, training/teacher_cache.py): DAC-KL's
+    learned mode feeds it to ClipNet instead of the rebuild's entropy, so that ClipNet's features
+    phi = [log p_(1..k_feat), H(P), c_k_feat] are the teacher's own (the rebuild keeps the top-K log p
+    and c exactly); per position, hence the same on every TP rank. Nothing else reads it. Returns
     (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u, band_size, kept_mass (0-dim
     tensors), rows_without_sft ([b] bool), nonfinite (bool: NaN/Inf in the logits the terms read; the loss
     and gradients are then meaningless and the step should be skipped).
@@ -363,6 +370,9 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     shard = shard_of(student_logits.shape[-1], tp_group)
     check_settings(settings, shard, clipnet)
     check_masks(student_logits.shape[:-1], *targets, shard.vocab)
+    if teacher_entropy is not None and tuple(teacher_entropy.shape) != tuple(student_logits.shape[:-1]):
+        raise UserError(f"teacher_entropy has shape {tuple(teacher_entropy.shape)} but the logits are "
+                        f"{tuple(student_logits.shape[:-1])} x V/TP")
     labels, sft_mask, kd_mask, span_pair_mask = targets
     call = _Call(settings, shard, megatron_tp_active(shard) if settings.w_sft else False, clipnet)
     vocab_local = student_logits.shape[-1]
@@ -373,8 +383,9 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     pair_first = span_pair_mask.reshape(-1).bool().nonzero()[:, 0]
     counts = torch.stack([sft_w.sum(), kd_w.sum(), sft_w.new_tensor(float(pair_first.numel()))])
     params = list(clipnet.parameters()) if (settings.w_dac and settings.dac.mode == "learned") else []
-    terms, stats = _MGSRObjective.apply(student, _Rows(teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts),
-                                        call, *params)
+    entropy = None if teacher_entropy is None else teacher_entropy.detach().reshape(-1)
+    terms, stats = _MGSRObjective.apply(student, _Rows(teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts,
+                                                       entropy), call, *params)
     loss = settings.w_sft * terms[0] + settings.w_dac * terms[1] + settings.w_span * terms[2]
     metrics = {"loss": loss.detach(), "sft": terms[0].detach(), "dac_kl": terms[1].detach(),
                "span": terms[2].detach(), **{name: stats[i] for i, name in enumerate(STAT_NAMES)},

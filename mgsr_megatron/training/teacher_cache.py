@@ -13,19 +13,21 @@ log-probabilities at mgsr.temperature, their token ids, the log of the remaining
     DIR/shard_NNNNN.logp.npy       uint16 [T_s, K]: bfloat16 BITS of log p (sorted descending)
     DIR/shard_NNNNN.ids.npy        int32 [T_s, K]: the token ids of those log-probs
     DIR/shard_NNNNN.rest.npy       uint16 [T_s]: bfloat16 bits of log(1 - sum_k p_k) (-1e30 when K = V)
-    DIR/shard_NNNNN.entropy.npy    float32 [T_s]: H(P) of the full distribution (diagnostic)
+    DIR/shard_NNNNN.entropy.npy    float32 [T_s]: H(P) of the full distribution at mgsr.temperature
 
 Shard s holds dataset rows [s * rows_per_shard, (s + 1) * rows_per_shard) and tokens in row order, then
 position order; every .npy opens with np.load(mmap_mode="r"). numpy has no bfloat16: the uint16 arrays
 are the raw bits (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)). The files do not depend on
-the teacher's layout (TP/DP): top-K comes from losses/vocab_parallel.global_topk (local top-K, one
+the teacher's layout (TP/PP/DP): top-K comes from losses/vocab_parallel.global_topk (local top-K, one
 all-gather, merge), the log-sum-exps from its max/sum all-reduces, and shards are split by rows.
 Written atomically: a temporary sibling directory renamed into place at the end.
 
 Training (`teacher.cache: DIR`): ground-truth micro-batches carry their dataset row ids and
 `dense_teacher_logits` turns the cached rows into a dense vocab-parallel tensor the losses accept: the
 top-K ids hold T * log p_k, every other id T * log(rest / (V - K)) (the tail spread uniformly), so
-softmax(tensor / T) is the cached distribution. docs/losses.md ("Teacher cache") states what is exact.
+softmax(tensor / T) is the cached distribution; with it comes the stored H(P) per position, which DAC-KL's
+learned mode gives ClipNet (the rebuild's own entropy is larger: its tail is uniform). docs/losses.md
+("Teacher cache") states what is exact.
 """
 
 from __future__ import annotations
@@ -188,8 +190,9 @@ def _write_shard_arrays(directory: Path, index: int, tokens: int, k: int) -> dic
 
 
 def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shard: int = 4096) -> dict:
-    """Run the teacher over data.train_path at the config's TP/DP layout and write the cache to `output`.
-    Returns the manifest (on every rank)."""
+    """Run the teacher over data.train_path at the config's TP/PP/DP layout and write the cache to `output`
+    (the last pipeline stage's TP rank 0 of each DP replica writes its shards). Returns the manifest (on
+    every rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -210,9 +213,6 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
 
     cfg.teacher.cache = None  # the cache being written is not an input
     validate(cfg)
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise UserError(f"mgsr cache-teacher: parallel.pipeline_model_parallel_size="
-                        f"{cfg.parallel.pipeline_model_parallel_size} is not supported yet (use TP and DP)")
     if not cfg.teacher.load:
         raise UserError("mgsr cache-teacher: teacher.load is not set (the teacher's checkpoint directory)")
     if not cfg.data.train_path:
@@ -233,7 +233,8 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
     dataset = InstructionDataset(cfg.data.train_path, tokenizer)
     parallel.init_distributed(timeout_minutes=cfg.parallel.distributed_timeout_minutes,
                               rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_seconds)
-    parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, 1, cfg.parallel.seed,
+    parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
+                                       cfg.parallel.pipeline_model_parallel_size, cfg.parallel.seed,
                                        {"teacher": cfg.teacher})
     teacher = build_teacher(cfg.teacher)
     load_model(teacher, cfg.teacher.load, verify=True, require_manifest=cfg.checkpoint.verify)
@@ -243,6 +244,8 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
     dp_size = parallel_state.get_data_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    # every pipeline stage runs each forward; the last stage has the logits, its TP rank 0 writes
+    writer = parallel_state.is_pipeline_last_stage() and tp_rank == 0
     rank0 = dist.get_rank() == 0
     lengths = dataset.tokens.sequence_lengths[1::2].astype(np.int64)  # response tokens per row
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -260,14 +263,16 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
     for index in range(dp_rank, n_shards, dp_size):
         first, last = index * rows_per_shard, min((index + 1) * rows_per_shard, n_rows)
         start = int(offsets[first])
-        arrays = _write_shard_arrays(temporary, index, int(offsets[last]) - start, k) if tp_rank == 0 else None
+        arrays = _write_shard_arrays(temporary, index, int(offsets[last]) - start, k) if writer else None
         labelled = [i for i in range(first, last) if lengths[i] > 0]
         cursor = start
         for at in range(0, len(labelled), mbs):
             rows = labelled[at:at + mbs]
             batch = collate([dataset[i] for i in rows], tokenizer.pad_id, seq_length)
-            logits = forward_logits(teacher, [batch["tokens"].to(device)])[0]
-            logits = mask_padded_logits(logits, vocab, tp_rank)
+            outputs = forward_logits(teacher, [batch["tokens"].to(device)])
+            if outputs is None:  # not the last pipeline stage
+                continue
+            logits = mask_padded_logits(outputs[0], vocab, tp_rank)
             mask = batch["loss_mask"].to(device) > 0
             with torch.no_grad():
                 log_p, ids, rest, entropy = topk_rows(logits[mask], k, temperature,
@@ -296,7 +301,8 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
                 "value_dtype": "bfloat16 bits in uint16", "id_dtype": "int32",
                 "teacher": teacher_fingerprint(cfg.teacher.load), "tokenizer_hash": tokenizer.vocab_hash(),
                 "data": data_fingerprint(cfg.data.train_path),
-                "layout": {"tp": cfg.parallel.tensor_model_parallel_size, "dp": dp_size}}
+                "layout": {"tp": cfg.parallel.tensor_model_parallel_size,
+                           "pp": cfg.parallel.pipeline_model_parallel_size, "dp": dp_size}}
     if rank0:
         np.save(temporary / ROW_OFFSETS, offsets)
         (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -349,10 +355,12 @@ class TeacherCache:
                 _from_bf16_bits(shard["rest"][span]), torch.from_numpy(np.array(shard["entropy"][span])))
 
     def dense_teacher_logits(self, row_ids: torch.Tensor, loss_mask: torch.Tensor, local_vocab: int, tp_rank: int,
-                             temperature: float) -> torch.Tensor:
-        """[b, s, local_vocab] float32 "logits" of this TP rank's vocabulary shard whose softmax at
-        `temperature` is the cached distribution at the positions with loss_mask > 0 (top-K ids: their
-        log p; other ids: the remaining mass spread uniformly over the V - K non-top ids); 0 elsewhere.
+                             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, entropy): [b, s, local_vocab] float32 "logits" of this TP rank's vocabulary shard whose
+        softmax at `temperature` is the cached distribution at the positions with loss_mask > 0 (top-K ids:
+        their log p; other ids: the remaining mass spread uniformly over the V - K non-top ids), 0 elsewhere;
+        and [b, s] float32 the teacher's true H(P) at those positions (the stored float32 value of the
+        full distribution; 0 elsewhere): the same on every TP rank, for mgsr_objective's teacher_entropy.
         Padded columns are NOT masked here (the trainer masks them like the online teacher's)."""
         b, s = loss_mask.shape
         device = loss_mask.device
@@ -362,8 +370,11 @@ class TeacherCache:
             if part[0].shape[0] != count:
                 raise UserError(f"{FIELD}: dataset row {r} has {part[0].shape[0]} cached tokens but "
                                 f"{count} response positions in the batch (cache written for other data?)")
-        log_p, ids, rest = (torch.cat([p[i] for p in parts]).to(device) for i in range(3))
-        return dense_from_topk(log_p, ids, rest, loss_mask, local_vocab, tp_rank, self.vocab_size, temperature)
+        log_p, ids, rest, entropy = (torch.cat([p[i] for p in parts]).to(device) for i in range(4))
+        at_tokens = torch.zeros(b * s, dtype=torch.float32, device=device)
+        at_tokens[loss_mask.reshape(-1) > 0] = entropy
+        return (dense_from_topk(log_p, ids, rest, loss_mask, local_vocab, tp_rank, self.vocab_size, temperature),
+                at_tokens.view(b, s))
 
 
 def dense_from_topk(log_p, ids, rest, loss_mask, local_vocab: int, tp_rank: int, vocab_size: int,

@@ -65,6 +65,57 @@ def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
             "gen_distinct_2": 100.0 * len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
 
 
+def generate_step_batch(trainer, student, teacher, teacher_input: tuple[int, int] | None = None):
+    """The generated micro-batches of one step on this DP rank, for either engine's trainer: SCRG by the
+    student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False). Returns (StepBatch with
+    source "generate" and the generation statistics, kept): `kept` holds per micro-batch SCRG's
+    (teacher_logits, teacher_scored, teacher_seen) when `teacher_input = (seq_length, pad_id)` is given
+    (scrg's keep_teacher_view), else nothing.
+
+    `trainer` supplies cfg, data (training/data.py), schedule (data/schedule.py, which gets the samples
+    pushed), scrg_settings, num_micro, dp_size, dp_rank, step and phase(name); `student` and `teacher`
+    are the models generation runs on (Megatron GPTModels, or generation.GenerationModel adapters).
+    Generation runs per micro-batch with a seed of (step, GLOBAL micro-batch index): micro-batch k of
+    DP rank r holds the samples of global micro-batch k*DP + r (data/sampler.py), so every TP/PP/DP
+    layout samples the same tokens for the same prompts.
+    """
+    from mgsr_megatron.generation import SamplingOptions, generate, scrg
+
+    cfg, data, use_scrg = trainer.cfg, trainer.data, trainer.schedule.use_scrg
+    samples, corrected, positions, changed, kept = [], [], [], [], []
+    # the method's sampling (temperature 1, no top-k / top-p); the seed changes per micro-batch
+    options = SamplingOptions(max_new_tokens=cfg.mgsr.max_new_tokens, eos_id=data.eos_id)
+    vocab_size = cfg.student.vocab_size
+    with trainer.phase("generation"):
+        prompt_batches = data.next_prompt_micro_batches(trainer.num_micro)
+    for k, prompts in enumerate(prompt_batches):
+        global_index = k * trainer.dp_size + trainer.dp_rank
+        seed = (cfg.parallel.seed * 1_000_003 + trainer.step * 10_007 + global_index) % (2 ** 31)
+        seeded = dataclasses.replace(options, seed=seed)
+        if use_scrg:
+            with trainer.phase("generation"):
+                out, stats = scrg(student, teacher, prompts, seeded, settings=trainer.scrg_settings,
+                                  vocab_size=vocab_size, keep_teacher_view=teacher_input)
+            if teacher_input is not None:
+                kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_seen"]))
+            corrected.append(stats["corrected"])
+            changed.append(stats["continuation_changed"][stats["corrected"]])
+            positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
+        else:
+            with trainer.phase("generation"):
+                out = generate(teacher, prompts, seeded, vocab_size=vocab_size)
+        samples += list(zip(prompts, out.responses()))
+    student.train()
+    trainer.schedule.push(samples)
+    batch_stats = generation_stats([response for _, response in samples], data.eos_id)
+    if corrected:
+        j, changed = torch.cat(positions), torch.cat(changed)
+        batch_stats.update(scrg_corrected=float(torch.cat(corrected).float().mean()),
+                           scrg_mean_j=float(j.float().mean()) if j.numel() else float("nan"),
+                           scrg_changed=float(changed.float().mean()) if changed.numel() else float("nan"))
+    return StepBatch(data.collate_generated(samples, trainer.num_micro), "generate", batch_stats), kept
+
+
 def count_nonfinite_step(trainer, nonfinite: bool) -> bool:
     """Book a step's health on either engine's trainer: a non-finite loss or gradient is skipped and
     counted, and more than schedule.max_nan_steps of them in a row stop the run. True: the step may update."""
@@ -248,49 +299,12 @@ class Trainer:
         return self._generate_batch()
 
     def _generate_batch(self) -> StepBatch:
-        """Fresh responses for this rank's prompts: SCRG by the student, or the teacher's (SeqKD).
-
-        Generation runs per micro-batch with a seed of (step, GLOBAL micro-batch index): micro-batch k of
-        DP rank r holds the samples of global micro-batch k*DP + r (data/sampler.py), so every TP/PP/DP
-        layout samples the same tokens for the same prompts.
-        """
-        from mgsr_megatron.generation import SamplingOptions, generate, scrg
-
-        samples, corrected, positions, changed, kept = [], [], [], [], []
-        # the method's sampling (temperature 1, no top-k / top-p); the seed changes per micro-batch
-        options = SamplingOptions(max_new_tokens=self.cfg.mgsr.max_new_tokens, eos_id=self.data.eos_id)
-        vocab_size = self.cfg.student.vocab_size
+        """Fresh responses for this rank's prompts (`generate_step_batch`), with SCRG's last detection
+        logits attached for the loss pass (mgsr.reuse_scrg_teacher_logits)."""
         reuse = self.schedule.use_scrg and self.cfg.mgsr.reuse_scrg_teacher_logits
         # the teacher scores SCRG's samples exactly as the loss pass will see them (collate_generated)
         teacher_input = (self.cfg.schedule.seq_length, self.data.pad_id) if reuse else None
-        with self.phase("generation"):
-            prompt_batches = self.data.next_prompt_micro_batches(self.num_micro)
-        for k, prompts in enumerate(prompt_batches):
-            global_index = k * self.dp_size + self.dp_rank
-            seed = (self.cfg.parallel.seed * 1_000_003 + self.step * 10_007 + global_index) % (2 ** 31)
-            seeded = dataclasses.replace(options, seed=seed)
-            if self.schedule.use_scrg:
-                with self.phase("generation"):
-                    out, stats = scrg(self.student, self.teacher, prompts, seeded, settings=self.scrg_settings,
-                                      vocab_size=vocab_size, keep_teacher_view=teacher_input)
-                if reuse:
-                    kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_seen"]))
-                corrected.append(stats["corrected"])
-                changed.append(stats["continuation_changed"][stats["corrected"]])
-                positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
-            else:
-                with self.phase("generation"):
-                    out = generate(self.teacher, prompts, seeded, vocab_size=vocab_size)
-            samples += list(zip(prompts, out.responses()))
-        self.student.train()
-        self.schedule.push(samples)
-        batch_stats = generation_stats([response for _, response in samples], self.data.eos_id)
-        if corrected:
-            j, changed = torch.cat(positions), torch.cat(changed)
-            batch_stats.update(scrg_corrected=float(torch.cat(corrected).float().mean()),
-                               scrg_mean_j=float(j.float().mean()) if j.numel() else float("nan"),
-                               scrg_changed=float(changed.float().mean()) if changed.numel() else float("nan"))
-        batch = StepBatch(self.data.collate_generated(samples, self.num_micro), "generate", batch_stats)
+        batch, kept = generate_step_batch(self, self.student, self.teacher, teacher_input)
         if reuse:
             self._attach_scrg_teacher_logits(batch, kept)
         elif self.schedule.use_scrg:
@@ -402,8 +416,12 @@ class Trainer:
             tp = self.cfg.parallel.tensor_model_parallel_size
             model = self.cfg.teacher
             local_vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
-            return [self.cache.dense_teacher_logits(mb["row_ids"], mb["loss_mask"], local_vocab, self.tp_rank,
-                                                    self.cfg.mgsr.temperature) for mb in micro_batches]
+            logits = []
+            for mb in micro_batches:  # the stored true H(P) rides with its micro-batch to the objective
+                dense, mb["teacher_entropy"] = self.cache.dense_teacher_logits(
+                    mb["row_ids"], mb["loss_mask"], local_vocab, self.tp_rank, self.cfg.mgsr.temperature)
+                logits.append(dense)
+            return logits
         if self.teacher is None:
             return None
         return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
@@ -432,12 +450,16 @@ class Trainer:
                     teacher = self._tp_rank_masked(teacher_logits[index])
                 else:  # SFT-only run: the KD terms are off, the objective still needs a tensor
                     teacher = student_logits.detach()
+                cached_entropy = mb.get("teacher_entropy")  # teacher.cache: the true H(P) at the temperature
                 loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb),
                                                clipnet=self.clipnet, settings=self.objective_settings,
-                                               tp_group=self.tp_group)
+                                               tp_group=self.tp_group, teacher_entropy=cached_entropy)
                 # the teacher's entropy on this batch's response rows: ground truth vs generated (source)
-                metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
-                    teacher, mb["kd_mask"], self.tp_group, cfg.mgsr.loss_chunk_tokens)
+                if cached_entropy is not None and cfg.mgsr.temperature == 1.0:  # the cache's is at T=1 then
+                    metrics["teacher_entropy"] = cached_entropy[mb["kd_mask"] > 0].double().mean()
+                else:
+                    metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
+                        teacher, mb["kd_mask"], self.tp_group, cfg.mgsr.loss_chunk_tokens)
                 reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(())
                                         for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
                 return loss, {"metrics": reported}

@@ -4,8 +4,12 @@ One torchrun launch of 2 ranks (tests/dist/deepspeed_checks.py) trains tiny rand
 checks: ZeRO-1/2/3 give the same losses; a ZeRO-3-partitioned teacher the same as a replicated one; an
 offloaded optimizer (torch AdamW, CPU) the same; ZeRO-1 equals an independent plain PyTorch loop; the
 ZeRO-3 export loads in transformers with the engine's logits; SIGUSR1 at step 3 -> checkpoint -> exit 115,
-`--resume auto` continues exactly; bf16 keeps fp32 master weights; `mgsr train --deepspeed ds.json` works.
-The launch runs with TORCH_EXTENSIONS_DIR set to an empty folder, which must stay empty: no DeepSpeed op
+`--resume auto` continues exactly; bf16 keeps fp32 master weights; `mgsr train --deepspeed ds.json` works;
+the same HF weights converted (conversion.import_hf) and trained by the Megatron engine (Trainer, TP=1, DP=2)
+give the DeepSpeed engine's logits and, over 6 steps with clipping off, its loss, sft, dac_kl, span and gradient
+norm (relative 1e-4). Then two `mgsr train` launches: one SIGKILLed while it writes a checkpoint, one
+`--resume auto` whose steps equal the launch's uninterrupted run.
+The launches run with TORCH_EXTENSIONS_DIR set to an empty folder, which must stay empty: no DeepSpeed op
 is compiled. Bad input (15 kinds) is one line, before any process group or model exists (in this process).
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +29,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ("zero_stages_agree", "teacher_zero3_matches_replicated", "offload_optimizer_cpu",
           "parity_with_plain_pytorch_loop", "export_loads_in_transformers", "preempt_resume_exact",
-          "bf16_fp32_master_weights", "cli_deepspeed_json")
+          "bf16_fp32_master_weights", "cli_deepspeed_json", "parity_with_megatron_engine")
+DIST_CHECKS = ROOT / "tests" / "dist" / "deepspeed_checks.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:0"]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +40,7 @@ def launch(tmp_path_factory):
     base = tmp_path_factory.mktemp("deepspeed")
     extensions = base / "torch_extensions"
     out = base / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", str(ROOT / "tests" / "dist" / "deepspeed_checks.py"),
-           "--root", str(base / "root"), "--out", str(out)]
+    cmd = [*TORCHRUN, str(DIST_CHECKS), "--root", str(base / "root"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_EXTENSIONS_DIR": str(extensions)}
     start = time.time()
     try:
@@ -85,6 +91,74 @@ def test_stale_extension_lock_is_one_line(tmp_path, monkeypatch):
         check_extension_lock(CPU_ADAM_OP)
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / CPU_ADAM_OP / "lock") in message and "delete" in message
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks (each rank runs in a session of its own: kill every process group)."""
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(procs, timeout=60)
+
+
+def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
+    """`mgsr train` (torchrun, 2 ranks, ZeRO-3, a checkpoint every 2 steps; the launch's uninterrupted 6-step
+    ZeRO-3 run in a YAML config) is SIGKILLed, every process of it, while it writes the step-6 checkpoint: after
+    the step-4 checkpoint is complete, DeepSpeed's files of step 6 in `.iter_0000006.tmp`, nothing renamed (a
+    test-only hook holds rank 0 there: deepspeed_checks.py --hold-in-save). `latest` still names step 4, and
+    `mgsr train --resume auto` loads it, ignores the partial directory, and its steps 5-6 equal the uninterrupted
+    run's (relative 1e-5, fp32)."""
+    from tests.dist.deepspeed_checks import HOLDING, assert_close, base_config, losses_of
+
+    expected = {int(step): loss for step, loss in launch["results"]["losses"].get("zero3", {}).items()}
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6], f"the launch's ZeRO-3 run is missing:\n{launch['log'][-4000:]}"
+    cfg = base_config(launch["root"], "killed", zero_stage=3)
+    save = tmp_path / "checkpoints"
+    cfg.checkpoint.save, cfg.checkpoint.save_interval = str(save), 2
+    cfg.logging.output_dir = str(tmp_path / "killed")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "TORCH_EXTENSIONS_DIR": str(launch["extensions"])}
+    partial = save / ".iter_0000006.tmp"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([*TORCHRUN, str(DIST_CHECKS), "--hold-in-save", "6", "train", "--config", str(config)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not (partial / HOLDING).exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            assert (partial / HOLDING).exists(), f"the run never reached the step-6 checkpoint (exit {proc.poll()}):" \
+                                                 f"\n{(tmp_path / 'killed.log').read_text()[-4000:]}"
+            assert (save / "latest").read_text().strip() == "iter_0000004"
+        finally:
+            _kill_job(proc)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    assert (save / "latest").read_text().strip() == "iter_0000004"
+    assert (save / "iter_0000004" / "manifest.json").is_file() and not (save / "iter_0000006").exists()
+    assert (partial / "engine").is_dir() and not (partial / "manifest.json").exists()  # killed half-way
+    assert_close(losses_of(cfg.logging.output_dir), expected, "the killed run (steps 1-6) vs uninterrupted")
+
+    resumed_dir = tmp_path / "resumed"
+    proc = subprocess.run([*TORCHRUN, "-m", "mgsr_megatron", "train", "--config", str(config), "--resume", "auto",
+                           f"--logging.output_dir={resumed_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"from {save / 'iter_0000004'}" in proc.stdout, proc.stdout[-3000:]
+    assert_close(losses_of(resumed_dir), {5: expected[5], 6: expected[6]}, "resumed steps 5-6 vs uninterrupted")
+    assert (save / "latest").read_text().strip() == "iter_0000006" and not partial.exists()
+    extensions = launch["extensions"]
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.iterdir())
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -151,8 +225,8 @@ def test_bad_inputs_are_one_line(launch, tmp_path, monkeypatch, capsys):
     no_weights = _bad_dir(tmp_path, "no_weights", student_hf, weights=False)
     expect("no weights", _config(root, student={"load": no_weights}))
     expect("data-parallel only", _config(root, parallel={"tensor_model_parallel_size": 2}))
-    expect("SCRG / on-policy generation under DeepSpeed is not implemented yet",
-           _config(root, mgsr={"data_schedule": "on_policy"}))
+    expect("SCRG / on-policy generation under DeepSpeed is not implemented yet for off_policy",
+           _config(root, mgsr={"data_schedule": "off_policy"}))
     expect("deepspeed.offload_params=true needs deepspeed.zero_stage=3",
            _config(root, deepspeed={"offload_params": True}))
     expect("deepspeed.zero_stage': 4 is not one of 1, 2, 3", _config(root, deepspeed={"zero_stage": 4}))

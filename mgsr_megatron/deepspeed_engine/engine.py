@@ -15,12 +15,19 @@ The step's loss is the mean of the micro-batch losses over all micro-batches and
 Megatron engine. A step whose logits hold NaN/Inf on any rank is skipped by DeepSpeed (its gradient
 norm is not finite) and by the ClipNet; more than schedule.max_nan_steps in a row stop the run.
 
+Which rows a step trains on: the Megatron engine's data schedule (data/schedule.py; warm start of
+mgsr.sft_warmup_iters ground-truth steps) and its generated-batch construction
+(training/trainer.py `generate_step_batch`): SCRG by the student (on_policy) or the teacher's responses
+(seqkd), generated through generation/hf_stage.py's HfCausalLM, which runs ZeRO-3 models in lockstep.
+
 Differences to the Megatron engine: the student's and the ClipNet's gradients are clipped on their own
-norms (the Megatron engine clips both by one joint norm); no generation (ground truth only).
+norms (the Megatron engine clips both by one joint norm); SCRG's detection logits are not reused for the
+loss pass (the teacher runs again on every generated row: teacher_rows_recomputed = 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -31,7 +38,7 @@ from mgsr_megatron import platform
 from mgsr_megatron.config import check_batch_layout
 from mgsr_megatron.deepspeed_engine import models, runtime, settings
 from mgsr_megatron.training import optimizer as optim
-from mgsr_megatron.training.trainer import count_nonfinite_step
+from mgsr_megatron.training.trainer import StepBatch, count_nonfinite_step, generate_step_batch
 
 METRIC_KEYS = ("loss", "sft", "dac_kl", "span", "mean_l", "mean_u", "band_size", "kept_mass", "teacher_entropy")
 
@@ -86,6 +93,7 @@ class DeepSpeedTrainer:
         self.clipnet = clipnet.to(self.device)
         self.clipnet_optimizer = optim.build_optimizer(self.clipnet, cfg.optimizer)
         self.objective = ObjectiveSettings.from_config(cfg.mgsr)
+        self._build_generation()
         self.step = 0
         self.last_loss = None
         self.nan_steps_in_row = 0
@@ -104,7 +112,43 @@ class DeepSpeedTrainer:
         teacher.eval()
         return teacher
 
+    def _build_generation(self) -> None:
+        """The data schedule and, for generating schedules, the models as generation adapters: ZeRO-3
+        models generate in lockstep over the data-parallel ranks (every forward gathers parameters)."""
+        from mgsr_megatron.data.schedule import DataSchedule
+        from mgsr_megatron.generation import ScrgSettings
+        from mgsr_megatron.generation.hf_stage import HfCausalLM
+
+        cfg = self.cfg
+        self.schedule = DataSchedule.from_config(cfg.mgsr, seed=cfg.parallel.seed) if self.uses_teacher else None
+        self.scrg_settings = ScrgSettings.from_config(cfg.mgsr)
+        self.generating_student = HfCausalLM(self.student, self.vocab, lockstep=self.zero3)
+        self.generating_teacher = None if self.teacher is None else HfCausalLM(
+            self.teacher, self.vocab, lockstep=bool(cfg.deepspeed.teacher_zero3))
+
     # ------------------------------------------------------------------------------------------ pieces
+    def phase(self, name: str):
+        """generate_step_batch's timing hook: this engine times no phases."""
+        return contextlib.nullcontext()
+
+    def next_batch(self) -> StepBatch:
+        """This step's micro-batches (on the device): ground truth, fresh generations or a replay, as the
+        data schedule decides (the same decision on every rank; ground truth during the warm start)."""
+        warm = self.step < self.cfg.mgsr.sft_warmup_iters
+        decision = "ground_truth" if self.schedule is None or warm else \
+            self.schedule.decide(self.step, self.cfg.schedule.train_iters)
+        if decision == "ground_truth":
+            batch = StepBatch(self.data.next_micro_batches(self.num_micro), "ground_truth")
+        elif decision == "replay":
+            samples = self.schedule.replay(self.num_micro * self.cfg.schedule.micro_batch_size, self.step)
+            batch = StepBatch(self.data.collate_generated(samples, self.num_micro), "replay")
+        else:
+            batch, _ = generate_step_batch(self, self.generating_student, self.generating_teacher)
+            if self.schedule.use_scrg:
+                batch.stats["teacher_rows_recomputed"] = 1.0
+        batch.micro_batches = self._to_device(batch.micro_batches)
+        return batch
+
     def logits(self, model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """[b, s, V] logits over the tokenizer's vocabulary (wider embeddings are cut)."""
         out = model(input_ids=tokens, position_ids=position_ids, use_cache=False).logits
@@ -178,7 +222,8 @@ class DeepSpeedTrainer:
         start = time.time()
         lr = optim.learning_rate(self.step, self.cfg.optimizer, self.cfg.schedule)
         self.set_learning_rate(lr)
-        micro_batches = self._to_device(self.data.next_micro_batches(self.num_micro))
+        batch = self.next_batch()
+        micro_batches = batch.micro_batches
         self.engine.train()
         self.clipnet_optimizer.zero_grad(set_to_none=True)
         reported = []
@@ -199,8 +244,9 @@ class DeepSpeedTrainer:
         tokens = sum(int(mb["loss_mask"].numel()) for mb in micro_batches) * self.dp_size
         elapsed = time.time() - start
         metrics.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed,
-                       source="ground_truth", skipped_steps=self.skipped_steps,
+                       source=batch.source, skipped_steps=self.skipped_steps,
                        mem_gib=platform.peak_memory_bytes() / 2 ** 30)
+        metrics.update(batch.stats)
         return metrics
 
     def validation_loss(self) -> dict | None:

@@ -42,9 +42,11 @@ def validate_settings(cfg) -> None:
            f"the deepspeed engine is data-parallel only: parallel.tensor_model_parallel_size="
            f"{cfg.parallel.tensor_model_parallel_size} and parallel.pipeline_model_parallel_size="
            f"{cfg.parallel.pipeline_model_parallel_size} must be 1 (ZeRO shards over the data-parallel ranks)")
-    _check(cfg.mgsr.data_schedule == "ground_truth",
+    # off_policy keeps a replay buffer and a threshold that this engine's checkpoints do not hold yet
+    _check(cfg.mgsr.data_schedule != "off_policy",
            f"mgsr.data_schedule={cfg.mgsr.data_schedule}: SCRG / on-policy generation under DeepSpeed is not "
-           f"implemented yet; use mgsr.data_schedule=ground_truth with deepspeed.enabled, or the Megatron engine")
+           f"implemented yet for off_policy (its replay buffer is not checkpointed); use on_policy, seqkd or "
+           f"ground_truth with deepspeed.enabled, or the Megatron engine")
     _check(not ds.offload_params or ds.zero_stage == 3,
            f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage}): only ZeRO-3 "
            f"partitions the parameters")

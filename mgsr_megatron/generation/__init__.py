@@ -5,7 +5,8 @@ Public (re-exported here):
   sample, SamplingOptions      sampling.py: greedy / temperature / top-k / top-p on vocab-parallel logits;
                                the options object every function here takes whole
   scrg, ScrgSettings           scrg.py: a student sample plus the teacher's corrections
-kv_decode.py (the lean decode stage) is internal.
+kv_decode.py (the lean decode stage) is internal; hf_stage.py (HfCausalLM) runs the same functions on a
+Hugging Face causal LM (generator.GenerationModel, the interface for models that are not GPTModels).
 """
 
 from mgsr_megatron.generation.generator import GenerationOutput, generate

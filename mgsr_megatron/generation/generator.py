@@ -26,6 +26,9 @@ rank takes the same sample from the same logits (sampling.py).
 
 Noise of sampled tokens depends on (seed, absolute position, row, vocabulary id) only: regenerating
 with or without a reused cache gives the same tokens.
+
+Models that are not Megatron GPTModels come through `GenerationModel` (hf_stage.HfCausalLM for Hugging Face
+causal LMs): their stepper replaces PipelineStepper, the rest of this module runs unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +64,66 @@ class GenerationOutput:
                 for r, (p, n) in enumerate(zip(self.prompt_lengths.tolist(), self.response_lengths.tolist()))]
 
 
+class GenerationModel:
+    """The model interface generation and SCRG need, for models that are not Megatron GPTModels (a bare
+    GPTModel, or one in DDP / Float16Module wrappers, takes the Megatron path: PipelineStepper,
+    models.pipeline.forward_logits, Megatron's TP/PP groups). hf_stage.HfCausalLM implements it for a
+    Hugging Face causal LM (TP = PP = 1).
+
+    Contract: logits cover the vocabulary given to the adapter (no TP shard: the whole of it);
+    `lockstep` True means every data-parallel rank must run the same number of forward passes (ZeRO-3
+    gathers the parameters collectively in each one): `announce_pass` precedes each real pass and
+    `join_peer_passes` runs idle passes until every rank is done (both no-ops without lockstep)."""
+
+    lockstep: bool = False
+
+    @property
+    def training(self) -> bool:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        raise NotImplementedError
+
+    def eval(self):
+        return self.train(False)
+
+    def context_limit(self) -> int:
+        """Positions the model can attend over."""
+        raise NotImplementedError
+
+    def stepper(self, batch_size: int, max_length: int):
+        """A stepper with PipelineStepper's interface (forward, reorder_rows, broadcast_column, logit_record,
+        tp_rank, batch_size) over a fresh KV cache of batch_size rows and max_length positions."""
+        raise NotImplementedError
+
+    def score(self, tokens: torch.Tensor) -> torch.Tensor:
+        """No-grad logits [b, L, V] of a whole-sequence forward (eval mode), as _score's Megatron path."""
+        raise NotImplementedError
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """flag.any() on any data-parallel rank (with lockstep; this rank's otherwise)."""
+        return bool(flag.any())
+
+    def announce_pass(self) -> None:
+        """Called before each real forward pass of a stepper (lockstep bookkeeping)."""
+
+    def join_peer_passes(self) -> None:
+        """Called when this rank has no pass left in a generate / regenerate: idle until its peers finish."""
+
+
+def new_stepper(model, batch_size: int, max_length: int):
+    """The KV-cached stepper of `model`: its adapter's (GenerationModel) or Megatron's PipelineStepper."""
+    if isinstance(model, GenerationModel):
+        return model.stepper(batch_size, max_length)
+    return PipelineStepper(model, batch_size, max_length)
+
+
+def finish_passes(model) -> None:
+    """After this rank's last pass of a generation: lockstep adapters idle until every rank is done."""
+    if isinstance(model, GenerationModel):
+        model.join_peer_passes()
+
+
 def _unwrap(model):
     """The GPTModel inside DDP / Float16Module wrappers (they keep it in `.module`)."""
     while hasattr(model, "module"):
@@ -70,6 +133,8 @@ def _unwrap(model):
 
 def context_limit(model) -> int:
     """Positions the model can attend over (max_position_embeddings)."""
+    if isinstance(model, GenerationModel):
+        return model.context_limit()
     return int(_unwrap(model).max_sequence_length)
 
 
@@ -323,10 +388,11 @@ def generate(model, prompts: list[list[int]], options: SamplingOptions, *, vocab
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64, device=device)
         max_length = int(prompt_lengths.max()) + max_new_tokens
-        stepper = PipelineStepper(model, len(prompts), max_length)
+        stepper = new_stepper(model, len(prompts), max_length)
         record = stepper.logit_record(max_length) if record_logits else None
         out_tokens, lengths = decode(stepper, tokens, prompt_lengths, prompt_lengths.clone(), 0,
                                      options=options, vocab_size=vocab_size, record=record)
+        finish_passes(model)
     finally:
         model.train(was_training)
     logits = None if record is None else record[:, :out_tokens.shape[1]]

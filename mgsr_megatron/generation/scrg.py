@@ -40,11 +40,13 @@ import torch.distributed as dist
 from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.generator import (
+    GenerationModel,
     GenerationOutput,
-    PipelineStepper,
     check_request,
     decode,
+    finish_passes,
     generate,
+    new_stepper,
 )
 from mgsr_megatron.generation.sampling import SamplingOptions, parallel_argmax, sample
 from mgsr_megatron.losses.divergences import divergence as token_divergence
@@ -87,7 +89,10 @@ def round_seed(seed: int, round_index: int) -> int:
     return (seed * 1_000_003 + round_index * 7_919 + 0x5BD1E995) & 0xFFFFFFFF
 
 
-def _tp():
+def _tp(model=None):
+    """(group, rank, size) of the model's tensor-parallel group; (None, 0, 1) for a GenerationModel."""
+    if isinstance(model, GenerationModel):
+        return None, 0, 1
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -96,6 +101,8 @@ def _tp():
 
 def _score(model, tokens: torch.Tensor):
     """Vocab-parallel logits [b, L, V/TP] on the last stage (None elsewhere), no grad."""
+    if isinstance(model, GenerationModel):
+        return model.score(tokens)
     from mgsr_megatron.models.pipeline import forward_logits
 
     was_training = model.training
@@ -107,8 +114,11 @@ def _score(model, tokens: torch.Tensor):
     return None if outputs is None else outputs[0]
 
 
-def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape) -> torch.Tensor:
-    """Make the last stage's TP-rank-0 tensor the value on every rank of this model replica."""
+def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape, model=None) -> torch.Tensor:
+    """Make the last stage's TP-rank-0 tensor the value on every rank of this model replica (a
+    GenerationModel's replica is one rank: nothing to do)."""
+    if isinstance(model, GenerationModel):
+        return values
     from megatron.core import parallel_state
 
     tp_group, _, tp = _tp()
@@ -162,7 +172,7 @@ def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, 
     student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
     if teacher_logits is not None:
-        tp_group, tp_rank, _ = _tp()
+        tp_group, tp_rank, _ = _tp(teacher)
         start = tp_rank * teacher_logits.shape[-1]
         # logits at position i - 1 predict the token at position i; candidates start at the shortest prompt
         first = int(prompt_lengths.min())
@@ -188,7 +198,7 @@ def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, 
         j = torch.where(has, best + first, -1)
         t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
         decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
-    return _broadcast_from_last_stage_tp0(decision, (b, 3)), full_teacher_logits, scored
+    return _broadcast_from_last_stage_tp0(decision, (b, 3), teacher), full_teacher_logits, scored
 
 
 def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *, settings: ScrgSettings,
@@ -240,7 +250,7 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
         if keep_teacher_logits:  # only the last pass's are kept: rows it did not correct stay as scored
             stats.update(teacher_logits=teacher_logits, teacher_scored=scored, teacher_seen=~fix)
             del teacher_logits
-        if not bool(fix.any()):
+        if not _any_rank(fix, student, teacher):  # lockstep ranks run the same rounds
             break
         stats["corrected"] |= fix
         stats["j"] = torch.where(fix, j, stats["j"])
@@ -253,6 +263,13 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
                          record_logits=round_index < settings.rounds)  # the next round's detection
         stats["continuation_changed"] |= _suffix_changed(before, out, j)
     return out, stats
+
+
+def _any_rank(flag: torch.Tensor, *models) -> bool:
+    """flag.any() on this rank, or on any data-parallel rank when one of the models runs in lockstep
+    (then every rank must take the same branch: another detection pass or regeneration)."""
+    synced = [m for m in models if isinstance(m, GenerationModel) and m.lockstep]
+    return synced[0].any_rank(flag) if synced else bool(flag.any())
 
 
 def _suffix_changed(before: GenerationOutput, after: GenerationOutput, j: torch.Tensor) -> torch.Tensor:
@@ -273,6 +290,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     max_new_tokens = options.max_new_tokens
     fix = j >= 0
     if not bool(fix.any()):
+        finish_passes(student)  # lockstep: the other ranks' regeneration passes
         return out
     tokens = out.tokens.clone()
     rows = torch.nonzero(fix).squeeze(-1)
@@ -283,7 +301,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     max_length = int(out.prompt_lengths.max()) + max_new_tokens
     stepper, cache_valid = out.stepper, torch.where(fix, j, max_length)
     if not reuse_cache or stepper is None:
-        stepper = PipelineStepper(student, tokens.shape[0], max_length)  # the same path: it depends on the model
+        stepper = new_stepper(student, tokens.shape[0], max_length)  # the same path: it depends on the model
         cache_valid = 0
     record_logits = out.logits_recorded if record_logits is None else record_logits
     if record_logits and not out.logits_recorded:
@@ -296,6 +314,7 @@ def regenerate(student, out: GenerationOutput, j: torch.Tensor, t_j: torch.Tenso
     try:
         new_tokens, lengths = decode(stepper, tokens, out.prompt_lengths, fixed_lengths, cache_valid,
                                      options=options, vocab_size=vocab_size, record=record)
+        finish_passes(student)
     finally:
         student.train(was_training)
     logits = None if record is None else record[:, :new_tokens.shape[1]]

@@ -4,9 +4,15 @@
 
 Rank 0 builds the tiny setup under DIR (training/smoke.py's SentencePiece tokenizer and indexed data, a
 random HF llama student 2x32 and teacher 2x64 whose embedding is wider than the tokenizer), then the ranks
-train with `deepspeed_engine.run.train` in several settings (5 steps, global batch 8 = micro-batch 2 x
+train with `deepspeed_engine.run.train` in several settings (6 steps, global batch 8 = micro-batch 2 x
 DP 2 x 2 accumulation steps, SFT + DAC-KL + span on ground truth, fp32) and record per check ok/error and
-the losses. Not named check_*.py: the Megatron harness (tests/dist/harness.py) imports those.
+the losses. Last, in a new process group (Megatron's CPU adapter must not be active during the DeepSpeed runs),
+the same HF weights converted by conversion.import_hf are trained by the Megatron engine and compared with a
+DeepSpeed run (parity_with_megatron_engine). Not named check_*.py: the Megatron harness (tests/dist/harness.py)
+imports those.
+
+    deepspeed_checks.py --hold-in-save STEP train --config X.yaml   (`mgsr train`, held half-way through the
+                                                                    checkpoint of STEP: the SIGKILL test)
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-STEPS = 5
+STEPS = 6
 RTOL = 1e-5
+PARITY_KEYS = ("loss", "sft", "dac_kl", "span", "grad_norm")  # per step, DeepSpeed vs Megatron engine
+PARITY_RTOL = 1e-4
 
 
 def build_setup(root: Path) -> None:
@@ -82,6 +90,11 @@ def losses_of(output_dir: str | Path) -> dict[int, float]:
         if row["kind"] == "train":
             out[row["step"]] = row["loss"]
     return out
+
+
+def metrics_of(output_dir: str | Path) -> dict[int, dict]:
+    return {row["step"]: row for row in map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
+            if row["kind"] == "train"}
 
 
 def assert_close(actual: dict, expected: dict, what: str, rtol: float = RTOL) -> None:
@@ -145,6 +158,73 @@ def reference_losses(cfg, steps: int) -> dict[int, float]:
         student_opt.step()
         clipnet_opt.step()
     return out
+
+
+# ------------------------------------------------------------------------------------------ Megatron engine
+VOCAB = 256  # the tokenizer's (smoke.build_files); the teacher's HF embedding has 320 rows
+
+
+def no_clipping(cfg) -> None:
+    """Clipping off in both engines (optimizer.clip_grad=0: the DeepSpeed engine passes gradient_clipping=0,
+    which DeepSpeed's ZeRO optimizers skip, and clips the ClipNet only if clip > 0; the Megatron engine clips
+    only if max_norm > 0). The engines clip differently (student and ClipNet on their own norms vs one joint
+    norm) and these runs' norms (~3) exceed the default 1.0, so with clipping on they would differ."""
+    cfg.optimizer.clip_grad = 0.0
+
+
+def convert_for_megatron(root: Path) -> None:
+    """Rank 0: the HF student, and the HF teacher cut to the tokenizer's 256 ids, converted into Megatron
+    checkpoints by the project's converter. The cut keeps exactly what the DeepSpeed engine uses (it cuts the
+    teacher's wider logits to the tokenizer's vocabulary; the Megatron engine needs one vocabulary for both)."""
+    from safetensors.torch import load_file, save_file
+
+    from mgsr_megatron.conversion import import_hf
+
+    cut = root / "teacher_hf_cut"
+    cut.mkdir(exist_ok=True)
+    config = json.loads((root / "teacher_hf" / "config.json").read_text())
+    (cut / "config.json").write_text(json.dumps({**config, "vocab_size": VOCAB}))
+    state = load_file(root / "teacher_hf" / "model.safetensors")
+    save_file({k: v[:VOCAB].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+               for k, v in state.items()}, cut / "model.safetensors", metadata={"format": "pt"})
+    for source, target in (("student_hf", "student_megatron"), ("teacher_hf_cut", "teacher_megatron")):
+        import_hf(root / source, root / target, overwrite=True, progress=False)
+
+
+def megatron_config(root: Path, run: str):
+    """base_config for the Megatron engine: the converted models (TP=PP=1, DP=2), everything else equal."""
+    import dataclasses
+
+    from mgsr_megatron.models.checkpoint import read_model_config
+
+    cfg = base_config(root, run)
+    cfg.deepspeed.enabled = False
+    for name in ("student", "teacher"):
+        path = str(root / f"{name}_megatron")
+        setattr(cfg, name, dataclasses.replace(read_model_config(path), load=path))
+    return cfg
+
+
+def check_converted_logits(cfg, root: Path) -> dict[str, float]:
+    """Student and teacher logits of the converted models on the first training micro-batch equal the HF
+    models' (the check_conversion helpers; fp32, 1e-4 as there). Returns the max abs errors."""
+    from transformers import AutoModelForCausalLM
+
+    from mgsr_megatron.models import build_model
+    from mgsr_megatron.models.checkpoint import load_model
+    from mgsr_megatron.training.data import TrainingData
+    from tests.dist.check_conversion import _megatron_logits, hf_logits
+
+    tokens = TrainingData(cfg, 0, 1).next_micro_batches(1)[0]["tokens"]
+    errors = {}
+    for name in ("student", "teacher"):
+        model = build_model(getattr(cfg, name))
+        load_model(model, getattr(cfg, name).load)
+        hf = AutoModelForCausalLM.from_pretrained(root / f"{name}_hf").eval()
+        diff = _megatron_logits(model.eval(), [tokens], VOCAB) - hf_logits(hf, [tokens])[..., :VOCAB]
+        errors[name] = diff.abs().max().item()
+    assert all(err <= 1e-4 for err in errors.values()), f"converted models vs Hugging Face, max abs logits: {errors}"
+    return errors
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -326,6 +406,37 @@ def main(root: Path, out: Path) -> None:
         losses["cli"] = losses_of(run_dir)
         assert_close(losses["cli"], {s: losses["zero2"][s] for s in (1, 2)}, "CLI + ds.json vs ZeRO-2")
 
+    def megatron_parity_deepspeed_side():
+        """The DeepSpeed half of parity_with_megatron_engine (before the CLI check; the Megatron half after it)."""
+        checks.train("parity_deepspeed", edit=no_clipping, zero_stage=2)
+
+    def megatron_parity():
+        """The Megatron engine (Trainer, TP=1, DP=2) on the converted models gives the DeepSpeed engine's loss,
+        sft, dac_kl and span (and the joint gradient norm) at every step: same data, LR schedule, ClipNet seed
+        and AdamW settings, clipping off in both (no_clipping)."""
+        earlier = checks.results["checks"]["parity_with_megatron_engine"]
+        assert earlier["ok"], f"the DeepSpeed run failed:\n{earlier['error']}"
+        from mgsr_megatron import parallel
+        from mgsr_megatron.training.run import train as megatron_train
+        from tests.dist.check_conversion import on_rank0
+
+        parallel.init_distributed()  # the process group exists: this installs Megatron's CPU adapter
+        parallel.initialize_model_parallel(1, 1)
+        on_rank0(lambda: convert_for_megatron(root))
+        cfg = megatron_config(root, "parity_megatron")
+        checks.results["converted_logits_max_abs_error"] = check_converted_logits(cfg, root)
+        no_clipping(cfg)
+        code, _ = megatron_train(cfg)
+        assert code == 0, code
+        ds, mg = metrics_of(root / "runs" / "parity_deepspeed"), metrics_of(cfg.logging.output_dir)
+        assert sorted(ds) == sorted(mg) == list(range(1, STEPS + 1)), (sorted(ds), sorted(mg))
+        worst = {key: max(abs(mg[s][key] - ds[s][key]) / abs(ds[s][key]) for s in ds) for key in PARITY_KEYS}
+        checks.results["parity_max_relative_difference"] = worst
+        rows = {name: [[run[s][k] for k in PARITY_KEYS] for s in run] for name, run in (("DeepSpeed", ds),
+                                                                                       ("Megatron", mg))}
+        assert all(value <= PARITY_RTOL for value in worst.values()), \
+            f"Megatron vs DeepSpeed engine, max relative differences over {STEPS} steps: {worst}; {rows}"
+
     checks.record("zero_stages_agree", zero_stages)
     checks.record("teacher_zero3_matches_replicated", teacher_zero3)
     checks.record("offload_optimizer_cpu", offload_optimizer)
@@ -333,6 +444,7 @@ def main(root: Path, out: Path) -> None:
     checks.record("export_loads_in_transformers", export)
     checks.record("preempt_resume_exact", preempt_and_resume)
     checks.record("bf16_fp32_master_weights", bf16_master_weights)
+    checks.record("parity_with_megatron_engine", megatron_parity_deepspeed_side)
     checks.results["seconds"]["before_cli"] = round(time.time() - started, 1)
     cli_results = checks.results
     # the CLI run destroys the process group at its end: record its outcome on each rank's own
@@ -345,14 +457,48 @@ def main(root: Path, out: Path) -> None:
     if rank == 0:
         cli_results["checks"]["cli_deepspeed_json"] = {"ok": error is None, "seconds": round(time.time() - start, 2),
                                                        "error": error or ""}
-        cli_results["seconds"]["total"] = round(time.time() - started, 1)
         out.write_text(json.dumps(cli_results, indent=1))
         print(f"{'PASS' if error is None else 'FAIL'} cli_deepspeed_json", flush=True)
+    # the Megatron engine last, in a new process group: its CPU adapter (platform.activate) patches torch.cuda
+    # and torch.distributed for Megatron, which the DeepSpeed runs above must not see
     if dist.is_initialized():
         dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{root}/megatron_world_{os.environ['MASTER_PORT']}",
+                            rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    checks.record("parity_with_megatron_engine", megatron_parity)
+    checks.results["seconds"]["total"] = round(time.time() - started, 1)
+    if rank == 0:
+        out.write_text(json.dumps(checks.results, indent=1))
+    dist.destroy_process_group()
+
+
+HOLDING = "HOLDING"
+
+
+def mgsr_train_holding_in_save(step: int, args: list[str]) -> None:
+    """`mgsr ARGS` (the real CLI) with one test-only patch, so that tests/test_deepspeed_engine.py can SIGKILL
+    the job in the middle of a checkpoint write at a known point: rank 0 stops for good while writing the
+    checkpoint of `step`, after DeepSpeed's files, common.pt and the RNG states are in the temporary directory
+    and before its manifest, the rename and `latest`; it first creates HOLDING in that directory."""
+    from mgsr_megatron import cli
+    from mgsr_megatron.models import trust
+
+    write_manifest = trust.write_manifest  # deepspeed_engine/checkpoint.py imports it at each save
+
+    def holding(directory, *rest, **kwargs):
+        if Path(directory).name == f".iter_{step:07d}.tmp":
+            (Path(directory) / HOLDING).write_text(str(os.getpid()))
+            time.sleep(3600)
+        return write_manifest(directory, *rest, **kwargs)
+
+    trust.write_manifest = holding
+    cli.main(args)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--hold-in-save"]:  # deepspeed_checks.py --hold-in-save STEP MGSR_ARGS...
+        mgsr_train_holding_in_save(int(sys.argv[2]), sys.argv[3:])
+        sys.exit(0)
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -4,16 +4,20 @@
      preprocess it into Megatron indexed files: all rows for the teacher; for the students a small
      labelled subset plus the remaining rows as prompts without responses;
   2. (torchrun, 2 processes) train the teacher (data parallel; reused by a later demo with the same
-     settings, keyed by their hash), then, for every training seed, the students from the same
-     initialisation with the same number of steps: plain SFT on the labelled subset (the baseline) and
-     MGSR (SFT + DAC-KL + span on the labelled rows, SCRG samples on all prompts after a warm start)
+     settings, keyed by their hash); let it answer the prompts without responses once (greedy: SeqKD's
+     data, made once instead of on every step) and write its top-K distributions over the labelled and
+     teacher-labelled rows (`mgsr cache-teacher`'s cache: ground-truth steps run no teacher forward);
+     then, for every training seed, the students from the same initialisation with the same number of
+     steps: plain SFT on the labelled subset (the baseline: it has no teacher) and MGSR (SFT + DAC-KL +
+     span on the labelled and teacher-labelled rows, SCRG samples on all prompts after a warm start)
      under TP=2, loading the teacher's checkpoint re-sharded to TP=2;
   3. evaluate teacher and students on held-out prompts (ROUGE-L, exact match; overall and per task
      family; each student's score is the mean over sampling seeds, reported as the mean and spread over
      training seeds), print a table, write `demo_report.json` and a plot.
 
 With `--ablation` it also trains the baselines and the paper's component ladder at the same steps:
-SeqKD, KD (forward KL), GKD (on-policy JSD), + DAC-KL, + span, on-policy without SCRG, + SCRG = MGSR.
+SeqKD with the teacher sampling on every step, SFT on the teacher's labels (offline SeqKD), KD (forward
+KL), GKD (on-policy JSD), + DAC-KL, + span, on-policy without SCRG, + SCRG = MGSR.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def default_config(output_dir: Path) -> Config:
     cfg.schedule.seq_length = 40
     cfg.schedule.micro_batch_size = 32  # one micro-batch per step: one generation call per SCRG step
     cfg.schedule.global_batch_size = 32
-    cfg.schedule.train_iters = 200
+    # 600 steps: at 200 (and 400) the student is step-limited and SFT on all 4,000 labels scores BELOW
+    # SFT on the 400 labelled rows, so no teacher can pay through the other prompts (docs/quality.md §8)
+    cfg.schedule.train_iters = 600
     cfg.schedule.lr_warmup_iters = 20
     cfg.schedule.eval_interval = 0
     cfg.optimizer.lr = 3e-3
@@ -72,7 +78,7 @@ def default_config(output_dir: Path) -> Config:
 # student trained on a tenth of its data; lr 1e-3 for 600 steps gives it something to teach.
 DEMO_SETTINGS = {"teacher_iters": 600, "teacher_lr": 1e-3, "teacher_min_lr": 1e-4, "labelled_fraction": 0.1,
                  "n_train": 4000, "n_eval": 240, "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16,
-                 "train_seeds": (1, 2), "families": FAMILIES}
+                 "train_seeds": (1, 2), "families": FAMILIES, "teacher_cache": True}
 
 
 # ----------------------------------------------------------------------------------------- step 1
@@ -121,9 +127,11 @@ def _variant(base: Config, out: Path, name: str, **mgsr) -> Config:
 
 SFT = dict(w_dac=0.0, w_span=0.0, data_schedule="ground_truth")
 # The component ladder of the paper's ablation plus the baselines of its peers; every variant trains
-# for the same steps from the same initialisation (per training seed) on the same data.
+# for the same steps from the same initialisation (per training seed). The ladder starts from the
+# teacher's labels of the unlabelled prompts (SeqKD's data made once) and adds one part at a time.
 ABLATION = {
-    "seqkd": dict(data_schedule="seqkd", dac_mode="off", w_span=0.0),  # KD on the teacher's samples
+    "seqkd_online": dict(data_schedule="seqkd", dac_mode="off", w_span=0.0),  # teacher samples every step
+    "teacher_labels_sft": SFT,  # SFT on the labelled rows + the teacher's greedy answers (offline SeqKD)
     "kd_forward_kl": dict(data_schedule="ground_truth", dac_mode="off", w_span=0.0),
     "gkd_jsd": dict(data_schedule="on_policy", scrg_rounds=0, dac_mode="off", kd_divergence="jsd", kd_beta=0.5,
                     w_span=0.0),
@@ -131,15 +139,29 @@ ABLATION = {
     "kd_dac_kl_span": dict(data_schedule="ground_truth"),
     "on_policy_no_scrg": dict(scrg_rounds=0),  # MGSR's sampling without the teacher's correction
 }
-ABLATION_ORDER = ("sft_student", "seqkd", "kd_forward_kl", "gkd_jsd", "kd_dac_kl", "kd_dac_kl_span",
-                  "on_policy_no_scrg", "mgsr_student")
+ABLATION_ORDER = ("sft_student", "seqkd_online", "teacher_labels_sft", "kd_forward_kl", "gkd_jsd", "kd_dac_kl",
+                  "kd_dac_kl_span", "on_policy_no_scrg", "mgsr_student")
 
 
-def student_variants(base: Config, out: Path, ablation: bool) -> dict[str, Config]:
+def student_variants(base: Config, out: Path, ablation: bool, distill_data: Path, teacher_cache: Path | None):
+    """Every student of the run, {name: Config}. SFT has no teacher: it trains on the labelled rows alone.
+    Every student with a teacher trains on `distill_data` (the labelled rows plus the teacher's answers to
+    the other prompts, label_prompts) and reads the teacher's distributions on those rows from
+    `teacher_cache` where its loss allows (DAC-KL's top-K band; the full-vocabulary divergences run the
+    teacher); the online SeqKD baseline samples the teacher on every step instead."""
     names = {"sft_student": SFT, "mgsr_student": {}}
     if ablation:
         names.update(ABLATION)
-    return {name: _variant(base, out, name, **names[name]) for name in ABLATION_ORDER if name in names}
+    variants = {}
+    for name in (n for n in ABLATION_ORDER if n in names):
+        cfg = variants[name] = _variant(base, out, name, **names[name])
+        if name == "sft_student":
+            continue
+        cfg.data.train_path = str(distill_data)
+        if teacher_cache is not None and cfg.mgsr.dac_mode != "off" and cfg.mgsr.data_schedule != "seqkd" \
+                and (cfg.mgsr.w_dac or cfg.mgsr.w_span):
+            cfg.teacher.cache = str(teacher_cache)
+    return variants
 
 
 def _params(model) -> int:
@@ -220,6 +242,70 @@ def train_teacher(base: Config, out: Path, settings: dict, eval_items, tokenizer
     return Path(teacher_cfg.checkpoint.save), result
 
 
+def label_prompts(base: Config, out: Path, teacher_dir: Path, tokenizer) -> Path:
+    """The students' distillation data: the labelled rows plus, for every prompt without a response, the
+    teacher's greedy answer (SeqKD's data, generated once, not on every step), preprocessed as
+    `data/distill.train`. Reused while `data/distill_key.json` holds the teacher's key. Collective."""
+    import torch.distributed as dist
+
+    from mgsr_megatron.data.indexed import PromptDataset
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
+    from mgsr_megatron.evaluation.evaluate import answers_per_seed
+    from mgsr_megatron.generation import SamplingOptions
+    from mgsr_megatron.inference import load_inference_model
+    from mgsr_megatron.models.checkpoint import read_model_config, resolve_checkpoint
+
+    data = out / "data"
+    prefix, record = data / "distill", data / "distill_key.json"
+    key = (out / "teacher" / "key.json").read_text()
+    if record.is_file() and record.read_text() == key and Path(f"{prefix}.train.json").is_file():
+        return Path(f"{prefix}.train")
+    corpus = data / "corpus"
+    prompts = PromptDataset.from_jsonl(corpus / "train_prompts.jsonl", tokenizer, base.data)
+    directory = resolve_checkpoint(teacher_dir)
+    teacher = load_inference_model(base, directory, read_model_config(directory))
+    greedy = SamplingOptions(max_new_tokens=base.mgsr.max_new_tokens, eos_id=tokenizer.eos_id, greedy=True)
+    answers = answers_per_seed(teacher, prompts, tokenizer, [greedy], vocab_size=base.teacher.vocab_size,
+                               batch_size=64)[0]
+    del teacher
+    if dist.get_rank() == 0:
+        raw = [json.loads(line) for line in (corpus / "train_prompts.jsonl").read_text().splitlines()]
+        labelled = (corpus / "train_labelled.jsonl").read_text().splitlines()
+        rows = [json.dumps(dict(row, response=answers[i].strip())) for i, row in enumerate(raw) if answers[i].strip()]
+        (corpus / "train_teacher_labels.jsonl").write_text("\n".join(labelled + rows) + "\n")
+        print(f"teacher labels: {len(rows)} of {len(raw)} prompts answered (greedy; empty answers left out)")
+        data_cfg = copy.deepcopy(base.data)
+        data_cfg.valid_fraction = 0.0
+        preprocess([corpus / "train_teacher_labels.jsonl"], str(prefix), base.data.tokenizer, data_cfg,
+                   options=PreprocessOptions(workers=1, progress=False))
+        record.write_text(key)
+    dist.barrier()
+    return Path(f"{prefix}.train")
+
+
+def cache_teacher(base: Config, out: Path, teacher_dir: Path, distill_data: Path) -> Path:
+    """The teacher's top-K distributions over `distill_data`, written once (training/teacher_cache.py) so
+    that the students' ground-truth steps run no teacher forward. Reused while the cache's manifest
+    matches (the same teacher checkpoint, data and tokenizer: check_cache_config). Collective."""
+    from mgsr_megatron.errors import UserError
+    from mgsr_megatron.training.teacher_cache import check_cache_config, needed_k, teacher_fingerprint, write_cache
+
+    cfg = copy.deepcopy(base)
+    cfg.teacher.load = str(teacher_dir)
+    cfg.data.train_path = str(distill_data)
+    cfg.mgsr.data_schedule = "ground_truth"
+    directory = out / "data" / "distill_cache"
+    cfg.teacher.cache = str(directory)
+    try:
+        manifest = check_cache_config(cfg)
+        if manifest.get("teacher") == teacher_fingerprint(str(teacher_dir)):
+            return directory
+    except UserError:
+        pass  # absent or written for something else: write it again
+    write_cache(cfg, directory, top_k=needed_k(cfg.mgsr))
+    return directory
+
+
 def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dict:
     import torch.distributed as dist
 
@@ -235,13 +321,16 @@ def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dic
 
     teacher_dir, teacher_result = train_teacher(base, out, settings, eval_items, tokenizer)
     report = {"teacher": teacher_result}
+    distill_data = label_prompts(base, out, teacher_dir, tokenizer)
+    teacher_cache = cache_teacher(base, out, teacher_dir, distill_data) if settings["teacher_cache"] else None
     base = copy.deepcopy(base)
     base.teacher.load = str(teacher_dir)
     runs: dict[str, list[dict]] = {}
     for seed in settings["train_seeds"]:
         seeded = copy.deepcopy(base)
         seeded.parallel.seed = seed  # the student's initialisation, data order and sampling noise
-        for name, cfg in student_variants(seeded, out / f"seed{seed}", ablation).items():
+        for name, cfg in student_variants(seeded, out / f"seed{seed}", ablation, distill_data,
+                                          teacher_cache).items():
             runs.setdefault(name, []).append(dict(_train_and_evaluate(cfg, eval_items, tokenizer, settings),
                                                   train_seed=seed))
     report.update({name: over_training_seeds(results) for name, results in runs.items()})

@@ -60,7 +60,8 @@ def test_on_policy_and_fixed_schedules():
 
 
 def test_decisions_are_a_function_of_seed_and_step():
-    a, b = DataSchedule("off_policy", init_threshold=0.5, seed=9), DataSchedule("off_policy", init_threshold=0.5, seed=9)
+    a = DataSchedule("off_policy", init_threshold=0.5, seed=9)
+    b = DataSchedule("off_policy", init_threshold=0.5, seed=9)
     assert [a.decide(s, 100) for s in range(100)] == [b.decide(s, 100) for s in reversed(range(100))][::-1]
     c = DataSchedule("off_policy", init_threshold=0.5, seed=10)
     assert [a.decide(s, 100) for s in range(100)] != [c.decide(s, 100) for s in range(100)]

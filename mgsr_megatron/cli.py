@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded end-to-end demo (the main job)")
     demo.add_argument("--config", help="YAML overrides of the embedded demo config")
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--nproc", type=int, default=2, help="local processes (tensor parallel size)")
+    demo.add_argument("--nproc", type=int, default=2, help="local processes (data-parallel size)")
     demo.add_argument("--ablation", action="store_true", help="also train the component ablation")
+    demo.add_argument("--students", nargs="+", metavar="NAME",
+                      help="train only these students (names of the ablation table, e.g. sft_student "
+                           "teacher_labels_sft mgsr_student; implies --ablation)")
     demo.add_argument("--quick", action="store_true", help="a short smoke version (tiny corpus, few steps)")
     demo.add_argument("--teacher-iters", type=int, help="teacher training steps")
     demo.add_argument("--student-iters", type=int, help="steps of every student (= --schedule.train_iters)")

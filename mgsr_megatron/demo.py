@@ -10,7 +10,8 @@
      then, for every training seed, the students from the same initialisation with the same number of
      steps: plain SFT on the labelled subset (the baseline: it has no teacher) and MGSR (SFT + DAC-KL +
      span on the labelled and teacher-labelled rows, SCRG samples on all prompts after a warm start)
-     under TP=2, loading the teacher's checkpoint re-sharded to TP=2;
+     data parallel over the processes (DP=2: on 2 cores the fastest layout, SCRG's decode passes
+     need no collectives; the same code runs the students at any TP/PP, tests/dist);
   3. evaluate teacher and students on held-out prompts (ROUGE-L, exact match; overall and per task
      family; each student's score is the mean over sampling seeds, reported as the mean and spread over
      training seeds), print a table, write `demo_report.json` and a plot.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from mgsr_megatron.config import Config, ModelConfig, apply_dict, parse_overrides
 from mgsr_megatron.data.demo_corpus import FAMILIES
+from mgsr_megatron.errors import UserError
 
 DEMO_TEMPLATE = "{instruction}\n"
 
@@ -42,7 +44,7 @@ def default_config(output_dir: Path) -> Config:
                               vocab_size=512, max_position_embeddings=64)
     cfg.student = ModelConfig(arch="llama", num_layers=2, hidden_size=128, num_attention_heads=4,
                               vocab_size=512, max_position_embeddings=64)
-    cfg.parallel.tensor_model_parallel_size = 2
+    cfg.parallel.tensor_model_parallel_size = 1
     data = output_dir / "data"
     cfg.data.tokenizer = str(data / "tokenizer.model")
     cfg.data.train_path = str(data / "student.train")
@@ -51,7 +53,7 @@ def default_config(output_dir: Path) -> Config:
     cfg.data.max_prompt_length = 24
     cfg.data.max_length = 40
     cfg.schedule.seq_length = 40
-    cfg.schedule.micro_batch_size = 32  # one micro-batch per step: one generation call per SCRG step
+    cfg.schedule.micro_batch_size = 16  # run_pipeline: global batch / DP, one generation call per SCRG step
     cfg.schedule.global_batch_size = 32
     # 600 steps: at 200 (and 400) the student is step-limited and SFT on all 4,000 labels scores BELOW
     # SFT on the 400 labelled rows, so no teacher can pay through the other prompts (docs/quality.md §8)
@@ -76,9 +78,10 @@ def default_config(output_dir: Path) -> Config:
 
 # The teacher recipe was measured (docs/quality.md): lr 3e-3 left the 4x256 teacher barely better than a
 # student trained on a tenth of its data; lr 1e-3 for 600 steps gives it something to teach.
-DEMO_SETTINGS = {"teacher_iters": 600, "teacher_lr": 1e-3, "teacher_min_lr": 1e-4, "labelled_fraction": 0.1,
+DEMO_SETTINGS = {"teacher_iters": 600, "teacher_lr": 1e-3, "teacher_min_lr": 1e-4, "labelled_fraction": 0.05,
                  "n_train": 4000, "n_eval": 240, "eval_seeds": (10, 20, 30), "eval_max_new_tokens": 16,
-                 "train_seeds": (1, 2), "families": FAMILIES, "teacher_cache": True}
+                 "train_seeds": (1, 2), "families": FAMILIES, "teacher_cache": True,
+                 "students": None}
 
 
 # ----------------------------------------------------------------------------------------- step 1
@@ -143,17 +146,19 @@ ABLATION_ORDER = ("sft_student", "seqkd_online", "teacher_labels_sft", "kd_forwa
                   "kd_dac_kl_span", "on_policy_no_scrg", "mgsr_student")
 
 
-def student_variants(base: Config, out: Path, ablation: bool, distill_data: Path, teacher_cache: Path | None):
+def student_variants(base: Config, out: Path, ablation: bool, distill_data: Path, teacher_cache: Path | None,
+                     only: tuple[str, ...] | None = None):
     """Every student of the run, {name: Config}. SFT has no teacher: it trains on the labelled rows alone.
     Every student with a teacher trains on `distill_data` (the labelled rows plus the teacher's answers to
     the other prompts, label_prompts) and reads the teacher's distributions on those rows from
     `teacher_cache` where its loss allows (DAC-KL's top-K band; the full-vocabulary divergences run the
-    teacher); the online SeqKD baseline samples the teacher on every step instead."""
+    teacher); the online SeqKD baseline samples the teacher on every step instead. `only`: a subset of the
+    names (mgsr demo --students)."""
     names = {"sft_student": SFT, "mgsr_student": {}}
     if ablation:
         names.update(ABLATION)
     variants = {}
-    for name in (n for n in ABLATION_ORDER if n in names):
+    for name in (n for n in ABLATION_ORDER if n in names and (only is None or n in only)):
         cfg = variants[name] = _variant(base, out, name, **names[name])
         if name == "sft_student":
             continue
@@ -287,7 +292,6 @@ def cache_teacher(base: Config, out: Path, teacher_dir: Path, distill_data: Path
     """The teacher's top-K distributions over `distill_data`, written once (training/teacher_cache.py) so
     that the students' ground-truth steps run no teacher forward. Reused while the cache's manifest
     matches (the same teacher checkpoint, data and tokenizer: check_cache_config). Collective."""
-    from mgsr_megatron.errors import UserError
     from mgsr_megatron.training.teacher_cache import check_cache_config, needed_k, teacher_fingerprint, write_cache
 
     cfg = copy.deepcopy(base)
@@ -325,23 +329,24 @@ def run_pipeline(base: Config, out: Path, settings: dict, ablation: bool) -> dic
     teacher_cache = cache_teacher(base, out, teacher_dir, distill_data) if settings["teacher_cache"] else None
     base = copy.deepcopy(base)
     base.teacher.load = str(teacher_dir)
+    base.schedule.micro_batch_size = max(1, base.schedule.global_batch_size // dist.get_world_size())
     runs: dict[str, list[dict]] = {}
     for seed in settings["train_seeds"]:
         seeded = copy.deepcopy(base)
         seeded.parallel.seed = seed  # the student's initialisation, data order and sampling noise
         for name, cfg in student_variants(seeded, out / f"seed{seed}", ablation, distill_data,
-                                          teacher_cache).items():
+                                          teacher_cache, settings["students"]).items():
             runs.setdefault(name, []).append(dict(_train_and_evaluate(cfg, eval_items, tokenizer, settings),
                                                   train_seed=seed))
     report.update({name: over_training_seeds(results) for name, results in runs.items()})
     report["seconds"] = round(time.time() - started, 1)
     report["layout"] = {"teacher": f"DP={dist.get_world_size()}",
-                        "students": f"TP={base.parallel.tensor_model_parallel_size}"}
+                        "students": f"DP={dist.get_world_size()}"}
     report["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
     if ablation:
         report["ablation"] = {name: {k: report[name][k] for k in ("rouge_l", "rouge_l_std", "exact_match",
                                                                   "exact_match_std", "train_seconds")}
-                              for name in ABLATION_ORDER}
+                              for name in ABLATION_ORDER if name in report}
     if rank0:
         write_report(report, out, first_seed=settings["train_seeds"][0])
     parallel.destroy()
@@ -388,6 +393,12 @@ def run_demo(args, overrides: list[str]) -> None:
                        ("train_seeds", tuple(args.train_seeds) if args.train_seeds else None)):
         if value is not None:
             settings[key] = value
+    if args.students:
+        unknown = sorted(set(args.students) - set(ABLATION_ORDER))
+        if unknown:
+            raise UserError(f"--students: unknown {', '.join(unknown)} (choose from {', '.join(ABLATION_ORDER)})")
+        settings["students"] = tuple(args.students)
+        args.ablation = True
     if not launch.already_distributed():
         prepare_data(out, settings)
         if args.nproc > 1:

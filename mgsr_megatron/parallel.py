@@ -249,24 +249,44 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
-def replica_blocks(count: int, block_size: int) -> list[range]:
+def _replica_layout():
+    """(DP rank, DP size, DP group) of this process: Megatron's data-parallel group once parallel_state is
+    initialised; otherwise every rank of torch.distributed is a replica (the DeepSpeed engine: TP = PP = 1,
+    the world group); (0, 1, None) in a process without torch.distributed."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                parallel_state.get_data_parallel_group())
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), None
+    return 0, 1, None
+
+
+def replica_blocks(count: int, block_size: int, *, pad: bool = False) -> list[range]:
     """The blocks of rows this data-parallel replica handles when `count` rows are processed
     `block_size` at a time: block k (rows [k*block_size, (k+1)*block_size)) goes to replica k % DP.
+    `pad=True` appends empty ranges (range(count, count)) so that every replica gets the same number of
+    blocks, ceil(blocks / DP): callers whose replicas must run in lockstep (ZeRO-3 generation) take an
+    empty block as "join my peers' passes".
 
     Generation seeds each block by its first GLOBAL row and the sampler's noise is keyed by the row's
     place in its block, so a sampled answer depends only on (seed, row), never on the DP size."""
-    from megatron.core import parallel_state
-
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    starts = range(0, count, block_size)[dp_rank::dp_size]
-    return [range(start, min(start + block_size, count)) for start in starts]
+    dp_rank, dp_size, _ = _replica_layout()
+    starts = range(0, count, block_size)
+    mine = [range(start, min(start + block_size, count)) for start in starts[dp_rank::dp_size]]
+    rounds = -(-len(starts) // dp_size)
+    return mine + [range(count, count)] * (rounds - len(mine) if pad else 0)
 
 
 def gather_over_replicas(local: list) -> list:
-    """The concatenation of every data-parallel replica's `local` list (collective over the DP group)."""
+    """The concatenation of every data-parallel replica's `local` list (collective over the DP group;
+    the world group outside Megatron, `local` itself in a single process)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    parts = [None] * parallel_state.get_data_parallel_world_size()
-    dist.all_gather_object(parts, local, group=parallel_state.get_data_parallel_group())
+    _, dp_size, group = _replica_layout()
+    if dp_size == 1:
+        return list(local)
+    parts = [None] * dp_size
+    dist.all_gather_object(parts, local, group=group)
     return [item for part in parts for item in part]

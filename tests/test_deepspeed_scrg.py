@@ -5,7 +5,9 @@ In this process: the HF stage's greedy generation equals transformers' own `gene
 same tiny random weights as an HF model and, converted (conversion/convert.py, HF -> Megatron), as a
 Megatron model give the same SCRG picks (corrected rows, j, t_j, regenerated sequences); off_policy is still
 refused with one line. One torchrun launch of 2 ranks (tests/dist/deepspeed_scrg_checks.py): ZeRO-3
-lockstep generation and SCRG with ranks of different lengths, on_policy (lambda 1) and seqkd training.
+lockstep generation and SCRG with ranks of different lengths, on_policy (lambda 1) and seqkd training (with
+ROUGE-L evaluation in metrics.jsonl), and the engine's evaluation answers (ZeRO-3, a prompt count that leaves
+one rank a block short) equal to single-process HF and to the converted Megatron model's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 250
 EOS = 2
 PROMPTS = [[5, 6, 7, 8, 9], [17, 4], [30, 31, 32, 33, 34, 35, 36], [60]]
-DIST_CHECKS = ("lockstep_generation_zero3", "on_policy_zero3_training", "seqkd_zero3_training")
+DIST_CHECKS = ("lockstep_generation_zero3", "on_policy_zero3_training", "seqkd_zero3_training", "evaluation_zero3")
 
 
 def tiny_llama(seed: int, hidden: int, scale: float):

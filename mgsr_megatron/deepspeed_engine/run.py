@@ -1,7 +1,8 @@
 """`mgsr train` with `deepspeed.enabled` (or `--deepspeed ds.json`): set up, resume, loop, checkpoints,
-preemption, export. The loop mirrors training/run.py: metrics (training/metrics.py), validation loss every
-schedule.eval_interval steps, a checkpoint every checkpoint.save_interval steps and at the end, SIGTERM /
-SIGUSR1 -> checkpoint -> exit 115 (training/trainer.py PreemptionFlag), then `deepspeed.export_dir`.
+preemption, export. The loop mirrors training/run.py: metrics (training/metrics.py), validation loss and
+ROUGE-L / exact match on schedule.eval_prompts held-out prompts every schedule.eval_interval steps, a
+checkpoint every checkpoint.save_interval steps and at the end, SIGTERM / SIGUSR1 -> checkpoint -> exit 115
+(training/trainer.py PreemptionFlag), then `deepspeed.export_dir`.
 
 Order of the checks: the config (config.validate), the model directories, tokenizer and vocabularies
 (settings.resolve_models), the batch layout, the DeepSpeed JSON and a resume's compatibility, then the
@@ -43,10 +44,15 @@ def build_trainer(cfg: Config):
     return DeepSpeedTrainer(cfg, data), resume_dir
 
 
-def run_validation(trainer, log: MetricsLogger) -> None:
+def run_evaluation(trainer, log: MetricsLogger) -> None:
+    """The Megatron engine's evaluation (training/run.py run_evaluation): the validation loss, then ROUGE-L /
+    exact match of the student on held-out prompts, generated through its HfCausalLM (ZeRO-3: lockstep)."""
+    from mgsr_megatron.training.run import log_generation_metrics
+
     metrics = trainer.validation_loss()
     if metrics is not None:
         log.log(trainer.step, metrics, kind="valid")
+    log_generation_metrics(trainer, trainer.generating_student, log)
 
 
 def train(cfg: Config):
@@ -60,10 +66,7 @@ def train(cfg: Config):
         load_checkpoint(trainer, resume_dir, verify=cfg.checkpoint.verify)
     rank0 = dist.get_rank() == 0
     log = open_metrics(trainer, cfg, resume_dir)
-    if rank0 and cfg.schedule.eval_interval and cfg.schedule.eval_prompts:
-        log.write_line(trainer.step, "note", {"eval": "generation (ROUGE-L) is not implemented in the deepspeed "
-                                                      "engine yet: validation loss only"})
-    exit_code = run_steps(trainer, cfg, log, resume_dir, save_checkpoint, run_validation)
+    exit_code = run_steps(trainer, cfg, log, resume_dir, save_checkpoint, run_evaluation)
     if exit_code == 0 and cfg.deepspeed.export_dir:
         out = export_hf(trainer.student, cfg.student.load, cfg.deepspeed.export_dir)
         if rank0:

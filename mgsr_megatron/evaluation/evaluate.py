@@ -3,6 +3,10 @@
 Prompts are generated in batches of consecutive prompts, batch k on data-parallel replica k % DP
 (parallel.replica_blocks) and seeded by its first prompt's index, so the answers do not depend on the DP
 size; every rank of a replica holds the same tokens, so answers are gathered over the DP group only.
+The DP group is Megatron's, or the world where Megatron's parallel_state is not initialised (the DeepSpeed
+engine: every rank a replica). Every replica takes part in the same number of generations: a replica with
+one block fewer joins its peers' last generation idle (generator.finish_passes), which lockstep models
+(ZeRO-3: generation/hf_stage.py HfCausalLM) need and which is a no-op for every other model.
 """
 
 from __future__ import annotations
@@ -52,14 +56,20 @@ def evaluate(model, items, tokenizer, *, vocab_size: int, max_new_tokens: int, s
 def answers_per_seed(model, items, tokenizer, options_per_seed: list[SamplingOptions], *, vocab_size: int,
                      batch_size: int) -> list[dict[int, str]]:
     """For each SamplingOptions (one per evaluation seed): {item index: decoded answer} over all items,
-    the same on every rank and for every data-parallel size. Collective over the whole job."""
+    the same on every rank and for every data-parallel size. Collective over the whole job; with a lockstep
+    model (a GenerationModel, e.g. ZeRO-3 HfCausalLM) every rank runs the same number of forward passes."""
+    from mgsr_megatron.generation.generator import finish_passes
     from mgsr_megatron.parallel import gather_over_replicas, replica_blocks
 
     was_training = model.training
+    model.eval()  # also for idle passes (generate sets it for its own)
     per_seed = []
     for options in options_per_seed:
         local = []
-        for block in replica_blocks(len(items), batch_size):
+        for block in replica_blocks(len(items), batch_size, pad=True):
+            if not block:  # this replica's blocks are done: idle through its peers' generation (lockstep)
+                finish_passes(model)
+                continue
             answers = generate_answers(model, [items[i].prompt_ids.tolist() for i in block], tokenizer, options,
                                        vocab_size=vocab_size, first_index=block.start)
             local += zip(block, answers)

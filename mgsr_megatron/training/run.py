@@ -49,15 +49,22 @@ def build_trainer(cfg: Config) -> Trainer:
 
 def run_evaluation(trainer: Trainer, log: MetricsLogger) -> None:
     """Validation loss (feeds the off-policy schedule) and ROUGE-L / exact match on held-out prompts."""
-    from mgsr_megatron.evaluation.evaluate import evaluate
-
-    cfg = trainer.cfg
     valid = trainer.validation_loss()
     if valid is not None:
         log.log(trainer.step, valid, kind="valid")
+    log_generation_metrics(trainer, trainer.student, log)
+
+
+def log_generation_metrics(trainer, model, log: MetricsLogger) -> None:
+    """ROUGE-L / exact match (evaluation/evaluate.py, seed 10) of `model` on schedule.eval_prompts held-out
+    prompts of `trainer.data`, at most schedule.eval_max_new_tokens new tokens, logged as kind "eval"; nothing
+    without a validation split. Both engines: Megatron's GPTModel, the DeepSpeed engine's HfCausalLM."""
+    from mgsr_megatron.evaluation.evaluate import evaluate
+
+    cfg = trainer.cfg
     items = trainer.data.evaluation_items(cfg.schedule.eval_prompts)
     if items:
-        result = evaluate(trainer.student, items, trainer.data.tokenizer, vocab_size=cfg.student.vocab_size,
+        result = evaluate(model, items, trainer.data.tokenizer, vocab_size=cfg.student.vocab_size,
                           max_new_tokens=cfg.schedule.eval_max_new_tokens, seeds=(10,))
         log.log(trainer.step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, kind="eval")
 

@@ -11,7 +11,13 @@ the tokenizer), tokenizer and data. Checks (each records ok/error on rank 0):
   * on_policy_zero3_training: `deepspeed_engine.run.train` with ZeRO-3 student and teacher, mgsr.data_schedule
     on_policy with lambda 1 (every step generates by SCRG), 3 steps: finite losses, source "generate", and
     the ranks' real decode passes differed in some step (the lockstep was needed);
-  * seqkd_zero3_training: the teacher (ZeRO-3) writes the responses, 1 step, finite loss.
+  * seqkd_zero3_training: the teacher (ZeRO-3) writes the responses, 1 step, finite loss; with evaluation on
+    (schedule.eval_interval 1, a held-out split of 12 prompts): ROUGE-L / exact match rows in metrics.jsonl;
+  * evaluation_zero3: evaluation/evaluate.py answers_per_seed with the ZeRO-3 student (DP = 2 = the world)
+    over 5 prompts in blocks of 2 (rank 0 has two blocks, rank 1 one and an idle round): the same answers
+    per seed and prompt as the same HF weights single-process (DP = 1) and as the weights converted to a
+    Megatron model (conversion import_hf, evaluated at DP = 2 through Megatron's parallel_state); the
+    ranks ran the same number of forward passes.
 Not named check_*.py: the Megatron harness (tests/dist/harness.py) imports those.
 """
 
@@ -24,6 +30,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -104,7 +111,30 @@ def check_lockstep_generation(root: Path, counter: PassCounter) -> dict:
     return {"passes": all_passes, "real_passes": all_real, "corrected": gathered(stats["corrected"].tolist())}
 
 
-def check_training(root: Path, counter: PassCounter, schedule: str, steps: int) -> dict:
+def build_heldout(root: Path) -> None:
+    """root/heldout.train: corpus/eval.jsonl (12 prompts with references, never trained on) preprocessed
+    with the run's tokenizer, the validation split (data.valid_path) of runs that evaluate (rank 0)."""
+    from mgsr_megatron.config import DataConfig
+    from mgsr_megatron.data.preprocess import PreprocessOptions, preprocess
+    from mgsr_megatron.training.smoke import TEMPLATE
+
+    if (root / "heldout.train.json").is_file():
+        return
+    data_cfg = DataConfig(format="prompt_response", prompt_template=TEMPLATE, max_prompt_length=24, max_length=40,
+                          valid_fraction=0.0)
+    preprocess([root / "corpus" / "eval.jsonl"], str(root / "heldout"), str(root / "tok.model"), data_cfg,
+               options=PreprocessOptions(workers=1, progress=False))
+
+
+def with_evaluation(cfg, root: Path, interval: int, prompts: int):
+    """`cfg` evaluating (validation loss, ROUGE-L) every `interval` steps on `prompts` held-out prompts."""
+    cfg.data.valid_path = str(root / "heldout.train")
+    cfg.schedule.eval_interval, cfg.schedule.eval_prompts, cfg.schedule.eval_max_new_tokens = interval, prompts, 6
+    cfg.schedule.eval_iters = 1
+    return cfg
+
+
+def check_training(root: Path, counter: PassCounter, schedule: str, steps: int, eval_prompts: int = 0) -> dict:
     import torch.distributed as dist
 
     from mgsr_megatron.deepspeed_engine.run import train
@@ -113,6 +143,8 @@ def check_training(root: Path, counter: PassCounter, schedule: str, steps: int) 
     cfg.mgsr.data_schedule, cfg.mgsr.on_policy_lambda, cfg.mgsr.sft_warmup_iters = schedule, 1.0, 0
     cfg.mgsr.max_new_tokens = 8
     cfg.schedule.train_iters = steps
+    if eval_prompts:
+        with_evaluation(cfg, root, steps, eval_prompts)
     real_per_step = []
 
     def counting_step(trainer, step=None):
@@ -137,8 +169,75 @@ def check_training(root: Path, counter: PassCounter, schedule: str, steps: int) 
         for step, row in metrics.items():
             assert row["source"] == "generate", (step, row["source"])
             assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]), (step, row)
-    return {"losses": {s: row["loss"] for s, row in metrics.items()}, "real_passes_per_step": per_rank,
-            "rank_passes_differ": any(len(set(step)) > 1 for step in zip(*per_rank))}
+    value = {"losses": {s: row["loss"] for s, row in metrics.items()}, "real_passes_per_step": per_rank,
+             "rank_passes_differ": any(len(set(step)) > 1 for step in zip(*per_rank))}
+    if eval_prompts and dist.get_rank() == 0:
+        value["eval"] = check_eval_rows(cfg.logging.output_dir, steps)
+    return value
+
+
+def check_eval_rows(output_dir: str, step: int) -> dict:
+    """metrics.jsonl holds one evaluation at `step` with the Megatron engine's metric names (finite values)."""
+    rows = [row for row in map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
+            if row["kind"] == "eval"]
+    assert [row["step"] for row in rows] == [step], rows
+    for key in ("rouge_l", "exact_match", "distinct_2", "rouge_l_std", "exact_match_std", "seeds"):
+        assert key in rows[0] and math.isfinite(rows[0][key]), (key, rows[0])
+    assert any(key.startswith("rouge_l/") for key in rows[0]), rows[0]
+    return {key: rows[0][key] for key in ("rouge_l", "exact_match", "distinct_2")}
+
+
+def check_evaluation(root: Path, counter: PassCounter) -> dict:
+    """The ZeRO-3 engine's evaluation answers = single-process HF = the converted Megatron model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mgsr_megatron.deepspeed_engine.run import build_trainer
+    from mgsr_megatron.evaluation.evaluate import answers_per_seed
+    from mgsr_megatron.generation import SamplingOptions
+    from mgsr_megatron.generation.hf_stage import HfCausalLM
+
+    cfg = with_evaluation(base_config(root, "evaluation", zero_stage=3), root, 1, 5)
+    trainer, _ = build_trainer(cfg)
+    items, tokenizer, vocab = trainer.data.evaluation_items(5), trainer.data.tokenizer, trainer.vocab
+    assert len(items) == 5 and trainer.generating_student.lockstep
+    options = [SamplingOptions(max_new_tokens=6, eos_id=tokenizer.eos_id, seed=seed) for seed in (10, 20)]
+    before = (counter.real, counter.idle)
+    zero3 = answers_per_seed(trainer.generating_student, items, tokenizer, options, vocab_size=vocab, batch_size=2)
+    real, idle = counter.real - before[0], counter.idle - before[1]
+    local = HfCausalLM(AutoModelForCausalLM.from_pretrained(cfg.student.load, dtype=torch.float32), vocab)
+    with mock.patch("mgsr_megatron.parallel._replica_layout", return_value=(0, 1, None)):  # one process
+        single = answers_per_seed(local, items, tokenizer, options, vocab_size=vocab, batch_size=2)
+    megatron = megatron_answers(root, cfg.student.load, items, tokenizer, options, vocab)
+    all_passes, all_real = gathered(real + idle), gathered(real)  # before any assertion: both ranks gather
+    assert zero3 == single, f"ZeRO-3 {zero3} vs single process {single}"
+    assert zero3 == megatron, f"ZeRO-3 {zero3} vs converted Megatron model {megatron}"
+    assert len(set(all_passes)) == 1, f"ranks ran different numbers of forward passes: {all_passes}"
+    assert len(set(all_real)) > 1, f"the ranks' own passes did not differ ({all_real}): padding not exercised"
+    assert len({answer for answers in zero3 for answer in answers.values()}) > 1, zero3
+    return {"passes": all_passes, "real_passes": all_real, "answers_seed10": zero3[0]}
+
+
+def megatron_answers(root: Path, hf_dir: str, items, tokenizer, options, vocab: int) -> list[dict]:
+    """answers_per_seed of the HF student converted to Megatron (TP = PP = 1, DP = the world)."""
+    from mgsr_megatron import parallel
+    from mgsr_megatron.conversion.convert import import_hf
+    from mgsr_megatron.evaluation.evaluate import answers_per_seed
+    from mgsr_megatron.models import build_model
+    from mgsr_megatron.models.checkpoint import load_model
+    from tests.dist.check_conversion import on_rank0
+
+    target = root / "student_megatron_eval"
+    parallel.init_distributed()  # the process group exists: this installs Megatron's CPU adapter
+    parallel.initialize_model_parallel(1, 1, seed=5)
+    try:
+        model_cfg = on_rank0(lambda: import_hf(hf_dir, target, make_vocab_size_divisible_by=64, overwrite=True,
+                                               progress=False))
+        model = build_model(model_cfg)
+        load_model(model, target)
+        return answers_per_seed(model.eval(), items, tokenizer, options, vocab_size=vocab, batch_size=2)
+    finally:
+        parallel.destroy_model_parallel()
 
 
 def main(root: Path, out: Path) -> None:
@@ -151,6 +250,7 @@ def main(root: Path, out: Path) -> None:
     rank = dist.get_rank()
     if rank == 0:
         build_setup(root)
+        build_heldout(root)
     dist.barrier()
     counter = PassCounter()
     results = {"checks": {}}
@@ -176,7 +276,8 @@ def main(root: Path, out: Path) -> None:
 
     record("lockstep_generation_zero3", lambda: check_lockstep_generation(root, counter))
     record("on_policy_zero3_training", on_policy)
-    record("seqkd_zero3_training", lambda: check_training(root, counter, "seqkd", 1))
+    record("seqkd_zero3_training", lambda: check_training(root, counter, "seqkd", 1, eval_prompts=12))
+    record("evaluation_zero3", lambda: check_evaluation(root, counter))  # last: it sets up Megatron's groups
     results["seconds"] = round(time.time() - started, 1)
     if rank == 0:
         out.write_text(json.dumps(results, indent=1, default=str))

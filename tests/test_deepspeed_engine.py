@@ -94,23 +94,6 @@ def test_stale_extension_lock_is_one_line(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL
-def _kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its ranks (each rank runs in a session of its own: kill every process group)."""
-    import psutil  # a DeepSpeed dependency
-
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(procs, timeout=60)
-
-
 def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
     """`mgsr train` (torchrun, 2 ranks, ZeRO-3, a checkpoint every 2 steps; the launch's uninterrupted 6-step
     ZeRO-3 run in a YAML config) is SIGKILLed, every process of it, while it writes the step-6 checkpoint: after
@@ -119,6 +102,7 @@ def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
     `mgsr train --resume auto` loads it, ignores the partial directory, and its steps 5-6 equal the uninterrupted
     run's (relative 1e-5, fp32)."""
     from tests.dist.deepspeed_checks import HOLDING, assert_close, base_config, losses_of
+    from tests.test_training_process import kill_job
 
     expected = {int(step): loss for step, loss in launch["results"]["losses"].get("zero3", {}).items()}
     assert sorted(expected) == [1, 2, 3, 4, 5, 6], f"the launch's ZeRO-3 run is missing:\n{launch['log'][-4000:]}"
@@ -142,7 +126,7 @@ def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
                                                  f"\n{(tmp_path / 'killed.log').read_text()[-4000:]}"
             assert (save / "latest").read_text().strip() == "iter_0000004"
         finally:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == -signal.SIGKILL, proc.returncode
     assert (save / "latest").read_text().strip() == "iter_0000004"
     assert (save / "iter_0000004" / "manifest.json").is_file() and not (save / "iter_0000006").exists()

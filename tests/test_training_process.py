@@ -70,17 +70,38 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def kill_then_resume(cmd, config: Path, run_dir: Path, first_save_timeout: float, resume_timeout: float) -> str:
-    """Start `cmd(config)`, SIGKILL its whole process group once the first checkpoint exists, run
-    `cmd(config, "--resume", "auto")` to the end; returns the checkpoint it resumed from."""
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched job and every process under it, as a node failure or a scheduler's cgroup kill
+    does: torchrun starts each rank in a session of its own, so killing torchrun's process group alone
+    would leave the ranks training (and Megatron's async checkpoint writer starts a Manager process)."""
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(procs, timeout=60)
+
+
+def kill_then_resume(cmd, config: Path, run_dir: Path, first_save_timeout: float, resume_timeout: float,
+                     kill_after=None, kill=kill_job) -> str:
+    """Start `cmd(config)`, `kill` it (default: SIGKILL of every process of the job) once the first
+    checkpoint exists, run `cmd(config, "--resume", "auto")` to the end; returns the checkpoint it resumed
+    from. Optional: `kill_after(name)` -> bool waits instead until `latest` names a checkpoint it accepts."""
     proc = subprocess.Popen(cmd(config), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file() or proc.poll() is not None,
-             first_save_timeout, "the first checkpoint")
-    # the whole job dies, as on a node failure or a scheduler's cgroup kill (killing only the trainer
-    # would orphan the multiprocessing Manager that Megatron's async checkpoint writer starts)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    latest = run_dir / "checkpoints" / "latest"
+    wait_for(lambda: (latest.is_file() and (kill_after is None or kill_after(latest.read_text().strip())))
+             or proc.poll() is not None, first_save_timeout,
+             "the first checkpoint" if kill_after is None else "the checkpoint to kill after")
+    assert proc.poll() is None, "the job ended before it could be killed: nothing was resumed"
+    kill(proc)
     resumed_from = (run_dir / "checkpoints" / "latest").read_text().strip()
     subprocess.run(cmd(config, "--resume", "auto"), env=ENV, check=True, cwd=ROOT, capture_output=True,
                    timeout=resume_timeout)

@@ -210,6 +210,35 @@ def test_bad_cache_is_one_line_error(tiny_root, tmp_path, changes, message):
     assert "\n" not in str(err.value)
 
 
+def test_cache_of_another_teacher_is_refused_when_the_teacher_loads(tiny_root, tmp_path):
+    """on_policy loads the online teacher beside the cache: a cache written by another checkpoint is refused
+    (a copy of the same checkpoint passes); ground truth only never reads teacher.load."""
+    from mgsr_megatron.models.checkpoint import MODEL_CONFIG, PROVENANCE
+    from mgsr_megatron.training.teacher_cache import check_cache_config, teacher_fingerprint
+
+    def checkpoint(name, manifest):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / MODEL_CONFIG).write_text("arch: llama\n")
+        (directory / "manifest.json").write_text(manifest)
+        (directory / PROVENANCE).write_text(json.dumps({"kind": "trained", "steps": 5}))
+        return str(directory)
+
+    writer, copy, other = checkpoint("a", '{"x": 1}'), checkpoint("a_copy", '{"x": 1}'), checkpoint("b", '{"x": 2}')
+    cfg = _config(tiny_root, _fake_cache(tiny_root, tmp_path / "c", teacher=teacher_fingerprint(writer)))
+    cfg.mgsr = dataclasses.replace(cfg.mgsr, data_schedule="on_policy")
+    for load in (writer, copy):
+        cfg.teacher.load = load
+        check_cache_config(cfg)
+    cfg.teacher.load = other
+    with pytest.raises(UserError, match="teacher.cache: the cache was written by the teacher at .*/a, not by "
+                                        "teacher.load=.*/b") as err:
+        check_cache_config(cfg)
+    assert "\n" not in str(err.value)
+    cfg.mgsr = dataclasses.replace(cfg.mgsr, data_schedule="ground_truth")
+    check_cache_config(cfg)  # the teacher is not loaded
+
+
 def test_dac_mode_off_with_cache_is_refused(tiny_root, tmp_path):
     from mgsr_megatron.config import validate
 

@@ -138,7 +138,21 @@ def check_cache_config(cfg) -> dict:
                         f"{manifest['data']['idx_sha256'][:16]}..., {manifest['data']['bin_bytes']} bytes) than "
                         f"data.train_path={cfg.data.train_path} (sha256 {data['idx_sha256'][:16]}..., "
                         f"{data['bin_bytes']} bytes); re-run mgsr cache-teacher")
+    if cfg.loads_teacher and manifest.get("teacher"):
+        check_same_teacher(manifest["teacher"], cfg.teacher.load)
     return manifest
+
+
+def check_same_teacher(recorded: dict, load: str) -> None:
+    """A generating schedule loads the teacher as well: its generated rows and the cached ground-truth rows
+    must come from one teacher. Compared: the checkpoint's manifest hash and provenance (not its path, so a
+    copied checkpoint still matches)."""
+    current = teacher_fingerprint(load)
+    if (recorded.get("manifest_sha256"), recorded.get("provenance")) != \
+            (current["manifest_sha256"], current["provenance"]):
+        raise UserError(f"{FIELD}: the cache was written by the teacher at {recorded.get('path')}, not by "
+                        f"teacher.load={load} (its checkpoint manifest or provenance differs); re-run mgsr "
+                        f"cache-teacher with this teacher")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,22 +35,27 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
             "--rdzv-endpoint=localhost:0"]
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    base = tmp_path_factory.mktemp("deepspeed")
+def run_checks_launch(script: Path, base: Path) -> dict:
+    """One 2-rank torchrun launch of a checks script (`--root base/root --out base/results.json`) with an
+    empty torch extensions folder: {"results", "log", "seconds", "extensions", "root"}."""
     extensions = base / "torch_extensions"
     out = base / "results.json"
-    cmd = [*TORCHRUN, str(DIST_CHECKS), "--root", str(base / "root"), "--out", str(out)]
+    cmd = [*TORCHRUN, str(script), "--root", str(base / "root"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_EXTENSIONS_DIR": str(extensions)}
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = proc.stdout[-20000:] + proc.stderr[-20000:]
     except subprocess.TimeoutExpired as exc:
-        log = f"launch timed out after 600 s\n{exc.stdout}"
+        log = f"launch timed out after 600 s (a lockstep hang?)\n{exc.stdout}"
     results = json.loads(out.read_text()) if out.exists() else {"checks": {}}
     return {"results": results, "log": log, "seconds": time.time() - start, "extensions": extensions,
             "root": base / "root"}
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    return run_checks_launch(DIST_CHECKS, tmp_path_factory.mktemp("deepspeed"))
 
 
 @pytest.mark.parametrize("name", CHECKS)

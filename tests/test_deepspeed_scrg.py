@@ -13,11 +13,6 @@ one rank a block short) equal to single-process HF and to the converted Megatron
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -173,21 +168,10 @@ def test_generating_schedules_under_deepspeed_settings():
 # ------------------------------------------------------------------------------------------ 2 ranks
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    base = tmp_path_factory.mktemp("deepspeed_scrg")
-    out = base / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", str(ROOT / "tests" / "dist" / "deepspeed_scrg_checks.py"),
-           "--root", str(base / "root"), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "TORCH_EXTENSIONS_DIR": str(base / "torch_extensions")}
-    start = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        log = proc.stdout[-20000:] + proc.stderr[-20000:]
-    except subprocess.TimeoutExpired as exc:
-        log = f"launch timed out after 600 s (a lockstep hang?)\n{exc.stdout}"
-    results = json.loads(out.read_text()) if out.exists() else {"checks": {}}
-    return {"results": results, "log": log, "seconds": time.time() - start}
+    from tests.test_deepspeed_engine import run_checks_launch
+
+    script = ROOT / "tests" / "dist" / "deepspeed_scrg_checks.py"
+    return run_checks_launch(script, tmp_path_factory.mktemp("deepspeed_scrg"))
 
 
 @pytest.mark.parametrize("name", DIST_CHECKS)

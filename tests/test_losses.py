@@ -144,8 +144,10 @@ def run_reference(cfg, batch, clipnet):
     return loss, terms, stats, xr.grad, [p.grad for p in net.parameters()]
 
 
+@pytest.mark.parametrize("min_slice_rows", [64, 5])  # 5: row 0's response run is a view, row 1's is gathered
 @pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
-def test_objective_matches_dense_reference(case):
+def test_objective_matches_dense_reference(case, min_slice_rows, monkeypatch):
+    monkeypatch.setattr("mgsr_megatron.losses.objective.MIN_SLICE_ROWS", min_slice_rows)
     cfg = small_cfg(**OBJECTIVE_CASES[case])
     batch = make_batch()
     clipnet = ClipNet(cfg.k_feat, 16, seed=3)
@@ -164,6 +166,29 @@ def test_objective_matches_dense_reference(case):
             assert ref.rel_err(mine, theirs) < RTOL
     assert metrics["rows_without_sft"].tolist() == [False, True]
     assert metrics["nonfinite"] is False
+
+
+@pytest.mark.parametrize("case", ["learned_t1", "fixed_t1", "off_t1", "learned_t13", "given_entropy_t1", "no_kd"])
+def test_teacher_entropy_metric_is_the_dense_entropy_at_t1(case):
+    """The teacher_entropy metric, wherever the objective takes it from (DAC-KL's statistics, the given
+    entropy, a pass of its own), is the mean over kd_mask positions of the dense H(softmax(teacher));
+    0 when no KD term reads the teacher."""
+    overrides = {"learned_t1": dict(temperature=1.0), "fixed_t1": dict(temperature=1.0, dac_mode="fixed"),
+                 "off_t1": dict(temperature=1.0, dac_mode="off"), "learned_t13": {},
+                 "given_entropy_t1": dict(temperature=1.0), "no_kd": dict(w_dac=0.0, w_span=0.0)}[case]
+    cfg = small_cfg(**overrides)
+    student, teacher, labels, sft_mask, kd_mask, pairs = make_batch(seed=4)
+    log_p = torch.log_softmax(teacher[..., :VOCAB].double(), -1)
+    dense = -(log_p.exp() * log_p).sum(-1)
+    given = dense.float() if case == "given_entropy_t1" else None
+    if given is not None:  # a rebuilt teacher (as from a top-K cache) whose own entropy differs
+        teacher = teacher.clone()
+        teacher[..., 10:VOCAB] = -30.0
+    _, metrics = mgsr_objective(student.clone().requires_grad_(True), teacher,
+                                LossTargets(labels, sft_mask, kd_mask, pairs), clipnet=ClipNet(cfg.k_feat, 16, seed=3),
+                                settings=ObjectiveSettings.from_config(cfg), teacher_entropy=given)
+    expected = 0.0 if case == "no_kd" else float(dense[kd_mask > 0].mean())
+    assert abs(float(metrics["teacher_entropy"]) - expected) <= 1e-6 * max(expected, 1.0), (case, metrics)
 
 
 def test_kband_equal_to_vocab_is_the_exact_sorted_band():

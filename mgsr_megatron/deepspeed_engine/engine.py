@@ -164,9 +164,7 @@ class DeepSpeedTrainer:
     def micro_batch_loss(self, mb: dict):
         """(loss, reported metrics [len(METRIC_KEYS) + 1]) of one micro-batch; the student's graph is kept."""
         from mgsr_megatron.losses import LossTargets, mgsr_objective
-        from mgsr_megatron.losses.vocab_parallel import mean_entropy
 
-        cfg = self.cfg
         teacher_logits = None
         if self.teacher is not None:
             with torch.no_grad():
@@ -175,8 +173,6 @@ class DeepSpeedTrainer:
         teacher = teacher_logits if teacher_logits is not None else student_logits.detach()
         loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb), clipnet=self.clipnet,
                                        settings=self.objective, tp_group=None)
-        metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
-            teacher, mb["kd_mask"], None, cfg.mgsr.loss_chunk_tokens)
         reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu()
                                 for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
         return loss, reported

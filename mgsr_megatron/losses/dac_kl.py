@@ -38,7 +38,6 @@ from mgsr_megatron.losses.vocab_parallel import (
     gather_at_ids,
     global_topk,
     log_softmax_stats,
-    scaled_rows,
     scatter_add_at_ids,
 )
 
@@ -187,16 +186,13 @@ class DacState:
 
     def __init__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, k_top: int,
                  shard: Shard, entropy: torch.Tensor | None = None):
-        s_t = scaled_rows(teacher, temperature)
-        # the student's statistics read it without editing it: no copy unless it must be scaled or cast
-        s_s = student if temperature == 1.0 and student.dtype == torch.float32 else scaled_rows(student, temperature)
-        (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([s_t, s_s], shard, entropy_of=(0,))
+        (self.lse_t, self.lse_s), (self.entropy,) = log_softmax_stats([teacher, student], shard, entropy_of=(0,),
+                                                                      temperature=temperature)
         if entropy is not None:
             self.entropy = entropy.to(torch.float64)
-        # The packets carry the raw teacher logits: their float64 division by the temperature below is
-        # exact, where s_t's float32 rounding would move the band edges (amplified by 1/kappa).
-        top_raw, ids = global_topk(s_t, k_top, shard, report=teacher)
-        del s_t, s_s
+        # The teacher's raw logits rank as their division by T does; the float64 division below is exact,
+        # where a float32 division would move the band edges (amplified by 1/kappa).
+        top_raw, ids = global_topk(teacher, k_top, shard)
         self.ids = ids.int() if shard.vocab < 2 ** 31 else ids
         self.log_p = top_raw.double() / temperature - self.lse_t[:, None]
         self.log_q = gather_at_ids(student.float(), ids, shard).double() / temperature - self.lse_s[:, None]

@@ -44,11 +44,13 @@ from mgsr_megatron.losses.vocab_parallel import (
     comm_tag,
     consecutive_runs,
     gather_at_ids,
+    mean_entropy,
     scaled_rows,
     shard_of,
 )
 
-STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass")
+MIN_SLICE_ROWS = 64  # shorter runs of loss rows are gathered together (see _row_plan)
+STAT_NAMES = ("mean_l", "mean_u", "band_size", "kept_mass", "teacher_entropy_t")  # the last: see mgsr_objective
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,10 +181,10 @@ class _MGSRObjective(torch.autograd.Function):
 
     Inputs: student [N, V/TP]; rows (`_Rows`: teacher [N, V/TP]; labels, sft_w, kd_w [N]; pair_first;
     counts [3]; entropy [N] or None); call (`_Call`: settings, shard, clipnet); *params (ClipNet's, for
-    the gradient). Outputs: the three term means [3] (differentiable) and the statistics [5] = (mean l,
-    mean u, band size, kept mass, nonfinite). The forward keeps, per chunk, what the backward cannot
-    cheaply recompute: per-row log-sum-exps and DAC-KL's [rows, K] band candidates; the backward rebuilds
-    the [chunk, V/TP] tensors from the logits.
+    the gradient). Outputs: the three term means [3] (differentiable) and the statistics [6] = (mean l,
+    mean u, band size, kept mass, teacher H(P) at T, nonfinite). The forward keeps, per chunk, what the
+    backward cannot cheaply recompute: per-row log-sum-exps and DAC-KL's [rows, K] band candidates; the
+    backward rebuilds the [chunk, V/TP] tensors from the logits.
     """
 
     @staticmethod
@@ -191,7 +193,7 @@ class _MGSRObjective(torch.autograd.Function):
         settings, shard, clipnet = call.settings, call.shard, call.clipnet
         d, temperature = settings.dac, settings.temperature
         sums = student.new_zeros(3, dtype=torch.float32)
-        stats = student.new_zeros(5, dtype=torch.float32)
+        stats = student.new_zeros(len(STAT_NAMES) + 1, dtype=torch.float32)
         nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
         row_chunks, idle = _row_plan(sft_w, kd_w, settings.chunk_tokens)
         nonfinite |= _any_nonfinite(student, idle, shard) | _any_nonfinite(teacher, idle, shard)
@@ -214,14 +216,16 @@ class _MGSRObjective(torch.autograd.Function):
                                                                d.kd_beta, d.kd_alpha, shard)
                             lse_t, lse_check = state["dac"][:2]
                         extra = [torch.zeros_like(kl), torch.ones_like(kl), torch.full_like(kl, shard.vocab),
-                                 torch.ones_like(kl)]
+                                 torch.ones_like(kl), torch.zeros_like(kl)]
                     else:
                         kl, low, up, size, kept, lse_t, lse_s, state["dac"] = dac.dac_forward_rows(
                             rows_s, rows_t, d, clipnet, shard, None if entropy is None else entropy[rows])
                         lse_check = lse_s
-                        extra = [low, up, size, kept]
+                        # the teacher's H(P) at T comes with DacState's lse (float64): the entropy
+                        # metric reads it instead of a second pass over the teacher's logits
+                        extra = [low, up, size, kept, state["dac"].entropy.float()]
                 sums[1] += (kl * weight).sum()
-                stats[:4] += torch.stack([(x * weight).sum() for x in extra])
+                stats[:-1] += torch.stack([(x * weight).sum() for x in extra])
                 nonfinite |= ~(torch.isfinite(lse_t).all() & torch.isfinite(lse_check).all())
             if settings.w_sft:
                 if lse_s is not None and temperature == 1.0:
@@ -243,8 +247,8 @@ class _MGSRObjective(torch.autograd.Function):
                 sums[2] += value.sum()
                 nonfinite |= ~torch.isfinite(value).all()
                 span_states.append(state)
-        stats[:4] /= counts[1]
-        stats[4] = nonfinite.float()
+        stats[:-1] /= counts[1]
+        stats[-1] = nonfinite.float()
         ctx.save_for_backward(student, *rows_in)
         ctx.call, ctx.n_params = call, len(params)
         ctx.row_chunks, ctx.idle, ctx.chunk_states, ctx.span_states = row_chunks, idle, saved, span_states
@@ -305,16 +309,19 @@ class _MGSRObjective(torch.autograd.Function):
 
 
 def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int):
-    """(chunks, idle): chunks of at most `size` of the rows that carry a loss term, each a slice where
-    its rows are contiguous (a view, no copy) else their ids; idle: the other rows (prompt, padding)
-    as slices. Two device syncs for all boundaries."""
+    """(chunks, idle): chunks of at most `size` of the rows that carry a loss term, and the other rows
+    (prompt, padding) as slices. A run of at least MIN_SLICE_ROWS consecutive loss rows (a response)
+    becomes slices, views that cost no copy; shorter runs are pooled into chunks of row ids, gathered
+    (a copy of their rows, but few chunks however fragmented the rows are). Two device syncs in all."""
     active = (sft_w > 0) | (kd_w > 0)
-    rows = active.nonzero()[:, 0]
-    listed = rows.tolist()
-    chunk_list = []
-    for start, end in chunks(len(listed), size):
-        first, last = listed[start], listed[end - 1]
-        chunk_list.append(slice(first, last + 1) if last - first + 1 == end - start else rows[start:end])
+    chunk_list, pooled = [], []
+    for _, first, n in consecutive_runs(active.nonzero()[:, 0].tolist()):
+        if n < MIN_SLICE_ROWS:
+            pooled.extend(range(first, first + n))
+            continue
+        chunk_list.extend(slice(first + start, first + end) for start, end in chunks(n, size))
+    for start, end in chunks(len(pooled), size):
+        chunk_list.append(torch.tensor(pooled[start:end], dtype=torch.long, device=sft_w.device))
     idle = [slice(first, first + n) for _, first, n in consecutive_runs((~active).nonzero()[:, 0].tolist())]
     return chunk_list, idle
 
@@ -363,8 +370,10 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     phi = [log p_(1..k_feat), H(P), c_k_feat] are the teacher's own (the rebuild keeps the top-K log p
     and c exactly); per position, hence the same on every TP rank. Nothing else reads it. Returns
     (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u, band_size, kept_mass (0-dim
-    tensors), rows_without_sft ([b] bool), nonfinite (bool: NaN/Inf in the logits the terms read; the loss
-    and gradients are then meaningless and the step should be skipped).
+    tensors), teacher_entropy (the kd_mask-weighted mean of the teacher's H(P) at temperature 1, a
+    diagnostic: read off DAC-KL's statistics when they have it, 0 when no KD term is on), rows_without_sft
+    ([b] bool), nonfinite (bool: NaN/Inf in the logits the terms read; the loss and gradients are then
+    meaningless and the step should be skipped).
     """
     check_same_shape(student_logits, teacher_logits)
     shard = shard_of(student_logits.shape[-1], tp_group)
@@ -390,5 +399,21 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     metrics = {"loss": loss.detach(), "sft": terms[0].detach(), "dac_kl": terms[1].detach(),
                "span": terms[2].detach(), **{name: stats[i] for i, name in enumerate(STAT_NAMES)},
                "rows_without_sft": (sft_mask.reshape(sft_mask.shape[0], -1) > 0).sum(-1) == 0,
-               "nonfinite": bool(stats[4] > 0)}
+               "nonfinite": bool(stats[-1] > 0)}
+    metrics["teacher_entropy"] = _teacher_entropy(metrics.pop("teacher_entropy_t"), teacher, entropy, kd_w, settings,
+                                                  shard)
     return loss, metrics
+
+
+def _teacher_entropy(band_entropy, teacher, entropy, kd_w, settings: ObjectiveSettings, shard) -> torch.Tensor:
+    """The metric teacher_entropy: the kd_mask-weighted mean of the teacher's H(P) at temperature 1. DAC-KL's
+    band modes computed it at the temperature (from the given entropy where set); otherwise the given
+    entropy is read, and only without either does the teacher's logits get a pass of their own."""
+    if not (settings.w_dac or settings.w_span):  # no KD term reads the teacher (an SFT step: it may be absent)
+        return torch.zeros((), dtype=torch.float64, device=kd_w.device)
+    band_ran = settings.w_dac and settings.dac.mode != "off"
+    if settings.temperature == 1.0 and band_ran:
+        return band_entropy
+    if settings.temperature == 1.0 and entropy is not None:
+        return (entropy.double() * kd_w).sum() / kd_w.sum()
+    return mean_entropy(teacher, kd_w, shard.group, settings.chunk_tokens)

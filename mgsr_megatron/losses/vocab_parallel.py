@@ -182,29 +182,34 @@ def scaled_rows(rows: torch.Tensor, temperature: float) -> torch.Tensor:
     return out.clamp_(min=NEG_LARGE)
 
 
-def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[int, ...] = ()):
-    """Global log-sum-exp of each [n, V/TP] tensor in `rows` (2 all-reduces for all of them together).
+def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[int, ...] = (),
+                      temperature: float = 1.0):
+    """Global log-sum-exp of each [n, V/TP] tensor in `rows` divided by `temperature` (2 all-reduces for
+    all of them together).
 
     Returns (lse list, entropy list aligned with `entropy_of`), float64 [n] each (a float32 lse of
     magnitude ~5 is only good to ~3e-7, which DAC-KL's band edges amplify by 1/kappa); the sum of the
     rows in `entropy_of` (DAC-KL's teacher) is also accumulated in float64. A row that is
     all -inf gets lse = -inf, a row with NaN or +inf gets NaN; callers report those as nonfinite.
-    Rows listed in `entropy_of` must hold no -inf (use `scaled_rows`).
+    The rows are read, never copied or edited (any dtype; the work is float32 in two [n, V/TP] scratch
+    buffers): (x - max) / T is formed once per tensor, so a caller needs no scaled copy of its own.
     """
-    maxes = torch.stack([x.amax(dim=-1) for x in rows], dim=-1)
+    maxes = torch.stack([x.amax(dim=-1).float() for x in rows], dim=-1)
     all_reduce(maxes, shard.group, dist.ReduceOp.MAX)
     shift = maxes.masked_fill(maxes == float("-inf"), 0.0)
     partials = []
-    scratch = None
+    scratch = exps = None
     for i, x in enumerate(rows):
         if scratch is None or scratch.shape != x.shape:
             scratch = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         centred = torch.sub(x, shift[:, i, None], out=scratch)
+        if temperature != 1.0:
+            centred.div_(temperature)
         if i in entropy_of:  # DAC-KL's teacher: its lse sets the band edges, accumulate in float64
-            exps = centred.exp()
+            centred.clamp_(min=NEG_LARGE)  # -inf (padded ids) would make 0 * -inf = NaN in the vecdot
+            exps = torch.exp(centred, out=exps if exps is not None and exps.shape == x.shape else None)
             partials.append(exps.sum(dim=-1, dtype=torch.float64))
             partials.append(torch.linalg.vecdot(exps, centred).double())
-            del exps
         else:
             partials.append(centred.exp_().sum(dim=-1).double())
     sums = torch.stack(partials, dim=-1)
@@ -212,7 +217,7 @@ def log_softmax_stats(rows: list[torch.Tensor], shard: Shard, entropy_of: tuple[
     lse, entropy, column = [], [], 0
     for i in range(len(rows)):
         log_sum = sums[:, column].log()
-        lse.append(shift[:, i].double() + log_sum)
+        lse.append(shift[:, i].double() / temperature + log_sum)
         if i in entropy_of:
             entropy.append(log_sum - sums[:, column + 1] / sums[:, column])
             column += 1
@@ -316,6 +321,6 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor, tp_group=None, chunk:
         shard = shard_of(rows.shape[-1], tp_group)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start, end in chunks(rows.shape[0], chunk):
-            _, (entropy,) = log_softmax_stats([scaled_rows(rows[start:end], 1.0)], shard, entropy_of=(0,))
+            _, (entropy,) = log_softmax_stats([rows[start:end]], shard, entropy_of=(0,))
             total += entropy.sum()
         return total / max(rows.shape[0], 1)

@@ -30,7 +30,6 @@ from mgsr_megatron import platform
 from mgsr_megatron.config import Config, check_batch_layout
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses.objective import LossTargets, ObjectiveSettings
-from mgsr_megatron.losses.vocab_parallel import mean_entropy
 from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
 from mgsr_megatron.models.builder import check_same_vocab
 from mgsr_megatron.models.pipeline import forward_logits
@@ -431,7 +430,6 @@ class Trainer:
 
         from mgsr_megatron.losses import mgsr_objective
 
-        cfg = self.cfg
         batches = iter(enumerate(micro_batches))
 
         def forward_step(_iterator, model):
@@ -454,12 +452,6 @@ class Trainer:
                 loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb),
                                                clipnet=self.clipnet, settings=self.objective_settings,
                                                tp_group=self.tp_group, teacher_entropy=cached_entropy)
-                # the teacher's entropy on this batch's response rows: ground truth vs generated (source)
-                if cached_entropy is not None and cfg.mgsr.temperature == 1.0:  # the cache's is at T=1 then
-                    metrics["teacher_entropy"] = cached_entropy[mb["kd_mask"] > 0].double().mean()
-                else:
-                    metrics["teacher_entropy"] = 0.0 if teacher_logits is None else mean_entropy(
-                        teacher, mb["kd_mask"], self.tp_group, cfg.mgsr.loss_chunk_tokens)
                 reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(())
                                         for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
                 return loss, {"metrics": reported}

@@ -13,7 +13,7 @@ from mgsr_megatron.losses import ClipNet, LossTargets, ObjectiveSettings, mgsr_o
 from mgsr_megatron.losses.dac_kl import DacSettings
 from mgsr_megatron.losses.vocab_parallel import Shard
 from mgsr_megatron.models.vocab import mask_padded_logits
-from mgsr_megatron.training.teacher_cache import _bf16_bits, _from_bf16_bits, dense_from_topk, topk_rows
+from mgsr_megatron.training.teacher_cache import dense_from_topk, from_value_bits, topk_rows, value_bits
 
 VOCAB, PADDED, B, S, K = 250, 256, 2, 14, 48
 
@@ -30,12 +30,12 @@ def _batch(scale: float, seed: int = 0):
     return teacher, student, LossTargets(labels, mask, mask.clone(), pairs)
 
 
-def _cached_teacher(teacher, mask, temperature, k=K, bf16=True):
-    """What a cache gives back for these logits: (top-k log p and log rest through bf16, densified;
+def _cached_teacher(teacher, mask, temperature, k=K, stored=True):
+    """What a cache gives back for these logits: (top-k log p and log rest through the stored float16, densified;
     the stored float32 entropy H(P) [b, s], 0 outside the mask)."""
     log_p, ids, rest, entropy = topk_rows(teacher[mask > 0], k, temperature, Shard(None, 1, 0, PADDED))
-    if bf16:
-        log_p, rest = (_from_bf16_bits(_bf16_bits(x)) for x in (log_p, rest))
+    if stored:
+        log_p, rest = (from_value_bits(value_bits(x)) for x in (log_p, rest))
     at_tokens = torch.zeros(mask.shape)
     at_tokens[mask > 0] = entropy.float()
     dense = dense_from_topk(log_p, ids, rest, mask, PADDED, 0, VOCAB, temperature)
@@ -64,12 +64,12 @@ def test_losses_from_cache_match_full_teacher(mode, band_norm, scale, temperatur
         print(f"\n[teacher cache] {mode}/{band_norm} scale {scale} T {temperature}: full {full} cached {cached} "
               f"span rel diff {abs(cached['span'] - full['span']) / full['span']:.3e}")
     assert cached["sft"] == full["sft"]  # SFT never reads the teacher
-    # the tolerance is bf16's: log p is stored to 2^-9 relative (|log p| <= ~10 here, so p moves by up to
-    # ~2% per entry; the errors mostly cancel in the band sum: measured <= 1e-3 relative)
+    # the tolerance is the float16 storage's: log p is stored to 2^-12 relative (|log p| <= ~10 here, so p
+    # moves by up to ~0.3% per entry; the errors mostly cancel in the band sum: measured <= 7e-5 relative)
     assert cached["dac_kl"] == pytest.approx(full["dac_kl"], rel=5e-3)
     if mode == "fixed":  # the bounds do not read the teacher
         assert (cached["mean_l"], cached["mean_u"]) == (full["mean_l"], full["mean_u"])
-    else:  # ClipNet reads the stored log p (bf16) and the true entropy
+    else:  # ClipNet reads the stored log p (float16) and the true entropy
         assert cached["mean_l"] == pytest.approx(full["mean_l"], abs=1e-5)
         assert cached["mean_u"] == pytest.approx(full["mean_u"], abs=1e-5)
 
@@ -95,15 +95,16 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("scale,temperature", [(3.0, 1.0), (6.0, 2.0)])
 def test_learned_mode_from_cache_with_true_entropy_equals_online(scale, temperature, capsys):
     """DAC-KL's learned mode from a cache with K >= max(k_band, k_feat), the stored entropy passed as
-    teacher_entropy, against the online teacher (the full logits): without the bf16 storage the loss,
+    teacher_entropy, against the online teacher (the full logits): without the 16-bit storage the loss,
     the bounds and the gradients (student logits and ClipNet) are the online ones to float rounding; the
-    rebuild's own entropy (a uniform tail: larger) instead moves ClipNet's gradient by ~6e-3. With bf16
-    values SFT + DAC-KL stays within 1e-4 relative; the gradients carry bf16's ~2^-9 |log p| error of p."""
+    rebuild's own entropy (a uniform tail: larger) instead moves ClipNet's gradient by ~6e-3. With the
+    stored float16 values SFT + DAC-KL stays within 1e-4 relative; the gradients carry float16's ~2^-12
+    |log p| error of p (measured: student 9e-5, ClipNet 2.4e-3; bfloat16 values gave 6e-4 and 5e-3)."""
     teacher, student, targets = _batch(scale, seed=2)
     settings = ObjectiveSettings(w_span=0.0, chunk_tokens=8, dac=DacSettings(mode="learned", k_band=32, k_feat=16,
                                                                              temperature=temperature))
     online = _learned_step(student, teacher, targets, settings)
-    exact, entropy = _cached_teacher(teacher, targets.kd_mask, temperature, bf16=False)
+    exact, entropy = _cached_teacher(teacher, targets.kd_mask, temperature, stored=False)
     true = _learned_step(student, exact, targets, settings, entropy)
     rebuild = _learned_step(student, exact, targets, settings)
     assert true[0] == pytest.approx(online[0], rel=1e-6)
@@ -113,19 +114,19 @@ def test_learned_mode_from_cache_with_true_entropy_equals_online(scale, temperat
     clip_rebuild = max(_rel(a, b) for a, b in zip(rebuild[2], online[2]))
     assert clip_true < 2e-5 and clip_rebuild > 1e-3, (clip_true, clip_rebuild)
     stored, entropy = _cached_teacher(teacher, targets.kd_mask, temperature)
-    bf16 = _learned_step(student, stored, targets, settings, entropy)
-    assert bf16[0] == pytest.approx(online[0], rel=1e-4)
-    assert _rel(bf16[1], online[1]) < 5e-3
+    half = _learned_step(student, stored, targets, settings, entropy)
+    assert half[0] == pytest.approx(online[0], rel=1e-4)
+    assert _rel(half[1], online[1]) < 5e-4
     with capsys.disabled():
         print(f"\n[teacher cache] learned, scale {scale} T {temperature}: ClipNet grad rel diff, true entropy "
-              f"{clip_true:.1e}, rebuild's {clip_rebuild:.1e}; bf16 cache: loss rel "
-              f"{abs(bf16[0] / online[0] - 1):.1e}, "
-              f"student grad rel {_rel(bf16[1], online[1]):.1e}, ClipNet grad rel "
-              f"{max(_rel(a, b) for a, b in zip(bf16[2], online[2])):.1e}")
+              f"{clip_true:.1e}, rebuild's {clip_rebuild:.1e}; float16 cache: loss rel "
+              f"{abs(half[0] / online[0] - 1):.1e}, "
+              f"student grad rel {_rel(half[1], online[1]):.1e}, ClipNet grad rel "
+              f"{max(_rel(a, b) for a, b in zip(half[2], online[2])):.1e}")
 
 
-def test_cache_exact_without_bf16_for_fixed_band():
-    """Without the bf16 storage, DAC-KL (fixed band, tail_bucket) from the cached support is the full one to
+def test_cache_exact_without_16_bit_storage_for_fixed_band():
+    """Without the 16-bit storage, DAC-KL (fixed band, tail_bucket) from the cached support is the full one to
     float rounding: it reads only the top-k_band log-probs and the tail bucket's mass."""
     teacher, student, targets = _batch(3.0, seed=1)
     settings = ObjectiveSettings(chunk_tokens=8, dac=DacSettings(mode="fixed", k_band=32, k_feat=16, fixed_u=0.9))
@@ -246,3 +247,28 @@ def test_dac_mode_off_with_cache_is_refused(tiny_root, tmp_path):
     cfg.mgsr = dataclasses.replace(cfg.mgsr, dac_mode="off")
     with pytest.raises(UserError, match="mgsr.dac_mode=off .* cannot use a top-K cache"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("version,dtype", [(1, torch.bfloat16), (2, torch.float16)])
+def test_stored_values_read_back_in_their_format_dtype(tmp_path, version, dtype):
+    """Format 2 stores float16 bits, format 1 (older caches) bfloat16 bits: each reads back as its own dtype's
+    rounding of log p, and log p below float16's range is clamped to its lowest finite value, not -inf."""
+    import numpy as np
+
+    from mgsr_megatron.training.teacher_cache import MANIFEST, ROW_OFFSETS, VALUE_FLOOR, TeacherCache
+
+    log_p = torch.tensor([[-0.01234, -3.3333, -11.777, -9e4]])
+    bits = log_p.clamp(min=VALUE_FLOOR).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    stem = tmp_path / "shard_00000"
+    np.save(f"{stem}.logp.npy", bits)
+    np.save(f"{stem}.ids.npy", np.arange(4, dtype=np.int32)[None])
+    np.save(f"{stem}.rest.npy", bits[:, -1])
+    np.save(f"{stem}.entropy.npy", np.ones(1, dtype=np.float32))
+    np.save(tmp_path / ROW_OFFSETS, np.array([0, 1], dtype=np.int64))
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": version, "k": 4, "temperature": 1.0,
+                                                 "vocab_size": 8, "rows": 1, "rows_per_shard": 1}))
+    values, ids, rest, _ = TeacherCache(tmp_path).row(0)
+    assert torch.equal(values, log_p.clamp(min=VALUE_FLOOR).to(dtype).float()) and torch.isfinite(values).all()
+    assert ids.tolist() == [[0, 1, 2, 3]] and float(rest[0]) == float(values[0, -1])
+    one_step = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]  # at |log p| in [1, 2) x 2^e
+    assert abs(float(values[0, 1]) + 3.3333) <= 2 * one_step

@@ -253,8 +253,8 @@ def synthetic_cache(trainer, workdir: str):
     directory = f"{workdir}/teacher_cache"  # this rank's own workdir: every rank writes the same values
     pathlib.Path(directory).mkdir()
     arrays = tc._write_shard_arrays(pathlib.Path(directory), 0, log_p.shape[0], k)
-    arrays["logp"][:], arrays["ids"][:] = tc._bf16_bits(log_p), ids.int().cpu().numpy()
-    arrays["rest"][:], arrays["entropy"][:] = tc._bf16_bits(rest.clamp(min=-1e30)), entropy.float().cpu().numpy()
+    arrays["logp"][:], arrays["ids"][:] = tc.value_bits(log_p), ids.int().cpu().numpy()
+    arrays["rest"][:], arrays["entropy"][:] = tc.value_bits(rest), entropy.float().cpu().numpy()
     for array in arrays.values():
         array.flush()
     rows = batch["tokens"].shape[0]

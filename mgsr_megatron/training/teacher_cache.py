@@ -10,14 +10,18 @@ log-probabilities at mgsr.temperature, their token ids, the log of the remaining
                                    bin_bytes}; written last
     DIR/row_offsets.npy            int64 [rows + 1]: the cache's token range of dataset row i is
                                    [row_offsets[i], row_offsets[i + 1]) (prompt-only rows: empty)
-    DIR/shard_NNNNN.logp.npy       uint16 [T_s, K]: bfloat16 BITS of log p (sorted descending)
+    DIR/shard_NNNNN.logp.npy       uint16 [T_s, K]: float16 BITS of log p (sorted descending)
     DIR/shard_NNNNN.ids.npy        int32 [T_s, K]: the token ids of those log-probs
-    DIR/shard_NNNNN.rest.npy       uint16 [T_s]: bfloat16 bits of log(1 - sum_k p_k) (-1e30 when K = V)
+    DIR/shard_NNNNN.rest.npy       uint16 [T_s]: float16 bits of log(1 - sum_k p_k) (VALUE_FLOOR when K = V)
     DIR/shard_NNNNN.entropy.npy    float32 [T_s]: H(P) of the full distribution at mgsr.temperature
 
 Shard s holds dataset rows [s * rows_per_shard, (s + 1) * rows_per_shard) and tokens in row order, then
-position order; every .npy opens with np.load(mmap_mode="r"). numpy has no bfloat16: the uint16 arrays
-are the raw bits (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)). The files do not depend on
+position order; every .npy opens with np.load(mmap_mode="r"). The uint16 arrays are the raw bits of
+16-bit floats (torch.from_numpy(a.view(np.int16)).view(torch.float16)): float16, not bfloat16, because
+log-probabilities lie in [VALUE_FLOOR, 0], inside float16's range, where its 3 more mantissa bits cut the
+rounding of p 8x (with bfloat16 values, 6 learned-mode training steps from the cache drifted from the
+online teacher by 1.1e-4 relative, with float16 by 4e-6; same bytes). Format 1 caches (bfloat16 values)
+are still read. The files do not depend on
 the teacher's layout (TP/PP/DP): top-K comes from losses/vocab_parallel.global_topk (local top-K, one
 all-gather, merge), the log-sum-exps from its max/sum all-reduces, and shards are split by rows.
 Written atomically: a temporary sibling directory renamed into place at the end.
@@ -43,7 +47,9 @@ import torch
 
 from mgsr_megatron.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+VALUE_DTYPES = {1: torch.bfloat16, 2: torch.float16}  # format version -> the dtype of the stored values
+VALUE_FLOOR = -65504.0  # float16's lowest finite value: log p below it (p = 0 in float32 anyway) is clamped
 MANIFEST = "manifest.json"
 ROW_OFFSETS = "row_offsets.npy"
 FIELD = "teacher.cache"
@@ -88,10 +94,10 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{FIELD}: {path} is not valid JSON (damaged cache)") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in VALUE_DTYPES:
         raise UserError(f"{FIELD}: {path} has format_version "
                         f"{manifest.get('format_version') if isinstance(manifest, dict) else None!r}, "
-                        f"expected {FORMAT_VERSION}; re-run mgsr cache-teacher")
+                        f"expected one of {sorted(VALUE_DTYPES)}; re-run mgsr cache-teacher")
     return manifest
 
 
@@ -158,12 +164,14 @@ def check_same_teacher(recorded: dict, load: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Top-K statistics of vocab-parallel rows.
 
-def _bf16_bits(values: torch.Tensor) -> np.ndarray:
-    return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+def value_bits(values: torch.Tensor) -> np.ndarray:
+    """The stored form of log-probabilities: float16 bits (clamped at VALUE_FLOOR: no -inf)."""
+    return values.clamp(min=VALUE_FLOOR).to(torch.float16).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
-def _from_bf16_bits(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(bits).view(np.int16)).view(torch.bfloat16).float()
+def from_value_bits(bits: np.ndarray, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """float32 values from the stored bits of `dtype` (VALUE_DTYPES of the cache's format version)."""
+    return torch.from_numpy(np.array(bits).view(np.int16)).view(dtype).float()
 
 
 def topk_rows(rows: torch.Tensor, k: int, temperature: float, shard):
@@ -297,9 +305,9 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
                                 f"schedule.seq_length={seq_length}, the index says {int(lengths[rows].sum())}")
             if arrays is not None:
                 span = slice(cursor - start, cursor - start + n)
-                arrays["logp"][span] = _bf16_bits(log_p)
+                arrays["logp"][span] = value_bits(log_p)
                 arrays["ids"][span] = ids.int().cpu().numpy()
-                arrays["rest"][span] = _bf16_bits(rest.clamp(min=-1e30))
+                arrays["rest"][span] = value_bits(rest)
                 arrays["entropy"][span] = entropy.float().cpu().numpy()
             cursor += n
         if arrays is not None:
@@ -312,7 +320,7 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
               for s in range(n_shards)]
     manifest = {"format_version": FORMAT_VERSION, "k": k, "temperature": temperature, "vocab_size": vocab,
                 "rows": n_rows, "tokens": int(offsets[-1]), "rows_per_shard": rows_per_shard, "shards": shards,
-                "value_dtype": "bfloat16 bits in uint16", "id_dtype": "int32",
+                "value_dtype": "float16 bits in uint16", "id_dtype": "int32",
                 "teacher": teacher_fingerprint(cfg.teacher.load), "tokenizer_hash": tokenizer.vocab_hash(),
                 "data": data_fingerprint(cfg.data.train_path),
                 "layout": {"tp": cfg.parallel.tensor_model_parallel_size,
@@ -338,6 +346,7 @@ class TeacherCache:
         self.vocab_size = int(self.manifest["vocab_size"])
         self.temperature = float(self.manifest["temperature"])
         self.rows_per_shard = int(self.manifest["rows_per_shard"])
+        self.value_dtype = VALUE_DTYPES[self.manifest["format_version"]]
         try:
             self.offsets = np.load(self.directory / ROW_OFFSETS)
         except (OSError, ValueError) as exc:
@@ -365,8 +374,10 @@ class TeacherCache:
         base = int(self.offsets[index * self.rows_per_shard])
         shard = self._shard(index)
         span = slice(int(self.offsets[row]) - base, int(self.offsets[row + 1]) - base)
-        return (_from_bf16_bits(shard["logp"][span]), torch.from_numpy(np.asarray(shard["ids"][span], np.int64)),
-                _from_bf16_bits(shard["rest"][span]), torch.from_numpy(np.array(shard["entropy"][span])))
+        return (from_value_bits(shard["logp"][span], self.value_dtype),
+                torch.from_numpy(np.asarray(shard["ids"][span], np.int64)),
+                from_value_bits(shard["rest"][span], self.value_dtype),
+                torch.from_numpy(np.array(shard["entropy"][span])))
 
     def dense_teacher_logits(self, row_ids: torch.Tensor, loss_mask: torch.Tensor, local_vocab: int, tp_rank: int,
                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -365,3 +365,29 @@ def test_sampler_steps_hold_the_same_samples_at_every_dp_size_across_epochs():
     assert len({tuple(s) for s in reference}) == steps  # 40 steps over 2.6 epochs, no step repeated
     with pytest.raises(UserError, match="one training step takes 8"):
         DistributedResumableSampler(6, mbs, 0, 1, step_samples=global_batch)
+
+
+def test_evaluation_that_would_overflow_the_student_is_refused_before_models(tmp_path):
+    """The longest held-out prompt + schedule.eval_max_new_tokens must fit student.max_position_embeddings:
+    one line naming the validation file, the row and the flag, when the data is opened (no model built)."""
+    from mgsr_megatron.training.data import TrainingData
+    from mgsr_megatron.training.smoke import base_config, build_files
+
+    build_files(tmp_path)
+    cfg = base_config(tmp_path)
+    cfg.data.valid_path = str(tmp_path / "data.train")  # any indexed split serves as held-out rows here
+    cfg.schedule.eval_interval, cfg.schedule.eval_prompts, cfg.schedule.eval_max_new_tokens = 10, 8, 1
+    data = TrainingData(cfg, 0, 1)
+    valid, labelled = data.valid
+    longest = max(len(valid[i].prompt_ids) for i in labelled[:8])
+    cfg.schedule.eval_max_new_tokens = cfg.student.max_position_embeddings - longest
+    TrainingData(cfg, 0, 1)  # fits exactly
+    cfg.schedule.eval_max_new_tokens += 1
+    with pytest.raises(UserError) as err:
+        TrainingData(cfg, 0, 1)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'data.train'} row ") and \
+        "schedule.eval_max_new_tokens" in message and f"lower schedule.eval_max_new_tokens to " \
+        f"{cfg.student.max_position_embeddings - longest} or less" in message, message
+    cfg.schedule.eval_interval = 0  # no evaluation: nothing to fit
+    TrainingData(cfg, 0, 1)

@@ -52,6 +52,7 @@ class TrainingData:
         self.ground_truth = _IndexedSampler(labelled, mbs, dp_rank, dp_size, seed, step)
         self.prompts = _IndexedSampler(np.arange(len(self.dataset)), mbs, dp_rank, dp_size, seed + 1, step)
         self.valid = self._open_valid(cfg)
+        self._check_evaluation_fits(cfg)
 
     def _open_valid(self, cfg: Config):
         """data.valid_path, else the `.valid` split written beside a `.train` prefix (None if absent)."""
@@ -65,7 +66,23 @@ class TrainingData:
             return None
         valid = InstructionDataset(path, self.tokenizer)
         labelled = [i for i in range(len(valid)) if len(valid[i].response_ids)]
+        self.valid_path = path
         return (valid, labelled) if labelled else None
+
+    def _check_evaluation_fits(self, cfg: Config) -> None:
+        """Evaluation generates up to schedule.eval_max_new_tokens after each held-out prompt, which must fit
+        the student's positions: checked here, before any model is built, not at the first evaluation."""
+        sched = cfg.schedule
+        if not (sched.eval_interval and sched.eval_prompts) or self.valid is None:
+            return
+        valid, labelled = self.valid
+        longest, row = max((len(valid[i].prompt_ids), i) for i in labelled[:sched.eval_prompts])
+        limit = cfg.student.max_position_embeddings
+        if longest + sched.eval_max_new_tokens > limit:
+            raise UserError(f"{self.valid_path} row {row}: its prompt ({longest} tokens) + "
+                            f"schedule.eval_max_new_tokens ({sched.eval_max_new_tokens}) = "
+                            f"{longest + sched.eval_max_new_tokens} exceeds student.max_position_embeddings={limit}"
+                            f"; lower schedule.eval_max_new_tokens to {limit - longest} or less")
 
     def validation_micro_batches(self, count: int, dp_rank: int, dp_size: int) -> list[dict]:
         """The first `count` validation micro-batches of this DP rank (fixed: comparable across evals)."""

@@ -7,7 +7,8 @@ ZeRO-3 export loads in transformers with the engine's logits; SIGUSR1 at step 3 
 `--resume auto` continues exactly; bf16 keeps fp32 master weights; `mgsr train --deepspeed ds.json` works;
 the same HF weights converted (conversion.import_hf) and trained by the Megatron engine (Trainer, TP=1, DP=2)
 give the DeepSpeed engine's logits and, over 6 steps with clipping off, its loss, sft, dac_kl, span and gradient
-norm (relative 1e-4). Then two `mgsr train` launches: one SIGKILLed while it writes a checkpoint, one
+norm (relative 1e-4); fp16 (DeepSpeed's CPU accelerator told it has fp16) follows fp32 and skips an overflowing
+step in student and ClipNet alike. Then two `mgsr train` launches: one SIGKILLed while it writes a checkpoint, one
 `--resume auto` whose steps equal the launch's uninterrupted run.
 The launches run with TORCH_EXTENSIONS_DIR set to an empty folder, which must stay empty: no DeepSpeed op
 is compiled. Bad input (15 kinds) is one line, before any process group or model exists (in this process).
@@ -29,7 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ("zero_stages_agree", "teacher_zero3_matches_replicated", "offload_optimizer_cpu",
           "parity_with_plain_pytorch_loop", "export_loads_in_transformers", "preempt_resume_exact",
-          "bf16_fp32_master_weights", "cli_deepspeed_json", "parity_with_megatron_engine")
+          "bf16_fp32_master_weights", "fp16_zero2_matches_fp32", "fp16_overflow_step_skipped", "cli_deepspeed_json",
+          "parity_with_megatron_engine")
 DIST_CHECKS = ROOT / "tests" / "dist" / "deepspeed_checks.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
             "--rdzv-endpoint=localhost:0"]
@@ -98,6 +100,127 @@ def test_stale_extension_lock_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in message and str(tmp_path / CPU_ADAM_OP / "lock") in message and "delete" in message
 
 
+# ------------------------------------------------------------------------------------------ fp16
+def _fp16_config(**optimizer):
+    from mgsr_megatron.config import Config
+
+    cfg = Config()
+    cfg.deepspeed.enabled, cfg.deepspeed.zero_stage = True, 2
+    cfg.student.load, cfg.teacher.load = "student_hf", "teacher_hf"
+    cfg.student.params_dtype = cfg.teacher.params_dtype = "float16"
+    for key, value in optimizer.items():
+        setattr(cfg.optimizer, key, value)
+    return cfg
+
+
+def _one_line_error(call, *args) -> str:
+    from mgsr_megatron.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        call(*args)
+    assert "\n" not in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_fp16_deepspeed_json():
+    """params_dtype float16 -> DeepSpeed's fp16 section from the Megatron engine's loss-scale keys, which
+    DeepSpeed's own config model reads back (dynamic from initial_loss_scale, static with loss_scale)."""
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    from mgsr_megatron.deepspeed_engine import settings
+
+    cfg = _fp16_config()
+    settings.validate_settings(cfg)
+    ds = settings.engine_config(cfg, dp=2)
+    assert ds["bf16"] == {"enabled": False}
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0.0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}  # DeepSpeed's defaults = the config's
+    assert settings.teacher_config(cfg, dp=2)["fp16"] == {"enabled": True}
+
+    cfg = _fp16_config(initial_loss_scale=4096.0, loss_scale_window=500, hysteresis=1, min_loss_scale=2.0)
+    parsed = get_float16_config(settings.engine_config(cfg, dp=2))
+    assert parsed.enabled and parsed.loss_scale == 0 and parsed.initial_dynamic_scale() == 4096
+    assert (parsed.loss_scale_window, parsed.hysteresis, parsed.min_loss_scale) == (500, 1, 2)
+    parsed = get_float16_config(settings.engine_config(_fp16_config(loss_scale=128.0), dp=2))
+    assert parsed.loss_scale == 128.0  # static: DeepSpeed's dynamic scaling off
+
+    bf16 = _fp16_config()
+    bf16.student.params_dtype = "bfloat16"
+    assert settings.engine_config(bf16, dp=2)["fp16"] == {"enabled": False}
+
+
+def test_fp16_json_agreement(tmp_path):
+    """A user's DeepSpeed JSON may repeat the fp16 settings (or say "auto"), not contradict them."""
+    from mgsr_megatron.deepspeed_engine import settings
+
+    cfg = _fp16_config(initial_loss_scale=2.0 ** 12)
+    cfg.deepspeed.config_json = str(tmp_path / "ds.json")
+    (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": 12,
+                                                           "loss_scale": "auto"}, "bf16": {"enabled": False}}))
+    assert settings.engine_config(cfg, dp=2)["fp16"]["initial_scale_power"] == 12
+    (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True, "loss_scale_window": 100}}))
+    err = _one_line_error(settings.validate_settings, cfg)
+    assert "fp16.loss_scale_window=100 disagrees with optimizer.loss_scale_window=1000" in err, err
+    (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True}}))
+    cfg.student.params_dtype, cfg.optimizer.initial_loss_scale = "bfloat16", None
+    err = _one_line_error(settings.validate_settings, cfg)
+    assert "fp16.enabled=true disagrees with student.params_dtype (implies false)" in err, err
+
+
+def test_fp16_bad_settings_are_one_line():
+    from mgsr_megatron.deepspeed_engine import settings
+
+    err = _one_line_error(settings.validate_settings, _fp16_config(initial_loss_scale=1000.0))
+    assert err.startswith("optimizer.initial_loss_scale=1000.0 is not a power of two"), err
+    err = _one_line_error(settings.validate_settings, _fp16_config(loss_scale=-1.0))
+    assert err.startswith("optimizer.loss_scale=-1.0 must be positive"), err
+    err = _one_line_error(settings.validate_settings, _fp16_config(min_loss_scale=0.5))
+    assert err.startswith("optimizer.min_loss_scale=0.5: DeepSpeed's fp16.min_loss_scale is an integer"), err
+    cfg = _fp16_config(loss_scale=1024.0)
+    cfg.student.params_dtype = "bfloat16"
+    err = _one_line_error(settings.validate_settings, cfg)
+    assert "optimizer.loss_scale / initial_loss_scale" in err and "fp16 only" in err, err
+
+
+def test_fp16_needs_an_fp16_accelerator(monkeypatch):
+    """DeepSpeed's CPU accelerator has no fp16 here (DeepSpeed raises "Type fp16 is not supported on your
+    device" in initialize): one line naming the key, before any model loads."""
+    from deepspeed.accelerator import get_accelerator
+
+    from mgsr_megatron.deepspeed_engine import runtime
+
+    accelerator = get_accelerator()
+    cfg = _fp16_config()
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: False)
+    err = _one_line_error(runtime.check_fp16_support, cfg)
+    assert err.startswith("student.params_dtype=float16 needs a GPU: DeepSpeed's"), err
+    cfg.student.params_dtype, cfg.deepspeed.teacher_zero3 = "float32", True
+    err = _one_line_error(runtime.check_fp16_support, cfg)
+    assert err.startswith("teacher.params_dtype=float16 needs a GPU"), err
+    cfg.deepspeed.teacher_zero3 = False  # a replicated teacher is plain torch: fp16 runs on CPU too
+    runtime.check_fp16_support(cfg)
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)
+    runtime.check_fp16_support(_fp16_config())
+
+
+def test_fp16_loss_scaler_loads_from_checkpoint(tmp_path):
+    """DeepSpeed pickles fp16's DynamicLossScaler (current scale, hysteresis, iteration) into the ZeRO optimizer
+    state and restores it in load_checkpoint: the engine's weights_only loading allows it."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from mgsr_megatron.deepspeed_engine.checkpoint import _deepspeed_loading
+
+    scaler = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    scaler.cur_scale, scaler.cur_hysteresis, scaler.cur_iter = 2.0 ** 13, 1, 7
+    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True}, tmp_path / "optim.pt")
+    with _deepspeed_loading():
+        loaded = torch.load(tmp_path / "optim.pt")["loss_scaler"]
+    assert isinstance(loaded, DynamicLossScaler)
+    assert (loaded.cur_scale, loaded.cur_hysteresis, loaded.cur_iter) == (2.0 ** 13, 1, 7)
+
+
 # ------------------------------------------------------------------------------------------ SIGKILL
 def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
     """`mgsr train` (torchrun, 2 ranks, ZeRO-3, a checkpoint every 2 steps; the launch's uninterrupted 6-step
@@ -148,6 +271,30 @@ def test_sigkill_mid_checkpoint_then_resume_auto(launch, tmp_path):
     assert (save / "latest").read_text().strip() == "iter_0000006" and not partial.exists()
     extensions = launch["extensions"]
     assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ mpirun
+def test_mpirun_launch_matches_torchrun(launch, tmp_path):
+    """`mpirun -np 2 python -m mgsr_megatron train` (MPICH's hydra from the mpich wheel: ranks from PMI_RANK /
+    PMI_SIZE, the rendezvous address broadcast through mpi4py) runs the DeepSpeed engine with the losses of the
+    launch's torchrun ZeRO-3 run (relative 1e-5)."""
+    pytest.importorskip("mpi4py")
+    from tests.dist.deepspeed_checks import assert_close, base_config, losses_of
+    from tests.test_mpi import _mpirun
+
+    expected = {int(step): loss for step, loss in launch["results"]["losses"].get("zero3", {}).items()}
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6], f"the launch's ZeRO-3 run is missing:\n{launch['log'][-4000:]}"
+    cfg = base_config(launch["root"], "mpirun", zero_stage=3)
+    cfg.logging.output_dir = str(tmp_path / "mpirun")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK",
+                                                                     "SLURM_", "PMI_", "OMPI_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_EXTENSIONS_DIR=str(launch["extensions"]))
+    proc = subprocess.run([_mpirun(), "-np", "2", sys.executable, "-m", "mgsr_megatron", "train", "--config",
+                           str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_close(losses_of(cfg.logging.output_dir), expected, "mpirun vs torchrun (ZeRO-3)")
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -214,12 +361,15 @@ def test_bad_inputs_are_one_line(launch, tmp_path, monkeypatch, capsys):
     no_weights = _bad_dir(tmp_path, "no_weights", student_hf, weights=False)
     expect("no weights", _config(root, student={"load": no_weights}))
     expect("data-parallel only", _config(root, parallel={"tensor_model_parallel_size": 2}))
-    expect("SCRG / on-policy generation under DeepSpeed is not implemented yet for off_policy",
-           _config(root, mgsr={"data_schedule": "off_policy"}))
+    expect("never generates", _config(root, mgsr={"data_schedule": "off_policy", "max_new_tokens": 8},
+                                      schedule={"eval_interval": 0}))
     expect("deepspeed.offload_params=true needs deepspeed.zero_stage=3",
            _config(root, deepspeed={"offload_params": True}))
     expect("deepspeed.zero_stage': 4 is not one of 1, 2, 3", _config(root, deepspeed={"zero_stage": 4}))
-    expect("float16 is not supported by the deepspeed engine", _config(root, student={"params_dtype": "float16"}))
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():  # DeepSpeed's CPU accelerator: fp16 only with oneDNN's
+        expect("student.params_dtype=float16 needs a GPU", _config(root, student={"params_dtype": "float16"}))
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
     expect("train_micro_batch_size_per_gpu=4 disagrees with schedule.micro_batch_size=2", _config(root),

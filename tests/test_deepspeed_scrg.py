@@ -3,11 +3,13 @@ DeepSpeed engine (issue 17 item 2).
 
 In this process: the HF stage's greedy generation equals transformers' own `generate(do_sample=False)`; the
 same tiny random weights as an HF model and, converted (conversion/convert.py, HF -> Megatron), as a
-Megatron model give the same SCRG picks (corrected rows, j, t_j, regenerated sequences); off_policy is still
-refused with one line. One torchrun launch of 2 ranks (tests/dist/deepspeed_scrg_checks.py): ZeRO-3
-lockstep generation and SCRG with ranks of different lengths, on_policy (lambda 1) and seqkd training (with
-ROUGE-L evaluation in metrics.jsonl), and the engine's evaluation answers (ZeRO-3, a prompt count that leaves
-one rank a block short) equal to single-process HF and to the converted Megatron model's.
+Megatron model give the same SCRG picks (corrected rows, j, t_j, regenerated sequences); every schedule passes
+the engine's settings, and an off_policy resume from a checkpoint without the schedule files is one line. One
+torchrun launch of 2 ranks (tests/dist/deepspeed_scrg_checks.py): ZeRO-3 lockstep generation and SCRG with ranks
+of different lengths, on_policy (lambda 1) and seqkd training (with ROUGE-L evaluation in metrics.jsonl), the
+engine's evaluation answers (ZeRO-3, a prompt count that leaves one rank a block short) equal to single-process
+HF and to the converted Megatron model's, off_policy (generate and replay steps) resumed exactly under ZeRO-2
+and equal to the Megatron engine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 250
 EOS = 2
 PROMPTS = [[5, 6, 7, 8, 9], [17, 4], [30, 31, 32, 33, 34, 35, 36], [60]]
-DIST_CHECKS = ("lockstep_generation_zero3", "on_policy_zero3_training", "seqkd_zero3_training", "evaluation_zero3")
+DIST_CHECKS = ("lockstep_generation_zero3", "on_policy_zero3_training", "seqkd_zero3_training", "evaluation_zero3",
+               "off_policy_resume_zero2", "off_policy_megatron_parity")
 
 
 def tiny_llama(seed: int, hidden: int, scale: float):
@@ -149,7 +152,7 @@ def test_hf_recorded_logits_equal_a_whole_sequence_forward(hf_models):
 
 
 def test_generating_schedules_under_deepspeed_settings():
-    """on_policy and seqkd pass the engine's settings; off_policy (replay buffer not checkpointed) is one line."""
+    """Every schedule passes the engine's settings (off_policy's state is in its checkpoints)."""
     from mgsr_megatron.config import Config
     from mgsr_megatron.deepspeed_engine.settings import validate_settings
     from mgsr_megatron.errors import UserError
@@ -161,8 +164,26 @@ def test_generating_schedules_under_deepspeed_settings():
         with pytest.raises(UserError) as info:  # student.load is not set: the next check
             validate_settings(cfg)
         message = str(info.value)
-        assert "\n" not in message
-        assert ("data_schedule" in message) == (schedule == "off_policy"), (schedule, message)
+        assert "\n" not in message and "student.load" in message, (schedule, message)
+
+
+def test_off_policy_resume_needs_every_ranks_schedule_file(tmp_path):
+    """An off_policy resume names the first missing schedule_dp{d}.pt; other schedules do not need them."""
+    from mgsr_megatron.config import Config
+    from mgsr_megatron.deepspeed_engine.checkpoint import check_schedule_files
+    from mgsr_megatron.errors import UserError
+
+    (tmp_path / "schedule_dp0.pt").write_bytes(b"")
+    cfg = Config()
+    for schedule in ("on_policy", "seqkd", "ground_truth"):
+        cfg.mgsr.data_schedule = schedule
+        check_schedule_files(cfg, tmp_path, 2)
+    cfg.mgsr.data_schedule = "off_policy"
+    check_schedule_files(cfg, tmp_path, 1)
+    with pytest.raises(UserError) as info:
+        check_schedule_files(cfg, tmp_path, 2)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "schedule_dp1.pt")) and "\n" not in message, message
 
 
 # ------------------------------------------------------------------------------------------ 2 ranks

@@ -10,8 +10,8 @@
 Teacher and student are Hugging Face directories (config.json + safetensors), loaded with
 `trust_remote_code=False`; the data pipeline (training/data.py), the losses (losses.mgsr_objective on its
 dense path), the LR schedule (training/optimizer.py), the ClipNet, metrics and the checkpoint layout
-conventions are the Megatron engine's. Data parallel only; ground-truth batches only (SCRG under
-DeepSpeed is not implemented yet).
+conventions are the Megatron engine's. Data parallel only; the Megatron engine's data schedules (ground truth,
+on_policy and off_policy with SCRG, seqkd), generating through generation/hf_stage.py.
 
     settings.py    config checks before anything runs, the DeepSpeed config, model directories
     runtime.py     process start-up without compiling DeepSpeed ops (shm op off, stale-lock check)

@@ -7,6 +7,8 @@
         zero_to_fp32.py       DeepSpeed's recovery script (copied by DeepSpeed; never run by this project)
         common.pt             step, ClipNet and its AdamW, data position, skipped steps, batch settings
         rng/rank{r}.pt        RNG states of global rank r (python, torch CPU, CUDA)
+        schedule_dp{d}.pt     data schedule of data-parallel rank d (= global rank): threshold, previous
+                              validation loss, off_policy's replay buffer (the Megatron engine's file)
         engine.json           {"engine": "deepspeed", zero_stage, dp, params_dtype, global_batch_size}
         model_config.yaml     the student's architecture (its config.json as the project reads it)
         hf_config.json        the student's config.json
@@ -18,10 +20,12 @@ As with the Megatron engine (training/checkpoint.py): the directory is assembled
 and renamed into place, then `latest` is replaced atomically, so a crash leaves the previous checkpoint
 intact and `latest` pointing at it; pruning (checkpoint.keep_last) never removes the checkpoint just
 written. Loading checks sizes (hashes with --verify-checkpoint) and reads every file with
-`weights_only=True`: DeepSpeed's optimizer files hold three DeepSpeed classes (its ZeRO stage enum, loss
-scaler and fragment address), which are allow-listed for its load; nothing else can run code. A resume
+`weights_only=True`: DeepSpeed's optimizer files hold DeepSpeed classes (its ZeRO stage enum, loss scaler -
+fp16's dynamic one keeps the current scale, so a resume continues with it - and fragment address), which are
+allow-listed for its load; nothing else can run code. A resume
 needs the same ZeRO stage, DP size, precision and global batch size (DeepSpeed's partitioned optimizer
-state is laid out for them); each is checked, one line, before any model loads.
+state is laid out for them); each is checked, one line, before any model loads, and so is, for an off_policy
+run, every rank's schedule_dp{d}.pt (a checkpoint without it would resume with an empty replay buffer).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from mgsr_megatron.training.checkpoint import ITER_FORMAT, check_save_target, fi
 ENGINE_TAG = "engine"
 ENGINE_FILE = "engine.json"
 COMMON_KEYS = ("step", "clipnet", "clipnet_optimizer", "data", "global_batch_size")
+SCHEDULE_FILE = "schedule_dp{}.pt"
 
 
 def engine_record(cfg, dp: int) -> dict:
@@ -111,6 +116,8 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
         try:
             trainer.engine.save_checkpoint(str(temporary), tag=ENGINE_TAG, save_latest=False)
             torch.save(_rng_state(), temporary / "rng" / f"rank{rank}.pt")
+            if trainer.schedule is not None:
+                torch.save(trainer.schedule.state_dict(), temporary / SCHEDULE_FILE.format(trainer.dp_rank))
             if rank == 0:
                 loss = trainer.last_loss
                 torch.save({"step": trainer.step, "clipnet": trainer.clipnet.state_dict(),
@@ -178,25 +185,42 @@ def check_resume(cfg, dp: int, tokenizer=None) -> Path | None:
                             f"DeepSpeed's partitioned optimizer state cannot be carried over (keep the setting, or "
                             f"start a new run from the exported weights)")
     check_tokenizer_hash(directory, tokenizer, "resume")
+    check_schedule_files(cfg, directory, dp)
     return directory
+
+
+def check_schedule_files(cfg, directory: Path, dp: int) -> None:
+    """An off_policy run resumes only with every rank's schedule state (other schedules keep nothing needed)."""
+    if cfg.mgsr.data_schedule != "off_policy" or not cfg.needs_teacher:
+        return
+    for d in range(dp):
+        path = directory / SCHEDULE_FILE.format(d)
+        if not path.is_file():
+            raise UserError(f"{path}: missing, so the off_policy schedule's replay buffer and threshold cannot be "
+                            f"restored (a checkpoint of another schedule or an older version); resume it with the "
+                            f"schedule it was trained with, or start a new run")
 
 
 @contextlib.contextmanager
 def _deepspeed_loading():
-    """torch.load with weights_only=True (models/trust.py) and DeepSpeed's three checkpoint classes allowed."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """torch.load with weights_only=True (models/trust.py) and DeepSpeed's checkpoint classes allowed (its loss
+    scaler: static, or fp16's dynamic one with its current scale)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with safe_loading(), torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with safe_loading(), torch.serialization.safe_globals(allowed):
         yield
 
 
 def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> None:
-    """Collective. Restores the student and its optimizer (DeepSpeed), ClipNet, data position, step, RNG."""
+    """Collective. Restores the student and its optimizer (DeepSpeed), ClipNet, data position, step, data
+    schedule, RNG."""
     directory = resolve_checkpoint(directory)
     _read_engine_record(directory)
     verify_collective(directory, hashes=verify, required=verify)
+    check_schedule_files(trainer.cfg, directory, trainer.dp_size)  # every rank sees the same files: all raise
     common = load_torch_file(directory / "common.pt")
     missing = [key for key in COMMON_KEYS if not isinstance(common, dict) or key not in common]
     if missing:
@@ -217,6 +241,9 @@ def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> Non
     trainer.data.load_state_dict(common["data"])
     trainer.step = int(common["step"])
     trainer.skipped_steps = int(common.get("skipped_steps", 0))
+    schedule_file = directory / SCHEDULE_FILE.format(trainer.dp_rank)
+    if trainer.schedule is not None and schedule_file.is_file():
+        trainer.schedule.load_state_dict(load_torch_file(schedule_file))
     trainer.last_loss = (read_provenance(directory).get("training") or {}).get("final_loss")
     _set_rng_state(load_torch_file(directory / "rng" / f"rank{dist.get_rank()}.pt"))
     dist.barrier()

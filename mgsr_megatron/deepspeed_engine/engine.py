@@ -13,12 +13,16 @@ One step on each data-parallel rank (ground-truth batches; method.md top and §2
      own norm and stepped by its fp32 AdamW (training/optimizer.py `build_optimizer`).
 The step's loss is the mean of the micro-batch losses over all micro-batches and DP ranks, as in the
 Megatron engine. A step whose logits hold NaN/Inf on any rank is skipped by DeepSpeed (its gradient
-norm is not finite) and by the ClipNet; more than schedule.max_nan_steps in a row stop the run.
+norm is not finite) and by the ClipNet; more than schedule.max_nan_steps in a row stop the run. fp16: the
+ClipNet's gradients are unscaled by DeepSpeed's loss scale, and a step whose gradients overflow under a finite
+loss is skipped by both and counted in skipped_steps only (the loss scaler backs off), as in the Megatron engine.
 
 Which rows a step trains on: the Megatron engine's data schedule (data/schedule.py; warm start of
 mgsr.sft_warmup_iters ground-truth steps) and its generated-batch construction
-(training/trainer.py `generate_step_batch`): SCRG by the student (on_policy) or the teacher's responses
-(seqkd), generated through generation/hf_stage.py's HfCausalLM, which runs ZeRO-3 models in lockstep.
+(training/trainer.py `generate_step_batch`): SCRG by the student (on_policy, off_policy) or the teacher's
+responses (seqkd), generated through generation/hf_stage.py's HfCausalLM, which runs ZeRO-3 models in lockstep.
+off_policy pushes each rank's generated samples into its replay buffer, which replay steps sample; the
+validation loss moves its threshold; checkpoint.py stores each rank's schedule state.
 
 Differences to the Megatron engine: the student's and the ClipNet's gradients are clipped on their own
 norms (the Megatron engine clips both by one joint norm); SCRG's detection logits are not reused for the
@@ -69,6 +73,7 @@ class DeepSpeedTrainer:
         from mgsr_megatron.losses import ClipNet, ObjectiveSettings
 
         deepspeed = runtime.import_deepspeed()
+        runtime.check_fp16_support(cfg)
         self.cfg = cfg
         self.data = data
         self.dp_size, self.dp_rank = dist.get_world_size(), dist.get_rank()
@@ -98,6 +103,7 @@ class DeepSpeedTrainer:
         self.last_loss = None
         self.nan_steps_in_row = 0
         self.skipped_steps = 0
+        self.fp16 = cfg.student.params_dtype == "float16"
 
     def _load_teacher(self, deepspeed):
         cfg = self.cfg
@@ -190,15 +196,21 @@ class DeepSpeedTrainer:
         metrics["nonfinite"] = bool(nonfinite.item() > 0)
         return metrics
 
-    def _clipnet_step(self) -> float:
-        """DP-average the ClipNet's gradients, clip at optimizer.clip_grad on their norm, step. Returns the norm."""
+    def loss_scale(self) -> float:
+        """DeepSpeed's current fp16 loss scale (1 without fp16); it changes at the optimizer step only."""
+        return float(self.optimizer.loss_scale) if self.fp16 else 1.0
+
+    def _clipnet_step(self, loss_scale: float = 1.0) -> float:
+        """DP-average the ClipNet's gradients, unscale them (fp16: they came through DeepSpeed's scaled loss),
+        clip at optimizer.clip_grad on their norm, step. Returns the norm."""
         grads = [p.grad for p in self.clipnet.parameters() if p.grad is not None]
         if not grads:
             return 0.0
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.dp_size > 1:
             dist.all_reduce(flat)
-            flat /= self.dp_size
+        if self.dp_size > 1 or loss_scale != 1.0:
+            flat /= self.dp_size * loss_scale
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -222,6 +234,7 @@ class DeepSpeedTrainer:
         micro_batches = batch.micro_batches
         self.engine.train()
         self.clipnet_optimizer.zero_grad(set_to_none=True)
+        scale = self.loss_scale()  # the scale of this step's backward passes
         reported = []
         for mb in micro_batches:
             loss, values = self.micro_batch_loss(mb)
@@ -230,11 +243,18 @@ class DeepSpeedTrainer:
             reported.append(values)
         metrics = self._reduce(reported)
         applied = bool(self.engine.was_step_applied())
+        finite = not metrics["nonfinite"] and math.isfinite(metrics["loss"])
+        # fp16 gradients overflowing under a finite loss: DeepSpeed skipped the step and lowers the scale; skipped
+        # and counted as in the Megatron engine, but not towards schedule.max_nan_steps
+        overflow = self.fp16 and finite and not applied
         grad_norm = float("nan")
-        if count_nonfinite_step(self, metrics["nonfinite"] or not math.isfinite(metrics["loss"]) or not applied):
-            student_norm = self.engine.get_global_grad_norm()
-            student_norm = float(student_norm) if student_norm is not None else float("nan")
-            grad_norm = math.sqrt(student_norm ** 2 + self._clipnet_step() ** 2)
+        if count_nonfinite_step(self, not finite or not (applied or overflow)):
+            if overflow:
+                self.skipped_steps += 1  # the ClipNet skips it too, staying in step with the student
+            else:
+                student_norm = self.engine.get_global_grad_norm()
+                student_norm = float(student_norm) if student_norm is not None else float("nan")
+                grad_norm = math.sqrt(student_norm ** 2 + self._clipnet_step(scale) ** 2)
         self.step += 1
         self.last_loss = metrics["loss"]
         tokens = sum(int(mb["loss_mask"].numel()) for mb in micro_batches) * self.dp_size
@@ -242,12 +262,14 @@ class DeepSpeedTrainer:
         metrics.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), step_seconds=elapsed,
                        source=batch.source, skipped_steps=self.skipped_steps,
                        mem_gib=platform.peak_memory_bytes() / 2 ** 30)
+        if self.fp16:
+            metrics["loss_scale"] = self.loss_scale()  # after this step's update: the next step's
         metrics.update(batch.stats)
         return metrics
 
     def validation_loss(self) -> dict | None:
-        """The objective on the fixed validation micro-batches (no update), averaged over DP; None without
-        a validation split."""
+        """The objective on the fixed validation micro-batches (no update), averaged over DP and reported to
+        the data schedule (off_policy's threshold rule); None without a validation split."""
         micro_batches = self.data.validation_micro_batches(self.cfg.schedule.eval_iters, self.dp_rank, self.dp_size)
         count = torch.tensor([len(micro_batches)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
@@ -257,4 +279,7 @@ class DeepSpeedTrainer:
         with torch.no_grad():
             reported = [self.micro_batch_loss(mb)[1] for mb in self._to_device(micro_batches[:int(count.item())])]
         self.engine.train()
-        return self._reduce(reported)
+        metrics = self._reduce(reported)
+        if self.schedule is not None:
+            metrics["replay_threshold"] = self.schedule.report_validation_loss(metrics["loss"])
+        return metrics

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from mgsr_megatron.errors import UserError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -51,9 +51,10 @@ def load_model(path: str | Path, dtype: str, zero3_config: dict | None = None, d
     # import the model's module before zero.Init patches tensor construction (an import inside it fails)
     MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # no dtype= here: DeepSpeed 0.19.8 then picks bf16 on CPUs without fp16 support whatever is passed
-    # (operator precedence in Init._set_dtype); the config's bf16.enabled decides, float32 otherwise
-    if bool((zero3_config.get("bf16") or {}).get("enabled")) != (dtype == "bfloat16"):
-        raise ValueError(f"ZeRO-3 config bf16={zero3_config.get('bf16')} disagrees with dtype {dtype}")
+    # (operator precedence in Init._set_dtype); the config's bf16 / fp16.enabled decide, float32 otherwise
+    for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if bool((zero3_config.get(key) or {}).get("enabled")) != (dtype == name):
+            raise ValueError(f"ZeRO-3 config {key}={zero3_config.get(key)} disagrees with dtype {dtype}")
     with deepspeed.zero.Init(config_dict_or_path=zero3_config):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
     try:

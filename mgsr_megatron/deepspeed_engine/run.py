@@ -4,9 +4,9 @@ ROUGE-L / exact match on schedule.eval_prompts held-out prompts every schedule.e
 checkpoint every checkpoint.save_interval steps and at the end, SIGTERM / SIGUSR1 -> checkpoint -> exit 115
 (training/trainer.py PreemptionFlag), then `deepspeed.export_dir`.
 
-Order of the checks: the config (config.validate), the model directories, tokenizer and vocabularies
-(settings.resolve_models), the batch layout, the DeepSpeed JSON and a resume's compatibility, then the
-process group, and only then data and models.
+Order of the checks: the config (config.validate, training/run.py check_generation_fits), the model
+directories, tokenizer and vocabularies (settings.resolve_models), the batch layout, the DeepSpeed JSON and a
+resume's compatibility (off_policy: its schedule files), then the process group, and only then data and models.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ def build_trainer(cfg: Config):
     from mgsr_megatron.deepspeed_engine.engine import DeepSpeedTrainer
     from mgsr_megatron.parallel import discover_env
     from mgsr_megatron.training.data import TrainingData
+    from mgsr_megatron.training.run import check_generation_fits
 
     validate(cfg)
     if not cfg.deepspeed.enabled:
         from mgsr_megatron.errors import UserError
 
         raise UserError("deepspeed.enabled is false: this is the deepspeed engine's entry point")
+    check_generation_fits(cfg)  # generated rows fit seq_length; off_policy can generate at all
+    runtime.check_fp16_support(cfg)
     tokenizer, _ = settings.resolve_models(cfg)
     dp = discover_env().world_size  # TP = PP = 1: every rank is a data-parallel rank
     check_batch_layout(cfg, dp, models=("teacher", "student") if cfg.needs_teacher else ("student",))

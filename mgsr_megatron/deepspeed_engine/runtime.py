@@ -85,3 +85,17 @@ def init_distributed(timeout_minutes: int = 10, rendezvous_timeout_s: float = 30
                                         verbose=False)
     return env
 
+
+def check_fp16_support(cfg) -> None:
+    """DeepSpeed refuses fp16 where its accelerator has none ("Type fp16 is not supported on your device"): one
+    line before any model loads. Its CPU accelerator has fp16 only where oneDNN does (not on common CPUs)."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    keys = ["student.params_dtype"] if cfg.student.params_dtype == "float16" else []
+    if cfg.needs_teacher and cfg.deepspeed.teacher_zero3 and cfg.teacher.params_dtype == "float16":
+        keys.append("teacher.params_dtype")  # a replicated teacher is plain torch; a ZeRO-3 one is DeepSpeed's
+    accelerator = get_accelerator()
+    if keys and not accelerator.is_fp16_supported():
+        raise UserError(f"{keys[0]}=float16 needs a GPU: DeepSpeed's {accelerator.device_name()} accelerator has no "
+                        f"fp16 on this machine (DeepSpeed refuses it); use bfloat16 or float32")

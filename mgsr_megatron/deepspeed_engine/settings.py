@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from mgsr_megatron.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -42,11 +43,6 @@ def validate_settings(cfg) -> None:
            f"the deepspeed engine is data-parallel only: parallel.tensor_model_parallel_size="
            f"{cfg.parallel.tensor_model_parallel_size} and parallel.pipeline_model_parallel_size="
            f"{cfg.parallel.pipeline_model_parallel_size} must be 1 (ZeRO shards over the data-parallel ranks)")
-    # off_policy keeps a replay buffer and a threshold that this engine's checkpoints do not hold yet
-    _check(cfg.mgsr.data_schedule != "off_policy",
-           f"mgsr.data_schedule={cfg.mgsr.data_schedule}: SCRG / on-policy generation under DeepSpeed is not "
-           f"implemented yet for off_policy (its replay buffer is not checkpointed); use on_policy, seqkd or "
-           f"ground_truth with deepspeed.enabled, or the Megatron engine")
     _check(not ds.offload_params or ds.zero_stage == 3,
            f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage}): only ZeRO-3 "
            f"partitions the parameters")
@@ -61,20 +57,42 @@ def validate_settings(cfg) -> None:
                                  f"({name}.load: a directory with config.json and safetensors weights)")
         _check(model.params_dtype in DTYPES,
                f"{name}.params_dtype={model.params_dtype} is not supported by the deepspeed engine (float32, or "
-               f"bfloat16 with fp32 master weights)")
+               f"bfloat16 / float16 with fp32 master weights)")
         _check(model.recompute_granularity is None,
                f"{name}.recompute_granularity={model.recompute_granularity}: activation recomputation is not "
                f"wired to Hugging Face models under the deepspeed engine yet; leave it unset")
     _check(not cfg.optimizer.use_distributed_optimizer,
            "optimizer.use_distributed_optimizer is Megatron's; under the deepspeed engine ZeRO shards the "
            "optimizer (deepspeed.zero_stage)")
-    _check(cfg.optimizer.loss_scale is None and cfg.optimizer.initial_loss_scale is None,
-           "optimizer.loss_scale / initial_loss_scale: fp16 loss scaling is not used by the deepspeed engine "
-           "(float32 or bfloat16)")
+    fp16_loss_scale(cfg)
     if ds.export_dir:
         check_apart_from_models(cfg, "deepspeed.export_dir", ds.export_dir)
     if ds.config_json:
         read_config_json(cfg)
+
+
+def fp16_loss_scale(cfg) -> dict:
+    """DeepSpeed's fp16 section of the student from the Megatron engine's loss-scale keys (optimizer.*):
+    dynamic scaling from initial_loss_scale (DeepSpeed's 2**16 when unset), static when loss_scale is set."""
+    opt = cfg.optimizer
+    if cfg.student.params_dtype != "float16":
+        _check(opt.loss_scale is None and opt.initial_loss_scale is None,
+               f"optimizer.loss_scale / initial_loss_scale: the deepspeed engine scales the loss for fp16 only "
+               f"(student.params_dtype={cfg.student.params_dtype}); leave them unset")
+        return {"enabled": False}
+    for name in ("loss_scale", "initial_loss_scale"):
+        value = getattr(opt, name)
+        _check(value is None or (math.isfinite(value) and value > 0), f"optimizer.{name}={value} must be positive")
+    power = math.log2(opt.initial_loss_scale) if opt.initial_loss_scale is not None else 16
+    _check(power == int(power), f"optimizer.initial_loss_scale={opt.initial_loss_scale} is not a power of two "
+                                f"(DeepSpeed starts its dynamic loss scale at 2**fp16.initial_scale_power)")
+    for name in ("loss_scale_window", "hysteresis", "min_loss_scale"):  # DeepSpeed reads them as integers
+        value = getattr(opt, name)
+        _check(value == int(value) and value >= 1,
+               f"optimizer.{name}={value}: DeepSpeed's fp16.{name} is an integer >= 1")
+    return {"enabled": True, "loss_scale": float(opt.loss_scale or 0), "initial_scale_power": int(power),
+            "loss_scale_window": int(opt.loss_scale_window), "hysteresis": int(opt.hysteresis),
+            "min_loss_scale": int(opt.min_loss_scale)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,14 +102,21 @@ def validate_settings(cfg) -> None:
 # values (train_batch_size, gradient_accumulation_steps) are checked in engine_config.
 def _agreeing_fields(cfg) -> dict:
     ds = cfg.deepspeed
-    return {
+    fields = {
         ("train_micro_batch_size_per_gpu",): ("schedule.micro_batch_size", cfg.schedule.micro_batch_size),
         ("train_batch_size",): ("schedule.global_batch_size", cfg.schedule.global_batch_size),
         ("gradient_clipping",): ("optimizer.clip_grad", cfg.optimizer.clip_grad),
         ("bf16", "enabled"): ("student.params_dtype", cfg.student.params_dtype == "bfloat16"),
-        ("fp16", "enabled"): ("student.params_dtype", False),
+        ("fp16", "enabled"): ("student.params_dtype", cfg.student.params_dtype == "float16"),
         ("zero_optimization", "stage"): ("deepspeed.zero_stage", ds.zero_stage),
     }
+    fp16 = fp16_loss_scale(cfg)
+    if fp16["enabled"]:  # the loss-scale settings come from optimizer.*: the JSON may only repeat them
+        names = {"loss_scale": "optimizer.loss_scale (0: dynamic)",
+                 "initial_scale_power": "log2(optimizer.initial_loss_scale)"}
+        for key in [key for key in fp16 if key != "enabled"]:
+            fields[("fp16", key)] = (names.get(key, f"optimizer.{key}"), fp16[key])
+    return fields
 
 
 def read_config_json(cfg) -> dict:
@@ -164,7 +189,7 @@ def engine_config(cfg, dp: int) -> dict:
     ours = {
         "train_batch_size": sched.global_batch_size, "train_micro_batch_size_per_gpu": sched.micro_batch_size,
         "gradient_accumulation_steps": micro, "gradient_clipping": cfg.optimizer.clip_grad,
-        "zero_optimization": zero, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
+        "zero_optimization": zero, "bf16": {"enabled": bf16}, "fp16": fp16_loss_scale(cfg),
         # the client optimizer is torch's AdamW (nothing compiled); DeepSpeedCPUAdam only on request
         "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": bool(ds.cpu_adam),
         "steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False,
@@ -191,7 +216,8 @@ def teacher_config(cfg, dp: int) -> dict:
     return {"train_batch_size": sched.global_batch_size, "train_micro_batch_size_per_gpu": sched.micro_batch_size,
             "gradient_accumulation_steps": sched.global_batch_size // (sched.micro_batch_size * dp),
             "zero_optimization": zero, "bf16": {"enabled": cfg.teacher.params_dtype == "bfloat16"},
-            "fp16": {"enabled": False}, "steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False}
+            "fp16": {"enabled": cfg.teacher.params_dtype == "float16"}, "steps_per_print": 2 ** 31 - 1,
+            "wall_clock_breakdown": False}
 
 
 

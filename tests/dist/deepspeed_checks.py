@@ -18,6 +18,7 @@ imports those.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -36,6 +37,7 @@ STEPS = 6
 RTOL = 1e-5
 PARITY_KEYS = ("loss", "sft", "dac_kl", "span", "grad_norm")  # per step, DeepSpeed vs Megatron engine
 PARITY_RTOL = 1e-4
+FP16_RTOL = 1e-2  # fp16 vs fp32 ZeRO-2, the loss of every step and the first step's gradient norm
 
 
 def build_setup(root: Path) -> None:
@@ -102,6 +104,23 @@ def assert_close(actual: dict, expected: dict, what: str, rtol: float = RTOL) ->
     for step in expected:
         a, e = actual[step], expected[step]
         assert math.isfinite(a) and abs(a - e) <= rtol * abs(e), f"{what}: step {step} loss {a!r} vs {e!r}"
+
+
+@contextlib.contextmanager
+def fp16_on_cpu():
+    """DeepSpeed's CPU accelerator reports fp16 only where oneDNN has it (not on this machine), and DeepSpeed then
+    refuses it, while torch computes fp16 on CPU: the fp16 checks tell DeepSpeed it has fp16 to run the engine's
+    fp16 path (loss scaling, overflow skips, checkpoints). GPU runs of it are still to be made."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: True
+    accelerator.supported_dtypes = lambda: [torch.float32, torch.bfloat16, torch.float16]
+    try:
+        yield
+    finally:
+        del accelerator.is_fp16_supported, accelerator.supported_dtypes
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -381,6 +400,64 @@ def main(root: Path, out: Path) -> None:
         masters = trainer.optimizer.single_partition_of_fp32_groups
         assert all(m.dtype == torch.float32 for m in masters), [m.dtype for m in masters]
 
+    def fp16_matches_fp32():
+        """fp16 (dynamic loss scale from 2**12, fp32 masters) under ZeRO-2 follows the fp32 ZeRO-2 run within
+        FP16_RTOL: every step's loss, and the first step's joint gradient norm (the ClipNet's gradients unscaled;
+        later norms drift further apart: 5% at step 4 in a 4-step trial)."""
+        from mgsr_megatron.deepspeed_engine.run import train
+
+        cfg = base_config(root, "fp16", zero_stage=2)
+        cfg.student.params_dtype = cfg.teacher.params_dtype = "float16"
+        cfg.optimizer.initial_loss_scale = 2.0 ** 12
+        with fp16_on_cpu():
+            _, trainer = train(cfg)
+        fp16, fp32 = metrics_of(cfg.logging.output_dir), metrics_of(root / "runs" / "zero2")
+        assert next(trainer.student.parameters()).dtype == torch.float16
+        assert all(m.dtype == torch.float32 for m in trainer.optimizer.single_partition_of_fp32_groups)
+        assert_close({s: r["loss"] for s, r in fp16.items()}, {s: r["loss"] for s, r in fp32.items()},
+                     "fp16 vs fp32 loss", rtol=FP16_RTOL)
+        assert_close({1: fp16[1]["grad_norm"]}, {1: fp32[1]["grad_norm"]}, "fp16 vs fp32 grad norm", rtol=FP16_RTOL)
+        checks.results["fp16_vs_fp32_max_relative_loss"] = max(abs(fp16[s]["loss"] - fp32[s]["loss"]) / fp32[s]["loss"]
+                                                               for s in fp32)
+        assert all(r["loss_scale"] == 2.0 ** 12 and r["skipped_steps"] == 0 for r in fp16.values()), fp16
+
+    def fp16_overflow_skipped():
+        """A loss scale of 2**60 overflows fp16 at every step: DeepSpeed skips the student's step and the engine the
+        ClipNet's (both stay the initial ones), the scale halves per step (hysteresis 1), the steps are counted as
+        skipped but not as NaN steps (max_nan_steps=1 is not hit), and a resume restores the lowered scale."""
+        from mgsr_megatron.deepspeed_engine.checkpoint import load_checkpoint
+        from mgsr_megatron.deepspeed_engine.models import load_model
+        from mgsr_megatron.deepspeed_engine.run import build_trainer, train
+        from mgsr_megatron.losses import ClipNet
+
+        def config(run):
+            cfg = base_config(root, run, zero_stage=2)
+            cfg.student.params_dtype = cfg.teacher.params_dtype = "float16"
+            cfg.optimizer.initial_loss_scale, cfg.optimizer.hysteresis = 2.0 ** 60, 1
+            cfg.schedule.train_iters, cfg.schedule.max_nan_steps = 3, 1
+            cfg.checkpoint.save, cfg.checkpoint.save_interval = str(root / "runs" / "fp16_overflow" / "ckpt"), 3
+            return cfg
+
+        cfg = config("fp16_overflow")
+        with fp16_on_cpu():
+            code, trainer = train(cfg)
+            assert code == 0, code
+            rows = metrics_of(cfg.logging.output_dir)
+            assert [(r["loss_scale"], r["skipped_steps"]) for r in rows.values()] == \
+                [(2.0 ** 59, 1), (2.0 ** 58, 2), (2.0 ** 57, 3)], rows
+            assert all(math.isfinite(r["loss"]) and math.isnan(r["grad_norm"]) for r in rows.values()), rows
+            initial = load_model(cfg.student.load, "float16", None, "cpu")
+            assert all(torch.equal(a, b) for a, b in zip(trainer.student.parameters(), initial.parameters()))
+            m = cfg.mgsr
+            clipnet = ClipNet(k_feat=m.k_feat, hidden=m.clipnet_hidden, seed=cfg.parallel.seed, rho=m.rho)
+            assert all(torch.equal(a, b) for a, b in zip(trainer.clipnet.parameters(), clipnet.parameters()))
+            cfg = config("fp16_overflow_resumed")
+            cfg.checkpoint.resume = "auto"
+            resumed, directory = build_trainer(cfg)
+            assert resumed.loss_scale() == 2.0 ** 60
+            load_checkpoint(resumed, directory)
+            assert resumed.loss_scale() == 2.0 ** 57 and resumed.skipped_steps == 3, resumed.loss_scale()
+
     def cli_with_config_json():
         """`mgsr train --config X.yaml --deepspeed ds.json` end to end (last: it ends the process group)."""
         import yaml
@@ -444,6 +521,8 @@ def main(root: Path, out: Path) -> None:
     checks.record("export_loads_in_transformers", export)
     checks.record("preempt_resume_exact", preempt_and_resume)
     checks.record("bf16_fp32_master_weights", bf16_master_weights)
+    checks.record("fp16_zero2_matches_fp32", fp16_matches_fp32)
+    checks.record("fp16_overflow_step_skipped", fp16_overflow_skipped)
     checks.record("parity_with_megatron_engine", megatron_parity_deepspeed_side)
     checks.results["seconds"]["before_cli"] = round(time.time() - started, 1)
     cli_results = checks.results

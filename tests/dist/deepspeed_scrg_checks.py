@@ -17,7 +17,12 @@ the tokenizer), tokenizer and data. Checks (each records ok/error on rank 0):
     over 5 prompts in blocks of 2 (rank 0 has two blocks, rank 1 one and an idle round): the same answers
     per seed and prompt as the same HF weights single-process (DP = 1) and as the weights converted to a
     Megatron model (conversion import_hf, evaluated at DP = 2 through Megatron's parallel_state); the
-    ranks ran the same number of forward passes.
+    ranks ran the same number of forward passes;
+  * off_policy_resume_zero2: off_policy under ZeRO-2, 4 steps deciding ground_truth, generate, replay, replay;
+    2 steps + checkpoint + a fresh trainer loading it + 2 steps = the 4 steps straight (sources and losses
+    bit-identical, the replay buffer restored); the checkpoint without schedule_dp*.pt is one line naming it;
+  * off_policy_megatron_parity: the Megatron engine on the converted models (after evaluation_zero3, which
+    installs Megatron's CPU adapter) takes the same decisions with the same losses (relative 1e-4).
 Not named check_*.py: the Megatron harness (tests/dist/harness.py) imports those.
 """
 
@@ -240,6 +245,99 @@ def megatron_answers(root: Path, hf_dir: str, items, tokenizer, options, vocab: 
         parallel.destroy_model_parallel()
 
 
+OFF_POLICY_STEPS = 4
+
+
+def off_policy_config(root: Path, run: str):
+    """ZeRO-2, off_policy with threshold 0.5 and a buffer of one step's samples (4 per rank): with seed 5 the
+    decisions of the 4 steps are ground_truth, generate, replay, replay. Clipping off (the Megatron parity)."""
+    cfg = base_config(root, run, zero_stage=2)
+    m = cfg.mgsr
+    m.data_schedule, m.init_threshold, m.replay_capacity, m.max_new_tokens = "off_policy", 0.5, 4, 8
+    cfg.schedule.train_iters, cfg.optimizer.clip_grad = OFF_POLICY_STEPS, 0.0
+    cfg.data.valid_path, cfg.schedule.eval_iters = str(root / "heldout.train"), 1  # validation_loss below
+    return cfg
+
+
+def steps_of(trainer, steps: int) -> list[tuple[str, float]]:
+    return [(metrics["source"], metrics["loss"]) for metrics in (trainer.train_step() for _ in range(steps))]
+
+
+def check_off_policy_resume(root: Path, runs: dict) -> dict:
+    """N steps straight = N/2 steps, a checkpoint, a fresh trainer loading it, N/2 steps (sources and losses
+    identical: the second half replays the restored buffer); the checkpoint without its schedule files is
+    one line naming the file; the validation loss reaches the schedule."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from mgsr_megatron.deepspeed_engine.checkpoint import load_checkpoint, save_checkpoint
+    from mgsr_megatron.deepspeed_engine.run import build_trainer
+    from mgsr_megatron.errors import UserError
+    from mgsr_megatron.models.trust import write_manifest
+
+    half = OFF_POLICY_STEPS // 2
+    trainer, _ = build_trainer(off_policy_config(root, "off_policy_straight"))
+    straight = runs["deepspeed"] = steps_of(trainer, OFF_POLICY_STEPS)
+    trainer, _ = build_trainer(off_policy_config(root, "off_policy_resume"))
+    first = steps_of(trainer, half)
+    saved = save_checkpoint(trainer, root / "runs" / "off_policy_resume" / "checkpoints")
+    buffer = list(trainer.schedule.buffer.samples)
+    fresh, _ = build_trainer(off_policy_config(root, "off_policy_resume"))
+    stripped = root / "runs" / "off_policy_stripped" / saved.name
+    if dist.get_rank() == 0:  # the checkpoint as an older version (or another schedule) left it
+        shutil.rmtree(stripped, ignore_errors=True)
+        shutil.copytree(saved, stripped)
+        for path in stripped.glob("schedule_dp*.pt"):
+            path.unlink()
+        write_manifest(stripped)
+    dist.barrier()
+    try:
+        load_checkpoint(fresh, stripped)
+        raise AssertionError("a checkpoint without schedule_dp*.pt was resumed by an off_policy run")
+    except UserError as exc:
+        message = str(exc)
+    assert "schedule_dp0.pt" in message and "\n" not in message, message
+    load_checkpoint(fresh, saved)
+    assert list(fresh.schedule.buffer.samples) == buffer and len(buffer) == 4, (buffer, fresh.schedule.buffer)
+    second = steps_of(fresh, OFF_POLICY_STEPS - half)
+    sources = [source for source, _ in straight]
+    assert sources == ["ground_truth", "generate", "replay", "replay"], sources
+    assert all(math.isfinite(loss) for _, loss in straight), straight
+    assert first + second == straight, f"resumed {first} + {second} vs straight {straight}"
+    valid = fresh.validation_loss()
+    assert valid["replay_threshold"] == 0.5 and fresh.schedule.prev_loss == valid["loss"], valid
+    return {"straight": straight, "missing_file_error": message}
+
+
+def check_off_policy_megatron_parity(root: Path, runs: dict) -> dict:
+    """The Megatron engine (TP=1, DP=2) on the converted models takes the same off_policy decisions and gives
+    the DeepSpeed engine's losses (the parity harness of tests/dist/deepspeed_checks.py)."""
+    from mgsr_megatron import parallel
+    from mgsr_megatron.training.run import train as megatron_train
+    from tests.dist.check_conversion import on_rank0
+    from tests.dist.deepspeed_checks import PARITY_RTOL, convert_for_megatron, megatron_config
+
+    assert "deepspeed" in runs, "the DeepSpeed run (off_policy_resume_zero2) did not finish"
+    parallel.init_distributed()  # the process group exists: this installs Megatron's CPU adapter
+    parallel.initialize_model_parallel(1, 1)  # collectively: rank 0's import_hf would start it alone
+    try:
+        on_rank0(lambda: convert_for_megatron(root))
+        cfg = megatron_config(root, "off_policy_megatron")
+        edited = off_policy_config(root, "off_policy_megatron")
+        cfg.mgsr, cfg.schedule, cfg.optimizer = edited.mgsr, edited.schedule, edited.optimizer
+        code, _ = megatron_train(cfg)
+    finally:
+        parallel.destroy_model_parallel()
+    assert code == 0, code
+    megatron = [(row["source"], row["loss"]) for _, row in sorted(metrics_of(cfg.logging.output_dir).items())]
+    deepspeed = runs["deepspeed"]
+    assert [s for s, _ in megatron] == [s for s, _ in deepspeed], (megatron, deepspeed)
+    worst = max(abs(m - d) / abs(d) for (_, m), (_, d) in zip(megatron, deepspeed))
+    assert worst <= PARITY_RTOL, f"Megatron vs DeepSpeed engine, off_policy: {megatron} vs {deepspeed}"
+    return {"megatron": megatron, "max_relative_difference": worst}
+
+
 def main(root: Path, out: Path) -> None:
     import torch.distributed as dist
 
@@ -277,7 +375,10 @@ def main(root: Path, out: Path) -> None:
     record("lockstep_generation_zero3", lambda: check_lockstep_generation(root, counter))
     record("on_policy_zero3_training", on_policy)
     record("seqkd_zero3_training", lambda: check_training(root, counter, "seqkd", 1, eval_prompts=12))
-    record("evaluation_zero3", lambda: check_evaluation(root, counter))  # last: it sets up Megatron's groups
+    runs = {}
+    record("off_policy_resume_zero2", lambda: check_off_policy_resume(root, runs))
+    record("evaluation_zero3", lambda: check_evaluation(root, counter))  # it sets up Megatron's groups
+    record("off_policy_megatron_parity", lambda: check_off_policy_megatron_parity(root, runs))
     results["seconds"] = round(time.time() - started, 1)
     if rank == 0:
         out.write_text(json.dumps(results, indent=1, default=str))

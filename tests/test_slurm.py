@@ -248,6 +248,29 @@ def test_srun_direct_mode(cluster, workdir):
     assert _train_steps(run_dir) == [1, 2]
 
 
+def test_srun_direct_mode_deepspeed_engine(cluster, workdir):
+    """The DeepSpeed engine (Hugging Face models under ZeRO-2) in direct mode: srun starts the 2 ranks, which
+    find each other from SLURM_PROCID / SLURM_NTASKS, train and write DeepSpeed's checkpoint of 2 ranks."""
+    from tests.dist.deepspeed_checks import base_config, build_setup
+
+    build_setup(workdir)  # the tiny HF student and teacher beside the existing tokenizer and data
+    cfg = base_config(workdir, "ds", zero_stage=2)
+    config = workdir / "ds.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    job_id, run_dir = _submit(cluster, workdir, "ds_direct", "--schedule.train_iters=3",
+                              env={"MGSR_LAUNCH": "direct", "CONFIG": str(config)},
+                              sbatch_args=("--ntasks-per-node=2", "--cpus-per-task=1"))
+    job = cluster.wait_done(job_id, 420)
+    log = Path(f"{run_dir}.log").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert _train_steps(run_dir) == [1, 2, 3]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["exit_code"] == 0, summary
+    checkpoint = run_dir / "checkpoints" / "iter_0000003"
+    assert json.loads((checkpoint / "engine.json").read_text())["dp"] == 2
+    assert len(list((checkpoint / "engine").rglob("*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
+
+
 def test_preempt_then_resume(cluster, workdir):
     """USR1 to the batch shell (what --signal=B:USR1@120 sends): checkpoint, exit 115; the same job
     submitted again continues from that step."""

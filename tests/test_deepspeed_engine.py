@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKS = ("zero_stages_agree", "teacher_zero3_matches_replicated", "offload_optimizer_cpu",
+CHECKS = ("zero_stages_agree", "teacher_zero3_matches_replicated", "offload_optimizer_cpu", "offload_params_zero3_cpu",
           "parity_with_plain_pytorch_loop", "export_loads_in_transformers", "preempt_resume_exact",
           "bf16_fp32_master_weights", "fp16_zero2_matches_fp32", "fp16_overflow_step_skipped", "cli_deepspeed_json",
           "parity_with_megatron_engine")
@@ -363,6 +363,8 @@ def test_bad_inputs_are_one_line(launch, tmp_path, monkeypatch, capsys):
     expect("data-parallel only", _config(root, parallel={"tensor_model_parallel_size": 2}))
     expect("never generates", _config(root, mgsr={"data_schedule": "off_policy", "max_new_tokens": 8},
                                       schedule={"eval_interval": 0}))
+    expect("the deepspeed engine does not read a teacher cache yet",
+           _config(root, teacher={"load": str(root / "teacher_hf"), "cache": str(root / "no_cache")}))
     expect("deepspeed.offload_params=true needs deepspeed.zero_stage=3",
            _config(root, deepspeed={"offload_params": True}))
     expect("deepspeed.zero_stage': 4 is not one of 1, 2, 3", _config(root, deepspeed={"zero_stage": 4}))

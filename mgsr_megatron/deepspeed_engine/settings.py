@@ -43,6 +43,9 @@ def validate_settings(cfg) -> None:
            f"the deepspeed engine is data-parallel only: parallel.tensor_model_parallel_size="
            f"{cfg.parallel.tensor_model_parallel_size} and parallel.pipeline_model_parallel_size="
            f"{cfg.parallel.pipeline_model_parallel_size} must be 1 (ZeRO shards over the data-parallel ranks)")
+    _check(not cfg.teacher.cache,
+           f"teacher.cache={cfg.teacher.cache}: the deepspeed engine does not read a teacher cache yet (its teacher "
+           f"would run online anyway); unset teacher.cache, or train with the Megatron engine")
     _check(not ds.offload_params or ds.zero_stage == 3,
            f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage}): only ZeRO-3 "
            f"partitions the parameters")

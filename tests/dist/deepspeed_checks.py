@@ -329,6 +329,10 @@ def main(root: Path, out: Path) -> None:
         checks.train("offload", zero_stage=2, offload_optimizer=True)
         assert_close(losses["offload"], losses["zero2"], "ZeRO-2 + optimizer offload (torch AdamW) vs ZeRO-2")
 
+    def offload_params():
+        checks.train("offload_zero3", zero_stage=3, offload_optimizer=True, offload_params=True)
+        assert_close(losses["offload_zero3"], losses["zero3"], "ZeRO-3 + parameter and optimizer offload vs ZeRO-3")
+
     def reference():
         try:
             if rank == 0:
@@ -517,6 +521,7 @@ def main(root: Path, out: Path) -> None:
     checks.record("zero_stages_agree", zero_stages)
     checks.record("teacher_zero3_matches_replicated", teacher_zero3)
     checks.record("offload_optimizer_cpu", offload_optimizer)
+    checks.record("offload_params_zero3_cpu", offload_params)
     checks.record("parity_with_plain_pytorch_loop", reference)
     checks.record("export_loads_in_transformers", export)
     checks.record("preempt_resume_exact", preempt_and_resume)

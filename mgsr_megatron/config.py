@@ -465,11 +465,13 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.checkpoint.resume), "config key 'checkpoint.resume': expected none, auto or a directory")
     if cfg.checkpoint.save:
         check_apart_from_models(cfg, "checkpoint.save", cfg.checkpoint.save)
-    if cfg.deepspeed.enabled:  # the DeepSpeed engine's own rules (TP=PP=1, no teacher cache, its JSON, ...)
+    if cfg.deepspeed.enabled:  # the DeepSpeed engine's own rules (TP=PP=1, HF directories, its JSON, ...)
         from mgsr_megatron.deepspeed_engine.settings import validate_settings
 
         validate_settings(cfg)
-    if cfg.teacher.cache is not None or cfg.student.cache is not None:  # the manifest, before any model
+    # the manifest, before any model; the deepspeed engine checks it in resolve_models, where its data.tokenizer
+    # (possibly the student directory's) is known
+    if (cfg.teacher.cache is not None or cfg.student.cache is not None) and not cfg.deepspeed.enabled:
         from mgsr_megatron.training.teacher_cache import check_cache_config
 
         check_cache_config(cfg)

@@ -8,8 +8,10 @@ ZeRO-3 export loads in transformers with the engine's logits; SIGUSR1 at step 3 
 the same HF weights converted (conversion.import_hf) and trained by the Megatron engine (Trainer, TP=1, DP=2)
 give the DeepSpeed engine's logits and, over 6 steps with clipping off, its loss, sft, dac_kl, span and gradient
 norm (relative 1e-4); fp16 (DeepSpeed's CPU accelerator told it has fp16) follows fp32 and skips an overflowing
-step in student and ClipNet alike. Then two `mgsr train` launches: one SIGKILLed while it writes a checkpoint, one
-`--resume auto` whose steps equal the launch's uninterrupted run.
+step in student and ClipNet alike; 6 ground-truth steps from a teacher cache (`mgsr cache-teacher`'s write_cache
+on the converted teacher) give the online teacher's losses without loading the teacher. Then two `mgsr train`
+launches: one SIGKILLed while it writes a checkpoint, one `--resume auto` whose steps equal the launch's
+uninterrupted run.
 The launches run with TORCH_EXTENSIONS_DIR set to an empty folder, which must stay empty: no DeepSpeed op
 is compiled. Bad input (15 kinds) is one line, before any process group or model exists (in this process).
 """
@@ -30,8 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ("zero_stages_agree", "teacher_zero3_matches_replicated", "offload_optimizer_cpu", "offload_params_zero3_cpu",
           "parity_with_plain_pytorch_loop", "export_loads_in_transformers", "preempt_resume_exact",
-          "bf16_fp32_master_weights", "fp16_zero2_matches_fp32", "fp16_overflow_step_skipped", "cli_deepspeed_json",
-          "parity_with_megatron_engine")
+          "bf16_fp32_master_weights", "fp16_zero2_matches_fp32", "fp16_overflow_step_skipped",
+          "teacher_cache_matches_online", "cli_deepspeed_json", "parity_with_megatron_engine")
 DIST_CHECKS = ROOT / "tests" / "dist" / "deepspeed_checks.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
             "--rdzv-endpoint=localhost:0"]
@@ -363,7 +365,7 @@ def test_bad_inputs_are_one_line(launch, tmp_path, monkeypatch, capsys):
     expect("data-parallel only", _config(root, parallel={"tensor_model_parallel_size": 2}))
     expect("never generates", _config(root, mgsr={"data_schedule": "off_policy", "max_new_tokens": 8},
                                       schedule={"eval_interval": 0}))
-    expect("the deepspeed engine does not read a teacher cache yet",
+    expect("no_cache: no manifest.json",
            _config(root, teacher={"load": str(root / "teacher_hf"), "cache": str(root / "no_cache")}))
     expect("deepspeed.offload_params=true needs deepspeed.zero_stage=3",
            _config(root, deepspeed={"offload_params": True}))

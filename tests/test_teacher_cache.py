@@ -249,6 +249,30 @@ def test_dac_mode_off_with_cache_is_refused(tiny_root, tmp_path):
         validate(cfg)
 
 
+def test_deepspeed_engine_cache_checks(tiny_root, tmp_path):
+    """Under the deepspeed engine the cache's vocabulary is the tokenizer's (its logits are cut to it), and with a
+    generating schedule (the teacher loads) the cache must come from an import of teacher.load, a Hugging Face
+    directory; ground truth only never reads teacher.load."""
+    from mgsr_megatron.training.teacher_cache import check_cache_config
+
+    hf = tmp_path / "teacher_hf"
+    recorded = {"path": str(tmp_path / "imported"), "provenance": {"import": {"source": str(hf)}}}
+    cfg = _config(tiny_root, _fake_cache(tiny_root, tmp_path / "c", teacher=recorded))
+    cfg.deepspeed.enabled, cfg.teacher.vocab_size = True, 320  # an HF teacher wider than the tokenizer
+    cfg.mgsr = dataclasses.replace(cfg.mgsr, data_schedule="on_policy")
+    cfg.teacher.load = str(hf)
+    check_cache_config(cfg)
+    cfg.teacher.load = str(tmp_path / "other_hf")
+    with pytest.raises(UserError, match="not by an import of teacher.load=.*/other_hf") as err:
+        check_cache_config(cfg)
+    assert "\n" not in str(err.value)
+    cfg.mgsr = dataclasses.replace(cfg.mgsr, data_schedule="ground_truth")
+    check_cache_config(cfg)
+    cfg.teacher.cache = _fake_cache(tiny_root, tmp_path / "wide", vocab_size=320)
+    with pytest.raises(UserError, match="vocab_size 320 but the deepspeed engine's logits have the 256 ids"):
+        check_cache_config(cfg)
+
+
 @pytest.mark.parametrize("version,dtype", [(1, torch.bfloat16), (2, torch.float16)])
 def test_stored_values_read_back_in_their_format_dtype(tmp_path, version, dtype):
     """Format 2 stores float16 bits, format 1 (older caches) bfloat16 bits: each reads back as its own dtype's

@@ -5,10 +5,12 @@ One step on each data-parallel rank (ground-truth batches; method.md top and §2
      ClipNet's AdamW;
   2. for each of the global_batch / (micro_batch x DP) micro-batches of this rank (training/data.py, the
      same sampler and collate as the Megatron engine): the frozen teacher's logits (replicated, or
-     ZeRO-3-partitioned: `deepspeed.teacher_zero3`), the student's logits, both cut to the tokenizer's
-     vocabulary, `losses.mgsr_objective` on the dense path (no tensor parallelism), `engine.backward`,
-     `engine.step` (DeepSpeed accumulates and steps at the boundary: gradients averaged over micro-batches
-     and DP ranks, clipped at optimizer.clip_grad on the student's norm, AdamW on fp32 master weights);
+     ZeRO-3-partitioned: `deepspeed.teacher_zero3`; with `teacher.cache`, ground-truth micro-batches take the
+     cached distribution and its stored entropy instead, and ground_truth schedules never load the teacher),
+     the student's logits, both cut to the tokenizer's vocabulary, `losses.mgsr_objective` on the dense path
+     (no tensor parallelism), `engine.backward`, `engine.step` (DeepSpeed accumulates and steps at the
+     boundary: gradients averaged over micro-batches and DP ranks, clipped at optimizer.clip_grad on the
+     student's norm, AdamW on fp32 master weights);
   3. the ClipNet (DAC-KL's band net, replicated) is averaged over DP, clipped at optimizer.clip_grad on its
      own norm and stepped by its fp32 AdamW (training/optimizer.py `build_optimizer`).
 The step's loss is the mean of the micro-batch losses over all micro-batches and DP ranks, as in the
@@ -71,6 +73,7 @@ class DeepSpeedTrainer:
 
     def __init__(self, cfg, data):
         from mgsr_megatron.losses import ClipNet, ObjectiveSettings
+        from mgsr_megatron.training.teacher_cache import TeacherCache
 
         deepspeed = runtime.import_deepspeed()
         runtime.check_fp16_support(cfg)
@@ -79,13 +82,14 @@ class DeepSpeedTrainer:
         self.dp_size, self.dp_rank = dist.get_world_size(), dist.get_rank()
         self.uses_teacher = cfg.needs_teacher
         self.num_micro = check_batch_layout(cfg, self.dp_size,
-                                            models=("teacher", "student") if self.uses_teacher else ("student",))
+                                            models=("teacher", "student") if cfg.loads_teacher else ("student",))
         self.vocab = cfg.student.vocab_size  # the tokenizer's (settings.resolve_models)
         self.device = platform.device()
         self.ds_config = settings.engine_config(cfg, self.dp_size)
         if cfg.deepspeed.cpu_adam:
             runtime.check_extension_lock(runtime.CPU_ADAM_OP)
-        self.teacher = self._load_teacher(deepspeed) if self.uses_teacher else None
+        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache and self.uses_teacher else None
+        self.teacher = self._load_teacher(deepspeed) if cfg.loads_teacher else None
         self.zero3 = cfg.deepspeed.zero_stage == 3
         student = models.load_model(cfg.student.load, cfg.student.params_dtype,
                                     self.ds_config if self.zero3 else None, None if self.zero3 else self.device)
@@ -171,14 +175,17 @@ class DeepSpeedTrainer:
         """(loss, reported metrics [len(METRIC_KEYS) + 1]) of one micro-batch; the student's graph is kept."""
         from mgsr_megatron.losses import LossTargets, mgsr_objective
 
-        teacher_logits = None
-        if self.teacher is not None:
+        teacher_logits = entropy = None
+        if self.cache is not None and "row_ids" in mb:  # ground truth: the cached distribution, no teacher forward
+            teacher_logits, entropy = self.cache.dense_teacher_logits(mb["row_ids"], mb["loss_mask"], self.vocab, 0,
+                                                                      self.cfg.mgsr.temperature)
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.logits(self.teacher, mb["tokens"], mb["position_ids"])
         student_logits = self.logits(self.engine, mb["tokens"], mb["position_ids"])
         teacher = teacher_logits if teacher_logits is not None else student_logits.detach()
         loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb), clipnet=self.clipnet,
-                                       settings=self.objective, tp_group=None)
+                                       settings=self.objective, tp_group=None, teacher_entropy=entropy)
         reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu()
                                 for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
         return loss, reported
@@ -269,7 +276,10 @@ class DeepSpeedTrainer:
 
     def validation_loss(self) -> dict | None:
         """The objective on the fixed validation micro-batches (no update), averaged over DP and reported to
-        the data schedule (off_policy's threshold rule); None without a validation split."""
+        the data schedule (off_policy's threshold rule); None without a validation split, or with the teacher
+        cache and no teacher (the cache holds the training split only)."""
+        if self.teacher is None and self.cache is not None:
+            return None
         micro_batches = self.data.validation_micro_batches(self.cfg.schedule.eval_iters, self.dp_rank, self.dp_size)
         count = torch.tensor([len(micro_batches)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)

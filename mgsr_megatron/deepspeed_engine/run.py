@@ -5,8 +5,9 @@ checkpoint every checkpoint.save_interval steps and at the end, SIGTERM / SIGUSR
 (training/trainer.py PreemptionFlag), then `deepspeed.export_dir`.
 
 Order of the checks: the config (config.validate, training/run.py check_generation_fits), the model
-directories, tokenizer and vocabularies (settings.resolve_models), the batch layout, the DeepSpeed JSON and a
-resume's compatibility (off_policy: its schedule files), then the process group, and only then data and models.
+directories, tokenizer, vocabularies and teacher cache (settings.resolve_models), the batch layout, the
+DeepSpeed JSON and a resume's compatibility (off_policy: its schedule files), then the process group, and only
+then data and models.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_trainer(cfg: Config):
     runtime.check_fp16_support(cfg)
     tokenizer, _ = settings.resolve_models(cfg)
     dp = discover_env().world_size  # TP = PP = 1: every rank is a data-parallel rank
-    check_batch_layout(cfg, dp, models=("teacher", "student") if cfg.needs_teacher else ("student",))
+    check_batch_layout(cfg, dp, models=("teacher", "student") if cfg.loads_teacher else ("student",))
     settings.engine_config(cfg, dp)  # the JSON's dp-dependent fields
     resume_dir = check_resume(cfg, dp, tokenizer)
     runtime.init_distributed(cfg.parallel.distributed_timeout_minutes, cfg.parallel.rendezvous_timeout_seconds)

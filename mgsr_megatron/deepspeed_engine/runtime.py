@@ -93,7 +93,7 @@ def check_fp16_support(cfg) -> None:
     from deepspeed.accelerator import get_accelerator
 
     keys = ["student.params_dtype"] if cfg.student.params_dtype == "float16" else []
-    if cfg.needs_teacher and cfg.deepspeed.teacher_zero3 and cfg.teacher.params_dtype == "float16":
+    if cfg.loads_teacher and cfg.deepspeed.teacher_zero3 and cfg.teacher.params_dtype == "float16":
         keys.append("teacher.params_dtype")  # a replicated teacher is plain torch; a ZeRO-3 one is DeepSpeed's
     accelerator = get_accelerator()
     if keys and not accelerator.is_fp16_supported():

@@ -7,7 +7,7 @@
   "auto" takes the project's value; optimizer / scheduler sections are refused (the project builds both).
 * `inspect_model_dir(path, key)`: a Hugging Face model directory (config.json + safetensors or .bin
   weights), its architecture (the ones the converter supports) and vocabulary; nothing is loaded.
-* `resolve_models(cfg)`: both directories, the tokenizer and the vocabulary checks; fills
+* `resolve_models(cfg)`: both directories, the tokenizer, the vocabulary and teacher cache checks; fills
   cfg.student / cfg.teacher from the HF configs (so data and batch checks see the real models).
 * `engine_config(cfg, dp)`: the DeepSpeed config dict of the student (and `teacher_config` of a ZeRO-3
   teacher).
@@ -43,9 +43,6 @@ def validate_settings(cfg) -> None:
            f"the deepspeed engine is data-parallel only: parallel.tensor_model_parallel_size="
            f"{cfg.parallel.tensor_model_parallel_size} and parallel.pipeline_model_parallel_size="
            f"{cfg.parallel.pipeline_model_parallel_size} must be 1 (ZeRO shards over the data-parallel ranks)")
-    _check(not cfg.teacher.cache,
-           f"teacher.cache={cfg.teacher.cache}: the deepspeed engine does not read a teacher cache yet (its teacher "
-           f"would run online anyway); unset teacher.cache, or train with the Megatron engine")
     _check(not ds.offload_params or ds.zero_stage == 3,
            f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage}): only ZeRO-3 "
            f"partitions the parameters")
@@ -54,7 +51,7 @@ def validate_settings(cfg) -> None:
            "deepspeed.offload_optimizer=true")
     for name in ("student", "teacher"):
         model = getattr(cfg, name)
-        if name == "teacher" and not cfg.needs_teacher:
+        if name == "teacher" and not cfg.loads_teacher:  # teacher.cache on ground truth: never read
             continue
         _check(bool(model.load), f"{name}.load is not set: the deepspeed engine trains Hugging Face models "
                                  f"({name}.load: a directory with config.json and safetensors weights)")
@@ -268,12 +265,13 @@ def inspect_model_dir(path: str | Path, key: str) -> ModelDir:
 
 
 def resolve_models(cfg):
-    """Inspect student (and teacher) directories, load the tokenizer and check that both models speak it.
-    Returns (tokenizer, {name: ModelDir}); cfg.student / cfg.teacher take the architecture of their
-    directory (vocab_size = the tokenizer's: wider logits are cut to it), keeping load and params_dtype."""
+    """Inspect student (and teacher, when it loads) directories, load the tokenizer, check that both models
+    speak it and check teacher.cache against it. Returns (tokenizer, {name: ModelDir}); cfg.student / cfg.teacher
+    take the architecture of their directory (vocab_size = the tokenizer's: wider logits are cut to it), keeping
+    load, params_dtype and cache."""
     from mgsr_megatron.data.tokenizer import check_same_tokenizer, load_tokenizer
 
-    names = ("student", "teacher") if cfg.needs_teacher else ("student",)
+    names = ("student", "teacher") if cfg.loads_teacher else ("student",)
     dirs = {name: inspect_model_dir(getattr(cfg, name).load, f"{name}.load") for name in names}
     if cfg.data.tokenizer is None and dirs["student"].has_tokenizer:
         cfg.data.tokenizer = str(dirs["student"].path)
@@ -287,9 +285,14 @@ def resolve_models(cfg):
                f"vocabulary")
         if found.has_tokenizer and Path(cfg.data.tokenizer).resolve() != found.path.resolve():
             check_same_tokenizer(tokenizer, load_tokenizer(found.path), "data.tokenizer", f"{name}.load")
+    if cfg.teacher.cache is not None or cfg.student.cache is not None:  # needs data.tokenizer, set above
+        from mgsr_megatron.training.teacher_cache import check_cache_config
+
+        check_cache_config(cfg)
     for name, found in dirs.items():
         model = getattr(cfg, name)
         resolved = dataclasses.replace(found.model_cfg, load=model.load, params_dtype=model.params_dtype,
-                                       allow_untrained=model.allow_untrained, vocab_size=tokenizer.vocab_size)
+                                       allow_untrained=model.allow_untrained, cache=model.cache,
+                                       vocab_size=tokenizer.vocab_size)
         setattr(cfg, name, resolved)
     return tokenizer, dirs

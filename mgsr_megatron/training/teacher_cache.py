@@ -31,7 +31,8 @@ Training (`teacher.cache: DIR`): ground-truth micro-batches carry their dataset 
 top-K ids hold T * log p_k, every other id T * log(rest / (V - K)) (the tail spread uniformly), so
 softmax(tensor / T) is the cached distribution; with it comes the stored H(P) per position, which DAC-KL's
 learned mode gives ClipNet (the rebuild's own entropy is larger: its tail is uniform). docs/losses.md
-("Teacher cache") states what is exact.
+("Teacher cache") states what is exact. The DeepSpeed engine reads it too: one shard (tp_rank 0) over the
+tokenizer's vocabulary, which must be the cache's vocab_size.
 """
 
 from __future__ import annotations
@@ -107,14 +108,12 @@ def needed_k(mgsr) -> int:
 
 
 def check_cache_config(cfg) -> dict:
-    """Config.validate's checks of `teacher.cache`, before any process group or model: the manifest exists,
-    it holds enough candidates for DAC-KL, at the same temperature, for this tokenizer, data and vocabulary.
-    Returns the manifest."""
+    """Config.validate's checks of `teacher.cache` (the deepspeed engine's: settings.resolve_models), before any
+    process group or model: the manifest exists, it holds enough candidates for DAC-KL, at the same temperature,
+    for this tokenizer, data and vocabulary. Returns the manifest."""
     from mgsr_megatron.data.tokenizer import load_tokenizer
 
     directory = cfg.teacher.cache
-    if cfg.deepspeed.enabled:
-        raise UserError(f"{FIELD} is not supported by the DeepSpeed engine yet (unset it or deepspeed.enabled)")
     if cfg.student.cache is not None:
         raise UserError("student.cache is not a setting: the teacher cache is teacher.cache")
     manifest = read_manifest(directory)
@@ -129,10 +128,14 @@ def check_cache_config(cfg) -> dict:
     if float(manifest["temperature"]) != float(cfg.mgsr.temperature):
         raise UserError(f"{FIELD}: the cache was written at temperature {manifest['temperature']} but "
                         f"mgsr.temperature={cfg.mgsr.temperature}")
-    if int(manifest["vocab_size"]) != cfg.teacher.vocab_size:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.deepspeed.enabled:  # its logits are cut to the tokenizer's vocabulary (deepspeed_engine/engine.py)
+        if int(manifest["vocab_size"]) != tokenizer.vocab_size:
+            raise UserError(f"{FIELD}: the cache has vocab_size {manifest['vocab_size']} but the deepspeed engine's "
+                            f"logits have the {tokenizer.vocab_size} ids of data.tokenizer={cfg.data.tokenizer}")
+    elif int(manifest["vocab_size"]) != cfg.teacher.vocab_size:
         raise UserError(f"{FIELD}: the cache has vocab_size {manifest['vocab_size']} but "
                         f"teacher.vocab_size={cfg.teacher.vocab_size}")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if manifest["tokenizer_hash"] != tokenizer.vocab_hash():
         raise UserError(f"{FIELD}: the cache was written with tokenizer hash {manifest['tokenizer_hash']} but "
                         f"data.tokenizer {cfg.data.tokenizer} has hash {tokenizer.vocab_hash()}")
@@ -145,7 +148,8 @@ def check_cache_config(cfg) -> dict:
                         f"data.train_path={cfg.data.train_path} (sha256 {data['idx_sha256'][:16]}..., "
                         f"{data['bin_bytes']} bytes); re-run mgsr cache-teacher")
     if cfg.loads_teacher and manifest.get("teacher"):
-        check_same_teacher(manifest["teacher"], cfg.teacher.load)
+        check = check_same_hf_teacher if cfg.deepspeed.enabled else check_same_teacher
+        check(manifest["teacher"], cfg.teacher.load)
     return manifest
 
 
@@ -159,6 +163,17 @@ def check_same_teacher(recorded: dict, load: str) -> None:
         raise UserError(f"{FIELD}: the cache was written by the teacher at {recorded.get('path')}, not by "
                         f"teacher.load={load} (its checkpoint manifest or provenance differs); re-run mgsr "
                         f"cache-teacher with this teacher")
+
+
+def check_same_hf_teacher(recorded: dict, load: str) -> None:
+    """check_same_teacher for the deepspeed engine, whose teacher.load is a Hugging Face directory: the cache's
+    teacher must be an import of that directory (conversion.import_hf records its path in the provenance; no
+    weight hash exists to compare, so a copied directory is refused)."""
+    source = ((recorded.get("provenance") or {}).get("import") or {}).get("source")
+    if source is None or Path(source).resolve() != Path(load).resolve():
+        raise UserError(f"{FIELD}: the cache was written by the teacher at {recorded.get('path')} (imported from "
+                        f"{source}), not by an import of teacher.load={load}; re-run mgsr cache-teacher with this "
+                        f"teacher imported by tools/convert_checkpoint.py")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ Rank 0 builds the tiny setup under DIR (training/smoke.py's SentencePiece tokeni
 random HF llama student 2x32 and teacher 2x64 whose embedding is wider than the tokenizer), then the ranks
 train with `deepspeed_engine.run.train` in several settings (6 steps, global batch 8 = micro-batch 2 x
 DP 2 x 2 accumulation steps, SFT + DAC-KL + span on ground truth, fp32) and record per check ok/error and
-the losses. Last, in a new process group (Megatron's CPU adapter must not be active during the DeepSpeed runs),
+the losses; a teacher cache is written in a process of its own (write_teacher_cache) and read by a run.
+Last, in a new process group (Megatron's CPU adapter must not be active during the DeepSpeed runs),
 the same HF weights converted by conversion.import_hf are trained by the Megatron engine and compared with a
 DeepSpeed run (parity_with_megatron_engine). Not named check_*.py: the Megatron harness (tests/dist/harness.py)
 imports those.
 
     deepspeed_checks.py --hold-in-save STEP train --config X.yaml   (`mgsr train`, held half-way through the
                                                                     checkpoint of STEP: the SIGKILL test)
+    deepspeed_checks.py --write-teacher-cache DIR                 (the teacher cache of the setup in DIR)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -207,7 +210,8 @@ def convert_for_megatron(root: Path) -> None:
     save_file({k: v[:VOCAB].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v
                for k, v in state.items()}, cut / "model.safetensors", metadata={"format": "pt"})
     for source, target in (("student_hf", "student_megatron"), ("teacher_hf_cut", "teacher_megatron")):
-        import_hf(root / source, root / target, overwrite=True, progress=False)
+        if not (root / target / "model_config.yaml").is_file():  # the teacher cache's process may have done it
+            import_hf(root / source, root / target, overwrite=True, progress=False)
 
 
 def megatron_config(root: Path, run: str):
@@ -222,6 +226,19 @@ def megatron_config(root: Path, run: str):
         path = str(root / f"{name}_megatron")
         setattr(cfg, name, dataclasses.replace(read_model_config(path), load=path))
     return cfg
+
+
+TEACHER_CACHE = "teacher_cache"
+
+
+def write_teacher_cache(root: Path) -> None:
+    """`deepspeed_checks.py --write-teacher-cache ROOT`, one process of its own (conversion and write_cache install
+    Megatron's CPU adapter, which the DeepSpeed runs must not see): the teacher cut to the tokenizer's ids, converted
+    (convert_for_megatron) and cached by `mgsr cache-teacher`'s write_cache (top-32 at temperature 1)."""
+    from mgsr_megatron.training.teacher_cache import write_cache
+
+    convert_for_megatron(root)
+    write_cache(megatron_config(root, "cache"), root / TEACHER_CACHE)
 
 
 def check_converted_logits(cfg, root: Path) -> dict[str, float]:
@@ -487,6 +504,37 @@ def main(root: Path, out: Path) -> None:
         losses["cli"] = losses_of(run_dir)
         assert_close(losses["cli"], {s: losses["zero2"][s] for s in (1, 2)}, "CLI + ds.json vs ZeRO-2")
 
+    def teacher_cache():
+        """6 ZeRO-2 ground-truth steps of SFT + learned DAC-KL (w_span 0) from the teacher's top-32 cache give the
+        online teacher's losses (relative 1e-4); the cached run has no teacher.load and loads no teacher."""
+        try:
+            if rank == 0 and not (root / TEACHER_CACHE / "manifest.json").is_file():
+                # a single process: none of torchrun's variables (TORCHELASTIC_USE_AGENT_STORE would make its
+                # rendezvous wait for the agent's store)
+                env = {k: v for k, v in os.environ.items() if not k.startswith(
+                    ("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_"))}
+                proc = subprocess.run([sys.executable, __file__, "--write-teacher-cache", str(root)], env=env,
+                                      capture_output=True, text=True, timeout=300)
+                assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        finally:
+            dist.barrier()
+        assert (root / TEACHER_CACHE / "manifest.json").is_file(), "rank 0 wrote no teacher cache"
+
+        def no_span(cfg):
+            cfg.mgsr.w_span, cfg.mgsr.dac_mode = 0.0, "learned"
+
+        def from_cache(cfg):
+            no_span(cfg)
+            cfg.teacher.cache, cfg.teacher.load = str(root / TEACHER_CACHE), None
+
+        checks.train("cache_online", edit=no_span, zero_stage=2)
+        _, trainer, _ = checks.train("cache_read", edit=from_cache, zero_stage=2)
+        assert trainer.teacher is None and trainer.cache is not None
+        cached, online = losses["cache_read"], losses["cache_online"]
+        checks.results["cache_vs_online_max_relative_loss"] = max(abs(cached[s] - online[s]) / abs(online[s])
+                                                                  for s in online)
+        assert_close(losses["cache_read"], losses["cache_online"], "teacher cache vs online teacher", rtol=1e-4)
+
     def megatron_parity_deepspeed_side():
         """The DeepSpeed half of parity_with_megatron_engine (before the CLI check; the Megatron half after it)."""
         checks.train("parity_deepspeed", edit=no_clipping, zero_stage=2)
@@ -528,6 +576,7 @@ def main(root: Path, out: Path) -> None:
     checks.record("bf16_fp32_master_weights", bf16_master_weights)
     checks.record("fp16_zero2_matches_fp32", fp16_matches_fp32)
     checks.record("fp16_overflow_step_skipped", fp16_overflow_skipped)
+    checks.record("teacher_cache_matches_online", teacher_cache)
     checks.record("parity_with_megatron_engine", megatron_parity_deepspeed_side)
     checks.results["seconds"]["before_cli"] = round(time.time() - started, 1)
     cli_results = checks.results
@@ -582,6 +631,9 @@ def mgsr_train_holding_in_save(step: int, args: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--hold-in-save"]:  # deepspeed_checks.py --hold-in-save STEP MGSR_ARGS...
         mgsr_train_holding_in_save(int(sys.argv[2]), sys.argv[3:])
+        sys.exit(0)
+    if sys.argv[1:2] == ["--write-teacher-cache"]:  # deepspeed_checks.py --write-teacher-cache ROOT
+        write_teacher_cache(Path(sys.argv[2]))
         sys.exit(0)
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)

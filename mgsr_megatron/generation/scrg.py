@@ -166,13 +166,8 @@ def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, 
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
     scored = teacher_view(out, teacher_input)
-    # causal attention: the logits before `total` do not depend on the view's padding after it, so the
-    # teacher runs over [b, total] only and the padding positions (never a loss position) are zero-filled
-    teacher_logits = _score(teacher, scored[:, :total])
-    full_teacher_logits = teacher_logits
-    if teacher_logits is not None and scored.shape[1] > total:
-        full_teacher_logits = teacher_logits.new_zeros(b, scored.shape[1], teacher_logits.shape[-1])
-        full_teacher_logits[:, :total] = teacher_logits
+    full_teacher_logits = _score(teacher, scored)
+    teacher_logits = None if full_teacher_logits is None else full_teacher_logits[:, :total]
     # the student's logits over [x; y] were computed while sampling y (generate(record_logits=True))
     student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
@@ -220,8 +215,7 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
     `reuse_cache=False` regenerates with a fresh cache (the reference for the cache-reuse test).
 
     `keep_teacher_view=(seq_length, pad_id)` makes the teacher score every row as the trainer collates it
-    (`teacher_view`, up to the batch's length: zeros at the padding after it, which no loss reads) and adds
-    the teacher's work of the LAST detection pass, for the trainer to
+    (`teacher_view`) and adds the teacher's work of the LAST detection pass, for the trainer to
     reuse as its loss-pass logits: `teacher_logits` (this TP rank's shard [b, s, V_padded/TP] on the last
     pipeline stage, None elsewhere), `teacher_scored` ([b, s], the tokens scored) and `teacher_seen`
     ([b] bool, identical on every rank: the row's final sequence is the one scored, i.e. the last

@@ -52,12 +52,17 @@ from mgsr_megatron.models.checkpoint import (
     write_provenance,
 )
 from mgsr_megatron.models.trust import describe_save_error, load_torch_file, safe_loading, verify_collective
-from mgsr_megatron.training.checkpoint import ITER_FORMAT, check_save_target, find_resume, prune_checkpoints
+from mgsr_megatron.training.checkpoint import (
+    ITER_FORMAT,
+    SCHEDULE_FILE,
+    check_save_target,
+    find_resume,
+    prune_checkpoints,
+)
 
 ENGINE_TAG = "engine"
 ENGINE_FILE = "engine.json"
 COMMON_KEYS = ("step", "clipnet", "clipnet_optimizer", "data", "global_batch_size")
-SCHEDULE_FILE = "schedule_dp{}.pt"
 
 
 def engine_record(cfg, dp: int) -> dict:

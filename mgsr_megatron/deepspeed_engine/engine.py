@@ -76,7 +76,6 @@ class DeepSpeedTrainer:
         from mgsr_megatron.training.teacher_cache import TeacherCache
 
         deepspeed = runtime.import_deepspeed()
-        runtime.check_fp16_support(cfg)
         self.cfg = cfg
         self.data = data
         self.dp_size, self.dp_rank = dist.get_world_size(), dist.get_rank()
@@ -216,8 +215,7 @@ class DeepSpeedTrainer:
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.dp_size > 1:
             dist.all_reduce(flat)
-        if self.dp_size > 1 or loss_scale != 1.0:
-            flat /= self.dp_size * loss_scale
+        flat /= self.dp_size * loss_scale
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -60,6 +60,7 @@ from mgsr_megatron.models.trust import (
 )
 
 ITER_FORMAT = "iter_{:07d}"
+SCHEDULE_FILE = "schedule_dp{}.pt"  # per data-parallel rank; both engines' checkpoints
 
 
 def _owner_rank() -> int:
@@ -303,7 +304,7 @@ def save_checkpoint(trainer, root: str | Path) -> Path:
         torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
         if state["schedule"] is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
                 and parallel_state.is_pipeline_first_stage():
-            torch.save(state["schedule"], tmp / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt")
+            torch.save(state["schedule"], tmp / SCHEDULE_FILE.format(parallel_state.get_data_parallel_rank()))
         if rank == _owner_rank():
             torch.save({**{key: state[key] for key in TRAINER_COMMON_KEYS},
                         "adam_step": _adam_step(trainer.optimizer),
@@ -471,7 +472,7 @@ def load_checkpoint(trainer, directory: str | Path, verify: bool = False) -> Non
     _load_optimizer_state(trainer.optimizer, state)
     trainer_state = {key: common[key] for key in TRAINER_COMMON_KEYS if key in common}
     trainer_state["last_loss"] = (read_provenance(directory).get("training") or {}).get("final_loss")
-    schedule_file = directory / f"schedule_dp{parallel_state.get_data_parallel_rank()}.pt"
+    schedule_file = directory / SCHEDULE_FILE.format(parallel_state.get_data_parallel_rank())
     if schedule_file.is_file():
         trainer_state["schedule"] = _load_file(schedule_file)
     trainer.load_state_dict(trainer_state)

@@ -21,7 +21,7 @@ def test_bench_step_runs_and_reports_a_ratio(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_step.py"), "--vocab", "512", "--seq", "32", "--micro-batch", "2",
          "--student-layers", "1", "--student-hidden", "64", "--teacher-layers", "1", "--teacher-hidden", "64",
-         "--steps", "1"],
+         "--steps", "1", "--warmup", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={"PATH": "/usr/bin:/bin", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

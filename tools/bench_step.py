@@ -65,7 +65,9 @@ def parse_args():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed rounds first (the first steps still grow the process's heap and caches)")
     parser.add_argument("--generate", action="store_true",
                         help="every MGSR step generates (SCRG over the first half of each row as the prompt)")
     parser.add_argument("--scrg-delta", type=float, default=None,
@@ -110,14 +112,15 @@ class SyntheticData:
         half = self.batch["tokens"].shape[1] // 2
         return [[row[:half].tolist() for row in self.batch["tokens"]] for _ in range(count)]
 
-    def collate_generated(self, samples: list, count: int) -> list[dict]:
-        """(prompt, response) pairs -> `count` micro-batches of distillation rows (no spans, no SFT)."""
+    def collate_generated(self, samples: list, count: int, length: int | None = None) -> list[dict]:
+        """(prompt, response) pairs -> `count` micro-batches of `length` positions (default: the sequence
+        length) of distillation rows (no spans, no SFT)."""
         import numpy as np
 
         from mgsr_megatron.data.collate import collate
         from mgsr_megatron.data.indexed import Sample
 
-        seq = self.batch["tokens"].shape[1]
+        seq = self.batch["tokens"].shape[1] if length is None else length
         rows = [Sample(np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)[:seq - len(p)], [])
                 for p, r in samples]
         size = len(rows) // count
@@ -323,14 +326,15 @@ def step_flops(trainer, args) -> float:
     return float(student + teacher)
 
 
-def timed_rotation(variants: list, steps: int) -> tuple[list[float], list[list]]:
-    """Median seconds of each of `variants` (callables), run in rotation, one step each (after one warm-up
-    each), so that a drift of the machine's speed during the run does not land on one side; and what
-    each call returned (its phases) per timed step."""
+def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[float], list[list], list[list[float]]]:
+    """Median seconds of each of `variants` (callables), run in rotation, one step each (after `warmup`
+    untimed rounds), so that a drift of the machine's speed during the run does not land on one side;
+    what each call returned (its phases) per timed step; and the seconds of every timed step."""
     from mgsr_megatron import platform
 
-    for fn in variants:  # warm-up
-        fn()
+    for _ in range(warmup):
+        for fn in variants:
+            fn()
     times, results = [[] for _ in variants], [[] for _ in variants]
     for _ in range(steps):
         for fn, bucket, returned in zip(variants, times, results):
@@ -339,7 +343,13 @@ def timed_rotation(variants: list, steps: int) -> tuple[list[float], list[list]]
             returned.append(fn())
             platform.synchronize()
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times], results
+    return [statistics.median(bucket) for bucket in times], results, times
+
+
+def round_ratios(numerator: list[float], denominator: list[float]) -> str:
+    """The spread of the per-round ratios (steps timed side by side): how much of a ratio is noise."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return f"per round {min(ratios):.3f}-{max(ratios):.3f}"
 
 
 def peak_only(args) -> None:
@@ -401,7 +411,7 @@ def main() -> None:
         if not args.generate:
             cache = synthetic_cache(trainer, workdir)
             variants["mgsr cached"] = lambda: cached_step(trainer, cache)
-        medians, results = timed_rotation(list(variants.values()), args.steps)
+        medians, results, seconds = timed_rotation(list(variants.values()), args.steps, args.warmup)
         times, phases = dict(zip(variants, medians)), dict(zip(variants, results))
         flops = step_flops(trainer, args)
         baseline, mgsr = times["baseline"], times["mgsr"]
@@ -413,12 +423,14 @@ def main() -> None:
                   f"per variant, in rotation")
             print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
             print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
-            print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15)")
+            print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15; "
+                  f"{round_ratios(seconds[1], seconds[0])})")
             print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
             if "mgsr cached" in times:
                 cached = times["mgsr cached"]
                 print(f"mgsr step from teacher.cache (top-{cache.k}, no teacher forward): {cached * 1e3:8.1f} ms/step")
-                print(f"ratio online teacher / cache: {mgsr / cached:.3f}  (target >= 1.4)")
+                print(f"ratio online teacher / cache: {mgsr / cached:.3f}  (target >= 1.4; "
+                      f"{round_ratios(seconds[1], seconds[2])})")
             print("\n".join(breakdown_lines(phases)))
             shares = [s["teacher_rows_recomputed"] for s in phases["mgsr"] if s["teacher_rows_recomputed"] is not None]
             if shares:
@@ -429,8 +441,9 @@ def main() -> None:
             delta = calibrated_delta(scrg_trainer) if args.scrg_delta is None else args.scrg_delta
             scrg_trainer.cfg.mgsr.scrg_delta = delta
             scrg_trainer.scrg_settings = dataclasses.replace(scrg_trainer.scrg_settings, delta=delta)
-            (without, with_reuse), (phases_without, phases_with) = timed_rotation(
-                [lambda: scrg_step(scrg_trainer, False), lambda: scrg_step(scrg_trainer, True)], args.steps)
+            (without, with_reuse), (phases_without, phases_with), scrg_seconds = timed_rotation(
+                [lambda: scrg_step(scrg_trainer, False), lambda: scrg_step(scrg_trainer, True)], args.steps,
+                args.warmup)
             recomputed = statistics.mean(s["teacher_rows_recomputed"] for s in phases_with)
             if rank0:
                 how = "calibrated: the median row d_j of one SCRG call" if args.scrg_delta is None else "given"
@@ -438,7 +451,8 @@ def main() -> None:
                       f"{delta:.4g} ({how}; rows with a smaller largest divergence are left unchanged)")
                 print(f"  without logit reuse {without * 1e3:8.1f} ms/step, with reuse {with_reuse * 1e3:8.1f} ms/step "
                       f"(teacher forward re-run for {recomputed:.3f} of the rows)")
-                print(f"ratio SCRG without / with logit reuse: {without / with_reuse:.3f}  (target >= 1.2)")
+                print(f"ratio SCRG without / with logit reuse: {without / with_reuse:.3f}  (target >= 1.2; "
+                      f"{round_ratios(*scrg_seconds)})")
                 print("\n".join(breakdown_lines({"no reuse": phases_without, "reuse": phases_with})))
     if rank0:
         achieved = flops / mgsr / 1e12

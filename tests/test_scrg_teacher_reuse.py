@@ -1,7 +1,8 @@
 """SCRG's teacher logits reused for the loss (mgsr.reuse_scrg_teacher_logits, docs/generation.md).
 
-The last detection pass scores every row exactly as the loss pass sees it (collated: padded to
-seq_length with the tokenizer's pad); rows it did not correct keep those logits, the others run the
+The last detection pass scores every row exactly as the loss pass sees it (collated: padded with the
+tokenizer's pad to the step's `generated_length`, the longest prompt + max_new_tokens rounded up, at most
+seq_length); rows it did not correct keep those logits, the others run the
 teacher again in sub-batches of the micro-batch's shape. Here, single process: the completed logits
 equal a full teacher forward bit for bit (same tokens, positions, padding and batch shape; a row's
 values do not depend on the other rows' values), and training with reuse equals training without it
@@ -59,14 +60,25 @@ def test_completed_logits_equal_a_full_teacher_forward(root, delta):
 
 
 def test_training_with_reuse_equals_training_without(root):
-    runs = {}
+    runs, lengths = {}, []
     for reuse in (True, False):
         trainer = _trainer(root, reuse, 0.11)
+        next_batch = trainer.next_batch
+
+        def recorded(next_batch=next_batch):
+            batch = next_batch()
+            lengths.append({tuple(mb["tokens"].shape) for mb in batch.micro_batches})
+            return batch
+
+        trainer.next_batch = recorded
         metrics = [trainer.train_step() for _ in range(3)]
         runs[reuse] = (metrics, [p.detach().clone() for p in trainer.student.parameters()],
                        [p.detach().clone() for p in trainer.clipnet.parameters()])
     (with_reuse, weights, clip), (without, weights_ref, clip_ref) = runs[True], runs[False]
     assert all(m["source"] == "generate" for m in with_reuse + without)
+    # one shape per step, and steps collated shorter than seq_length (40) as well as at it
+    assert all(len(shapes) == 1 for shapes in lengths), lengths
+    assert {shape[1] for shapes in lengths for shape in shapes} == {24, 40}, lengths
     assert [m["teacher_rows_recomputed"] for m in without] == [1.0] * 3
     assert min(m["teacher_rows_recomputed"] for m in with_reuse) < 1.0, with_reuse
     for key in ("loss", "sft", "dac_kl", "span", "grad_norm", "scrg_corrected"):
@@ -78,3 +90,12 @@ def test_training_with_reuse_equals_training_without(root):
     assert phases == {f"time/{p}" for p in ("data", "generation", "teacher_forward", "student_forward_backward",
                                             "loss_forward", "loss_backward", "optimizer", "bookkeeping")}
     assert all(with_reuse[0][k] >= 0 for k in phases)
+
+
+def test_generated_length():
+    from mgsr_megatron.training.trainer import generated_length
+
+    prompts = [[[1] * 5, [1] * 13], [[1] * 9]]  # two micro-batches; the longest prompt has 13 tokens
+    assert generated_length(prompts, 12, 64) == 32  # 13 + 12 = 25 -> a multiple of 8
+    assert generated_length(prompts, 11, 64) == 24  # 24 exactly
+    assert generated_length(prompts, 12, 30) == 30  # never past seq_length

@@ -129,16 +129,19 @@ class TrainingData:
     def next_prompt_micro_batches(self, count: int) -> list[list[list[int]]]:
         return [[self.dataset[i].prompt_ids.tolist() for i in self.prompts.next()] for _ in range(count)]
 
-    def collate_generated(self, samples: list[tuple[list[int], list[int]]], count: int) -> list[dict]:
-        """(prompt ids, response ids) pairs -> `count` micro-batches; spans are extracted online."""
+    def collate_generated(self, samples: list[tuple[list[int], list[int]]], count: int,
+                          length: int | None = None) -> list[dict]:
+        """(prompt ids, response ids) pairs -> `count` micro-batches of `length` positions (default
+        seq_length; a response that does not fit is cut to the room left); spans are extracted online."""
+        length = self.seq_length if length is None else length
         rows = []
         for prompt, response in samples:
-            room = self.seq_length - len(prompt)
+            room = length - len(prompt)
             response = list(response)[:room]
             rows.append(Sample(np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64),
                                spans_for_ids(self.extractor, self.tokenizer, response)))
         size = len(rows) // count
-        return [self.with_loss_masks(collate(rows[k * size:(k + 1) * size], self.pad_id, self.seq_length),
+        return [self.with_loss_masks(collate(rows[k * size:(k + 1) * size], self.pad_id, length),
                                      generated=True) for k in range(count)]
 
     def state_dict(self) -> dict:

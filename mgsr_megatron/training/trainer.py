@@ -64,12 +64,26 @@ def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
             "gen_distinct_2": 100.0 * len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
 
 
-def generate_step_batch(trainer, student, teacher, teacher_input: tuple[int, int] | None = None):
+GENERATED_LENGTH_MULTIPLE = 8  # generated micro-batches are padded to a multiple of this (or seq_length)
+
+
+def generated_length(prompt_batches: list[list[list[int]]], max_new_tokens: int, seq_length: int) -> int:
+    """The length every generated micro-batch of a step is collated to: the longest prompt of the step
+    plus max_new_tokens (no row can be longer), rounded up to GENERATED_LENGTH_MULTIPLE, at most
+    seq_length. Not seq_length itself: the padding after the longest row is wasted student and teacher
+    work in every SCRG step (bench_step: 256 positions for rows of at most 192). One length per step
+    (pipeline stages exchange one activation shape), known before generation (SCRG's detection scores
+    rows at it, so its logits are the loss pass's); the multiple keeps GPU shapes few and divisible by TP."""
+    longest = max(len(prompt) for prompts in prompt_batches for prompt in prompts) + max_new_tokens
+    return min(seq_length, -(-longest // GENERATED_LENGTH_MULTIPLE) * GENERATED_LENGTH_MULTIPLE)
+
+
+def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = False):
     """The generated micro-batches of one step on this DP rank, for either engine's trainer: SCRG by the
-    student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False). Returns (StepBatch with
-    source "generate" and the generation statistics, kept): `kept` holds per micro-batch SCRG's
-    (teacher_logits, teacher_scored, teacher_seen) when `teacher_input = (seq_length, pad_id)` is given
-    (scrg's keep_teacher_view), else nothing.
+    student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False), collated to
+    `generated_length`. Returns (StepBatch with source "generate" and the generation statistics, kept):
+    with `keep_teacher_logits`, `kept` holds per micro-batch SCRG's (teacher_logits, teacher_scored,
+    teacher_seen) of rows scored as they are collated (scrg's keep_teacher_view), else nothing.
 
     `trainer` supplies cfg, data (training/data.py), schedule (data/schedule.py, which gets the samples
     pushed), scrg_settings, num_micro, dp_size, dp_rank, step and phase(name); `student` and `teacher`
@@ -87,6 +101,8 @@ def generate_step_batch(trainer, student, teacher, teacher_input: tuple[int, int
     vocab_size = cfg.student.vocab_size
     with trainer.phase("generation"):
         prompt_batches = data.next_prompt_micro_batches(trainer.num_micro)
+    length = generated_length(prompt_batches, cfg.mgsr.max_new_tokens, cfg.schedule.seq_length)
+    teacher_input = (length, data.pad_id) if keep_teacher_logits else None
     for k, prompts in enumerate(prompt_batches):
         global_index = k * trainer.dp_size + trainer.dp_rank
         seed = (cfg.parallel.seed * 1_000_003 + trainer.step * 10_007 + global_index) % (2 ** 31)
@@ -112,7 +128,7 @@ def generate_step_batch(trainer, student, teacher, teacher_input: tuple[int, int
         batch_stats.update(scrg_corrected=float(torch.cat(corrected).float().mean()),
                            scrg_mean_j=float(j.float().mean()) if j.numel() else float("nan"),
                            scrg_changed=float(changed.float().mean()) if changed.numel() else float("nan"))
-    return StepBatch(data.collate_generated(samples, trainer.num_micro), "generate", batch_stats), kept
+    return StepBatch(data.collate_generated(samples, trainer.num_micro, length), "generate", batch_stats), kept
 
 
 def count_nonfinite_step(trainer, nonfinite: bool) -> bool:
@@ -302,8 +318,7 @@ class Trainer:
         logits attached for the loss pass (mgsr.reuse_scrg_teacher_logits)."""
         reuse = self.schedule.use_scrg and self.cfg.mgsr.reuse_scrg_teacher_logits
         # the teacher scores SCRG's samples exactly as the loss pass will see them (collate_generated)
-        teacher_input = (self.cfg.schedule.seq_length, self.data.pad_id) if reuse else None
-        batch, kept = generate_step_batch(self, self.student, self.teacher, teacher_input)
+        batch, kept = generate_step_batch(self, self.student, self.teacher, keep_teacher_logits=reuse)
         if reuse:
             self._attach_scrg_teacher_logits(batch, kept)
         elif self.schedule.use_scrg:

@@ -125,13 +125,18 @@ OBJECTIVE_CASES = {
 }
 
 
-def run_objective(cfg, batch, clipnet, teacher_dtype=torch.float32):
+def run_objective(cfg, batch, clipnet, teacher_dtype=torch.float32, grad_seq_first=False):
     student, teacher, labels, sft_mask, kd_mask, pairs = batch
     x = student.clone().requires_grad_(True)
     clipnet.zero_grad()
     loss, metrics = mgsr_objective(x, teacher.to(teacher_dtype), LossTargets(labels, sft_mask, kd_mask, pairs),
-                                   clipnet=clipnet, settings=ObjectiveSettings.from_config(cfg))
+                                   clipnet=clipnet, settings=ObjectiveSettings.from_config(cfg),
+                                   grad_seq_first=grad_seq_first)
+    strides = []
+    x.register_hook(lambda grad: strides.append(grad.stride()))
     loss.backward()
+    b, s, vocab = student.shape  # the gradient's memory order: [b, s] rows, or [s, b] with grad_seq_first
+    assert strides == [(vocab, b * vocab, 1) if grad_seq_first else (s * vocab, vocab, 1)], strides
     return loss, metrics, x.grad, [p.grad.clone() if p.grad is not None else None for p in clipnet.parameters()]
 
 
@@ -144,14 +149,15 @@ def run_reference(cfg, batch, clipnet):
     return loss, terms, stats, xr.grad, [p.grad for p in net.parameters()]
 
 
+@pytest.mark.parametrize("seq_first", [False, True], ids=["bsv", "sbv"])  # the gradient's memory order
 @pytest.mark.parametrize("min_slice_rows", [64, 5])  # 5: row 0's response run is a view, row 1's is gathered
 @pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
-def test_objective_matches_dense_reference(case, min_slice_rows, monkeypatch):
+def test_objective_matches_dense_reference(case, min_slice_rows, seq_first, monkeypatch):
     monkeypatch.setattr("mgsr_megatron.losses.objective.MIN_SLICE_ROWS", min_slice_rows)
     cfg = small_cfg(**OBJECTIVE_CASES[case])
     batch = make_batch()
     clipnet = ClipNet(cfg.k_feat, 16, seed=3)
-    loss, metrics, grad, net_grads = run_objective(cfg, batch, clipnet)
+    loss, metrics, grad, net_grads = run_objective(cfg, batch, clipnet, grad_seq_first=seq_first)
     r_loss, r_terms, r_stats, r_grad, r_net_grads = run_reference(cfg, batch, clipnet)
     assert ref.rel_err(loss, r_loss) < RTOL
     for name in ("sft", "dac_kl", "span"):
@@ -166,6 +172,52 @@ def test_objective_matches_dense_reference(case, min_slice_rows, monkeypatch):
             assert ref.rel_err(mine, theirs) < RTOL
     assert metrics["rows_without_sft"].tolist() == [False, True]
     assert metrics["nonfinite"] is False
+
+
+def test_cpu_gradient_buffer_is_reused_only_when_nothing_holds_it(monkeypatch):
+    """The backward's [tokens, V] gradient buffer is kept for the next call on CPU (objective._gradient_buffer);
+    a gradient that a leaf's .grad or autograd still holds is never overwritten, and reuse gives the numbers
+    of a fresh buffer."""
+    from mgsr_megatron.losses import objective
+
+    cfg, clipnet = small_cfg(), ClipNet(8, 16, seed=3)
+    settings = ObjectiveSettings.from_config(cfg)
+    batches = [make_batch(seed=1), make_batch(seed=2)]
+
+    def loss_of(logits, batch):
+        return mgsr_objective(logits, batch[1], LossTargets(*batch[2:]), clipnet=clipnet, settings=settings)[0]
+
+    # a leaf's .grad (AccumulateGrad takes the buffer over) survives the next call
+    grads = [run_objective(cfg, batch, clipnet)[2] for batch in batches]
+    alone = [run_objective(cfg, batch, clipnet)[2].clone() for batch in batches]
+    assert all(torch.equal(got, want) for got, want in zip(grads, alone))
+    # two calls in one graph: the first call's gradient is still held when the second one runs
+    leaves = [batch[0].clone().requires_grad_(True) for batch in batches]
+    sum(loss_of(x, batch) for x, batch in zip(leaves, batches)).backward()
+    assert all(torch.equal(x.grad, want) for x, want in zip(leaves, alone))
+    # behind a layer (the trainer's case): the buffer is reused, with a fresh buffer's numbers
+    hidden = torch.randn(14, 4, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(4, PADDED, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def weight_grads():
+        out = []
+        for batch in batches:
+            weight.grad = None
+            logits = (hidden @ weight).view(2, 7, PADDED).masked_fill(batch[0].isinf(), float("-inf"))
+            loss_of(logits, batch).backward()
+            out.append(weight.grad.clone())
+        return out
+
+    reused = weight_grads()
+    buffers = []
+    monkeypatch.setattr(objective, "_gradient_buffer", lambda student: buffers.append(1) or torch.empty(
+        student.shape, dtype=torch.float32))
+    fresh = weight_grads()
+    assert len(buffers) == 2 and all(torch.equal(a, b) for a, b in zip(reused, fresh))
+    monkeypatch.undo()
+    kept = objective._CPU_GRADIENT_BUFFER[0]
+    weight_grads()
+    assert objective._CPU_GRADIENT_BUFFER[0] is kept  # no new buffer for the two calls
 
 
 @pytest.mark.parametrize("case", ["learned_t1", "fixed_t1", "off_t1", "learned_t13", "given_entropy_t1", "no_kd"])

@@ -174,6 +174,7 @@ class _Call(NamedTuple):
     shard: Shard
     megatron: bool  # SFT through Megatron's vocab_parallel_cross_entropy (losses/sft.py)
     clipnet: dac.ClipNet | None
+    grad_seq_first: bool = False  # the student's gradient in [s, b, V/TP] memory order (see mgsr_objective)
 
 
 class _MGSRObjective(torch.autograd.Function):
@@ -188,14 +189,15 @@ class _MGSRObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, rows_in: _Rows, call: _Call, *params):
+    def forward(ctx, student_logits, rows_in: _Rows, call: _Call, *params):
         teacher, labels, sft_w, kd_w, pair_first, counts, entropy = rows_in
         settings, shard, clipnet = call.settings, call.shard, call.clipnet
+        student = student_logits.reshape(-1, student_logits.shape[-1])
         d, temperature = settings.dac, settings.temperature
         sums = student.new_zeros(3, dtype=torch.float32)
         stats = student.new_zeros(len(STAT_NAMES) + 1, dtype=torch.float32)
         nonfinite = torch.zeros((), dtype=torch.bool, device=student.device)
-        row_chunks, idle = _row_plan(sft_w, kd_w, settings.chunk_tokens)
+        row_chunks, idle = _row_plan(sft_w, kd_w, settings.chunk_tokens, student_logits.shape[1])
         nonfinite |= _any_nonfinite(student, idle, shard) | _any_nonfinite(teacher, idle, shard)
         saved = []
         for rows in row_chunks:
@@ -249,7 +251,7 @@ class _MGSRObjective(torch.autograd.Function):
                 span_states.append(state)
         stats[:-1] /= counts[1]
         stats[-1] = nonfinite.float()
-        ctx.save_for_backward(student, *rows_in)
+        ctx.save_for_backward(student_logits, *rows_in)
         ctx.call, ctx.n_params = call, len(params)
         ctx.row_chunks, ctx.idle, ctx.chunk_states, ctx.span_states = row_chunks, idle, saved, span_states
         ctx.mark_non_differentiable(stats)
@@ -257,7 +259,8 @@ class _MGSRObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_terms, _grad_stats):
-        student, teacher, labels, sft_w, kd_w, pair_first, counts, _entropy = ctx.saved_tensors
+        student_logits, teacher, labels, sft_w, kd_w, pair_first, counts, _entropy = ctx.saved_tensors
+        student = student_logits.reshape(-1, student_logits.shape[-1])
         call = ctx.call
         settings, shard, clipnet = call.settings, call.shard, call.clipnet
         d, temperature = settings.dac, settings.temperature
@@ -267,15 +270,15 @@ class _MGSRObjective(torch.autograd.Function):
         # At temperature 1 the SFT gradient softmax - onehot (the formula of Megatron's backward) shares
         # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
         fuse_sft = with_sft and bool(settings.w_dac) and temperature == 1.0 and d.fused_kd
-        grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
+        grad = _GradLayout(_gradient_buffer(student), student_logits.shape, call.grad_seq_first)
         for rows in ctx.idle:
-            grad[rows] = 0.0
+            grad.rows(rows).zero_()
         param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         # Pass 1: the per-row terms write each chunk's rows of the gradient buffer (rows without a
         # loss term keep their zeros).
         for rows, state in zip(ctx.row_chunks, ctx.chunk_states):
             rows_s = _take(student, rows)
-            grad_rows = grad[rows] if isinstance(rows, slice) else torch.empty_like(rows_s, dtype=torch.float32)
+            grad_rows = grad.rows(rows) if isinstance(rows, slice) else torch.empty_like(rows_s, dtype=torch.float32)
             sft = (labels[rows], sft_w[rows] * coef[0]) if fuse_sft else None
             if settings.w_dac:
                 row_weight = kd_w[rows] * coef[1]
@@ -295,35 +298,107 @@ class _MGSRObjective(torch.autograd.Function):
             if with_sft and not fuse_sft:
                 grad_rows += sft_rows_grad(rows_s, labels[rows], sft_w[rows] * coef[0], call.megatron)
             if not isinstance(rows, slice):
-                grad.index_copy_(0, rows, grad_rows)
+                grad.flat.index_copy_(0, grad.index(rows), grad_rows)
         # Pass 2: span pairs add to rows i and i+1.
         if settings.w_span and bool(counts[2] > 0):
             for (start, end), state in zip(chunks(pair_first.shape[0], settings.chunk_tokens), ctx.span_states):
                 first = pair_first[start:end]
                 with comm_tag("span"):
-                    span_pairs_grad(student, teacher, PairGrad(first, coef[2].expand(first.shape[0]), grad),
+                    span_pairs_grad(student, teacher, PairGrad(first, coef[2].expand(first.shape[0]), grad.flat,
+                                                               grad.index(first), grad.index(first + 1)),
                                     settings.span_distance, temperature, shard, state)
         ctx.chunk_states = ctx.span_states = ctx.row_chunks = ctx.idle = None
-        grad_student = grad if student.dtype == torch.float32 else grad.to(student.dtype)
+        grad_student = grad.result() if student.dtype == torch.float32 else grad.result().to(student.dtype)
         return (grad_student, None, None, *[g.to(p.dtype) for g, p in zip(param_grads, params)])
 
 
-def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int):
+_CPU_GRADIENT_BUFFER: list[torch.Tensor] = []  # at most one, see _gradient_buffer
+
+
+def _gradient_buffer(student: torch.Tensor) -> torch.Tensor:
+    """The float32 [tokens, V/TP] buffer the backward writes whole (every row: loss rows by their terms,
+    the others zeros). On CPU it is kept for the next call of the same shape: glibc returns a fresh
+    buffer of that size to the kernel when freed, so every micro-batch paid its page faults again
+    (bench_step: ~150 ms per 131 MB on a VM, the larger part of the loss backward; CUDA's caching
+    allocator reuses the block by itself). It is reused only while nothing else holds it (`_unshared`:
+    autograd still holding an earlier call's gradient, or a leaf's .grad on its memory, leaves it alone);
+    in training each micro-batch's gradient is consumed by the output layer's backward before the next."""
+    shape = tuple(student.shape)
+    if student.device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=student.device)
+    kept = _CPU_GRADIENT_BUFFER[0] if _CPU_GRADIENT_BUFFER else None
+    if kept is not None and tuple(kept.shape) == shape and _unshared(kept):
+        return kept
+    buffer = torch.empty(shape, dtype=torch.float32)
+    _CPU_GRADIENT_BUFFER[:] = [buffer]
+    return buffer
+
+
+def _unshared(tensor: torch.Tensor) -> bool:
+    """Nothing but `tensor`'s own Python object holds it or its memory: no autograd buffer, and no other
+    tensor on the same storage (a leaf's .grad that AccumulateGrad took over, a view). PyTorch's private
+    use counts (its own tests read them); without them the answer is no."""
+    try:
+        return tensor._use_count() == 1 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) == 2
+    except AttributeError:
+        return False
+
+
+def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int, seq_length: int):
     """(chunks, idle): chunks of at most `size` of the rows that carry a loss term, and the other rows
-    (prompt, padding) as slices. A run of at least MIN_SLICE_ROWS consecutive loss rows (a response)
-    becomes slices, views that cost no copy; shorter runs are pooled into chunks of row ids, gathered
-    (a copy of their rows, but few chunks however fragmented the rows are). Two device syncs in all."""
+    (prompt, padding) as slices, none across two sequences of the [b * seq_length] rows (a slice is a view
+    of both gradient layouts, see _GradLayout). A run of at least MIN_SLICE_ROWS consecutive loss rows (a
+    response) becomes slices, views that cost no copy; shorter runs are pooled into chunks of row ids,
+    gathered (a copy of their rows, but few chunks however fragmented the rows are). Two device syncs."""
     active = (sft_w > 0) | (kd_w > 0)
     chunk_list, pooled = [], []
-    for _, first, n in consecutive_runs(active.nonzero()[:, 0].tolist()):
+    for first, n in _runs_within_sequences(active.nonzero()[:, 0].tolist(), seq_length):
         if n < MIN_SLICE_ROWS:
             pooled.extend(range(first, first + n))
             continue
         chunk_list.extend(slice(first + start, first + end) for start, end in chunks(n, size))
     for start, end in chunks(len(pooled), size):
         chunk_list.append(torch.tensor(pooled[start:end], dtype=torch.long, device=sft_w.device))
-    idle = [slice(first, first + n) for _, first, n in consecutive_runs((~active).nonzero()[:, 0].tolist())]
+    idle = [slice(first, first + n) for first, n in _runs_within_sequences((~active).nonzero()[:, 0].tolist(),
+                                                                            seq_length)]
     return chunk_list, idle
+
+
+def _runs_within_sequences(ids: list[int], seq_length: int):
+    """(first id, length) of each run of consecutive ids, cut where a sequence of seq_length rows ends."""
+    for _, first, n in consecutive_runs(ids):
+        while n:
+            part = min(n, seq_length - first % seq_length)
+            yield first, part
+            first, n = first + part, n - part
+
+
+class _GradLayout:
+    """The student's gradient [b * s, V/TP] as the backward writes it, by the logits' row ids (b-major),
+    into `buffer` in b-major order, or with seq_first in [s, b] order; `result()` is the [b, s, V/TP]
+    gradient (with seq_first a transposed view of the buffer)."""
+
+    def __init__(self, buffer: torch.Tensor, shape, seq_first: bool):
+        self.flat, self.shape, self.seq_first = buffer, tuple(shape), seq_first
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """The [n, V/TP] view of the rows of one slice within one sequence (strided with seq_first)."""
+        if not self.seq_first:
+            return self.flat[rows]
+        b, s, vocab = self.shape
+        sequence, start = divmod(rows.start, s)
+        return self.flat.view(s, b, vocab)[start:start + rows.stop - rows.start, sequence]
+
+    def index(self, rows: torch.Tensor) -> torch.Tensor:
+        """The buffer rows of the row ids `rows`."""
+        if not self.seq_first:
+            return rows
+        b, s, _ = self.shape
+        return rows % s * b + rows // s
+
+    def result(self) -> torch.Tensor:
+        b, s, vocab = self.shape
+        return self.flat.view(s, b, vocab).transpose(0, 1) if self.seq_first else self.flat.view(b, s, vocab)
 
 
 def _take(rows_of: torch.Tensor, rows) -> torch.Tensor:
@@ -357,7 +432,7 @@ def _off_grad_into(rows: dac.GradRows, rows_t, lse, temperature, shard) -> None:
 
 def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: LossTargets, *,
                    clipnet: dac.ClipNet | None, settings: ObjectiveSettings, tp_group=None,
-                   teacher_entropy: torch.Tensor | None = None):
+                   teacher_entropy: torch.Tensor | None = None, grad_seq_first: bool = False):
     """The MGSR loss of one micro-batch and its metrics.
 
     student_logits, teacher_logits: vocab-parallel shards [b, s, V/TP] (teacher may be bf16), padded
@@ -368,7 +443,11 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     teacher_logits that are a rebuild of it (the top-K cache's, training/teacher_cache.py): DAC-KL's
     learned mode feeds it to ClipNet instead of the rebuild's entropy, so that ClipNet's features
     phi = [log p_(1..k_feat), H(P), c_k_feat] are the teacher's own (the rebuild keeps the top-K log p
-    and c exactly); per position, hence the same on every TP rank. Nothing else reads it. Returns
+    and c exactly); per position, hence the same on every TP rank. Nothing else reads it. grad_seq_first:
+    the student's gradient is written in [s, b, V/TP] memory order and handed back as a [b, s, V/TP] view
+    of it. Megatron's GPTModel returns `logits.transpose(0, 1).contiguous()` of its [s, b, V/TP] output
+    layer; that copy's backward transposes the gradient back, so this one reaches the output layer
+    contiguous, where a b-major one is copied there (by its matmul and again for the weight gradient). Returns
     (loss, metrics) with metrics: loss, sft, dac_kl, span, mean_l, mean_u, band_size, kept_mass (0-dim
     tensors), teacher_entropy (the kd_mask-weighted mean of the teacher's H(P) at temperature 1, a
     diagnostic: read off DAC-KL's statistics when they have it, 0 when no KD term is on), rows_without_sft
@@ -383,9 +462,8 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         raise UserError(f"teacher_entropy has shape {tuple(teacher_entropy.shape)} but the logits are "
                         f"{tuple(student_logits.shape[:-1])} x V/TP")
     labels, sft_mask, kd_mask, span_pair_mask = targets
-    call = _Call(settings, shard, megatron_tp_active(shard) if settings.w_sft else False, clipnet)
+    call = _Call(settings, shard, megatron_tp_active(shard) if settings.w_sft else False, clipnet, grad_seq_first)
     vocab_local = student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab_local)
     teacher = teacher_logits.detach().reshape(-1, vocab_local)
     sft_w = sft_mask.reshape(-1).float()
     kd_w = kd_mask.reshape(-1).float()
@@ -393,8 +471,9 @@ def mgsr_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     counts = torch.stack([sft_w.sum(), kd_w.sum(), sft_w.new_tensor(float(pair_first.numel()))])
     params = list(clipnet.parameters()) if (settings.w_dac and settings.dac.mode == "learned") else []
     entropy = None if teacher_entropy is None else teacher_entropy.detach().reshape(-1)
-    terms, stats = _MGSRObjective.apply(student, _Rows(teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts,
-                                                       entropy), call, *params)
+    terms, stats = _MGSRObjective.apply(student_logits.reshape(-1, student_logits.shape[-2], vocab_local),
+                                        _Rows(teacher, labels.reshape(-1), sft_w, kd_w, pair_first, counts, entropy),
+                                        call, *params)
     loss = settings.w_sft * terms[0] + settings.w_dac * terms[1] + settings.w_span * terms[2]
     metrics = {"loss": loss.detach(), "sft": terms[0].detach(), "dac_kl": terms[1].detach(),
                "span": terms[2].detach(), **{name: stats[i] for i, name in enumerate(STAT_NAMES)},

@@ -32,7 +32,9 @@ class PairGrad(NamedTuple):
 
     first: torch.Tensor  # [pairs] row of each pair's first position in the flattened [tokens, V/TP] logits
     weight: torch.Tensor  # [pairs] the weight of each pair's distance in the loss
-    out: torch.Tensor  # [tokens, V/TP] the gradient buffer: rows first and first + 1 are added to
+    out: torch.Tensor  # [tokens, V/TP] the gradient buffer: rows out_first and out_second are added to
+    out_first: torch.Tensor  # [pairs] the buffer row of position first (first itself in a b-major buffer)
+    out_second: torch.Tensor  # [pairs] the buffer row of position first + 1
 
 
 def pair_rows(rows: torch.Tensor, first: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -75,7 +77,7 @@ def span_pairs(student, teacher, first, distance, temperature, shard: Shard):
 
 def span_pairs_grad(student, teacher, pairs: PairGrad, distance, temperature, shard: Shard, state):
     """Add d(sum_pairs pairs.weight * distance)/d student into `pairs.out` (rows first and first+1)."""
-    first, pair_weight, grad_out = pairs
+    first, pair_weight, grad_out, out_first, out_second = pairs
     if distance == "kl_normalised":
         s_t, s_s = pair_rows(teacher, first, temperature), pair_rows(student, first, temperature)
         grad_first = grad_second = forward_kl_owned_grad(s_t, s_s, state, pair_weight / temperature)
@@ -87,6 +89,6 @@ def span_pairs_grad(student, teacher, pairs: PairGrad, distance, temperature, sh
         scale = pair_weight[:, None] / temperature
         grad_first = (g_r - q_first * scalar) * scale
         grad_second = (g_r - q_second * scalar) * scale
-    grad_out.index_add_(0, first, grad_first.to(grad_out.dtype))
-    grad_out.index_add_(0, first + 1, grad_second.to(grad_out.dtype))
+    grad_out.index_add_(0, out_first, grad_first.to(grad_out.dtype))
+    grad_out.index_add_(0, out_second, grad_second.to(grad_out.dtype))
     return grad_out

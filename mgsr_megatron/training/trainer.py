@@ -466,7 +466,8 @@ class Trainer:
                 cached_entropy = mb.get("teacher_entropy")  # teacher.cache: the true H(P) at the temperature
                 loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb),
                                                clipnet=self.clipnet, settings=self.objective_settings,
-                                               tp_group=self.tp_group, teacher_entropy=cached_entropy)
+                                               tp_group=self.tp_group, teacher_entropy=cached_entropy,
+                                               grad_seq_first=True)  # GPTModel's logits: [s, b] transposed
                 reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(())
                                         for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
                 return loss, {"metrics": reported}

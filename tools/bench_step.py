@@ -25,9 +25,12 @@ the reference measured in that run):
             (not with --generate: a cache holds ground-truth rows only);
   scrg      an SCRG step (on-policy samples of the student, one correction round) with
             mgsr.reuse_scrg_teacher_logits against the same step without it (target: without / with >= 1.2).
-            Reuse saves the teacher forward of the rows SCRG leaves unchanged, so mgsr.scrg_delta is set to
-            the median of the rows' largest candidate divergence d_j in one calibration SCRG call (rows whose
-            d_j is below it are not corrected: about half); --scrg-delta sets it instead. `--no-scrg` skips it.
+            Reuse saves the teacher forward of the rows SCRG leaves unchanged, so the share of corrected rows
+            sets the saving: mgsr.scrg_delta is calibrated so that about --scrg-corrected of the rows (default
+            half) are corrected, as the (1 - that) quantile of the rows' largest candidate divergence d_j in
+            one SCRG call; --scrg-delta sets it instead. The student trains at learning rate 0 here (the same
+            work per step): a student that learns from its teacher during the run would leave ever fewer rows
+            corrected and drift the comparison towards the reuse's best case. `--no-scrg` skips it.
 
     python tools/bench_step.py                      # CPU defaults (single process, ~2 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
@@ -72,6 +75,8 @@ def parse_args():
                         help="every MGSR step generates (SCRG over the first half of each row as the prompt)")
     parser.add_argument("--scrg-delta", type=float, default=None,
                         help="mgsr.scrg_delta of the SCRG comparison (default: calibrated, see above)")
+    parser.add_argument("--scrg-corrected", type=float, default=0.5,
+                        help="share of rows SCRG corrects in the SCRG comparison (calibrates scrg_delta)")
     parser.add_argument("--no-scrg", action="store_true", help="skip the SCRG logit-reuse comparison")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
@@ -277,9 +282,10 @@ def cached_step(trainer, cache) -> dict:
         trainer.cache, trainer.data.row_ids = None, False
 
 
-def calibrated_delta(trainer) -> float:
-    """The median (interpolated) over rows of SCRG's largest candidate divergence d_j on one step's prompts
-    (delta 0): with mgsr.scrg_delta at that value about half of the rows are left unchanged."""
+def calibrated_delta(trainer, corrected: float) -> float:
+    """The (1 - corrected) quantile (interpolated) over rows of SCRG's largest candidate divergence d_j on one
+    step's prompts (delta 0): with mgsr.scrg_delta at that value about `corrected` of the rows are corrected
+    (rows without a mismatch never are; corrected 0: infinity, no row)."""
     from mgsr_megatron.generation import SamplingOptions, scrg
 
     found = []
@@ -290,7 +296,9 @@ def calibrated_delta(trainer) -> float:
                         vocab_size=trainer.cfg.student.vocab_size)
         found.append(stats["d_j"][stats["corrected"]])
     d_j = torch.cat(found)
-    return float(torch.quantile(d_j, 0.5)) if d_j.numel() else 0.0
+    if corrected <= 0:
+        return float("inf")
+    return float(torch.quantile(d_j, 1.0 - corrected)) if d_j.numel() else 0.0
 
 
 def scrg_step(trainer, reuse: bool) -> dict:
@@ -438,7 +446,8 @@ def main() -> None:
                       f"(mgsr.reuse_scrg_teacher_logits; the rest reuse the detection pass's logits)")
         if not args.no_scrg:
             scrg_trainer = trainer if args.generate else build(args, workdir, generate=True)
-            delta = calibrated_delta(scrg_trainer) if args.scrg_delta is None else args.scrg_delta
+            scrg_trainer.cfg.optimizer.lr = scrg_trainer.cfg.optimizer.min_lr = 0.0  # a fixed student, see above
+            delta = calibrated_delta(scrg_trainer, args.scrg_corrected) if args.scrg_delta is None else args.scrg_delta
             scrg_trainer.cfg.mgsr.scrg_delta = delta
             scrg_trainer.scrg_settings = dataclasses.replace(scrg_trainer.scrg_settings, delta=delta)
             (without, with_reuse), (phases_without, phases_with), scrg_seconds = timed_rotation(
@@ -446,7 +455,8 @@ def main() -> None:
                 args.warmup)
             recomputed = statistics.mean(s["teacher_rows_recomputed"] for s in phases_with)
             if rank0:
-                how = "calibrated: the median row d_j of one SCRG call" if args.scrg_delta is None else "given"
+                how = (f"calibrated to correct {args.scrg_corrected:g} of the rows" if args.scrg_delta is None
+                       else "given")
                 print(f"SCRG step (1 round, {scrg_trainer.cfg.mgsr.max_new_tokens} new tokens), mgsr.scrg_delta "
                       f"{delta:.4g} ({how}; rows with a smaller largest divergence are left unchanged)")
                 print(f"  without logit reuse {without * 1e3:8.1f} ms/step, with reuse {with_reuse * 1e3:8.1f} ms/step "

@@ -32,7 +32,7 @@ the reference measured in that run):
             work per step): a student that learns from its teacher during the run would leave ever fewer rows
             corrected and drift the comparison towards the reuse's best case. `--no-scrg` skips it.
 
-    python tools/bench_step.py                      # CPU defaults (single process, ~2 minutes)
+    python tools/bench_step.py                      # CPU defaults (single process, ~5-6 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
         --student-hidden 256 --seq 128              # smaller: the V=32000 loss rows weigh more
 
@@ -288,6 +288,8 @@ def calibrated_delta(trainer, corrected: float) -> float:
     (rows without a mismatch never are; corrected 0: infinity, no row)."""
     from mgsr_megatron.generation import SamplingOptions, scrg
 
+    if corrected <= 0:
+        return float("inf")
     found = []
     for seed, prompts in enumerate(trainer.data.next_prompt_micro_batches(trainer.num_micro), 1):
         options = SamplingOptions(max_new_tokens=trainer.cfg.mgsr.max_new_tokens, eos_id=trainer.data.eos_id,
@@ -296,8 +298,6 @@ def calibrated_delta(trainer, corrected: float) -> float:
                         vocab_size=trainer.cfg.student.vocab_size)
         found.append(stats["d_j"][stats["corrected"]])
     d_j = torch.cat(found)
-    if corrected <= 0:
-        return float("inf")
     return float(torch.quantile(d_j, 1.0 - corrected)) if d_j.numel() else 0.0
 
 
@@ -334,10 +334,10 @@ def step_flops(trainer, args) -> float:
     return float(student + teacher)
 
 
-def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[float], list[list], list[list[float]]]:
-    """Median seconds of each of `variants` (callables), run in rotation, one step each (after `warmup`
-    untimed rounds), so that a drift of the machine's speed during the run does not land on one side;
-    what each call returned (its phases) per timed step; and the seconds of every timed step."""
+def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[list], list[list[float]]]:
+    """Run `variants` (callables) in rotation, one step each (after `warmup` untimed rounds), so that a drift
+    of the machine's speed during the run does not land on one side. Returns, per variant, what each call
+    returned (its phases) and the seconds of each timed step."""
     from mgsr_megatron import platform
 
     for _ in range(warmup):
@@ -351,7 +351,7 @@ def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[float]
             returned.append(fn())
             platform.synchronize()
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times], results, times
+    return results, times
 
 
 def round_ratios(numerator: list[float], denominator: list[float]) -> str:
@@ -419,8 +419,9 @@ def main() -> None:
         if not args.generate:
             cache = synthetic_cache(trainer, workdir)
             variants["mgsr cached"] = lambda: cached_step(trainer, cache)
-        medians, results, seconds = timed_rotation(list(variants.values()), args.steps, args.warmup)
-        times, phases = dict(zip(variants, medians)), dict(zip(variants, results))
+        results, seconds = timed_rotation(list(variants.values()), args.steps, args.warmup)
+        times = {name: statistics.median(steps) for name, steps in zip(variants, seconds)}
+        phases = dict(zip(variants, results))
         flops = step_flops(trainer, args)
         baseline, mgsr = times["baseline"], times["mgsr"]
         tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
@@ -450,9 +451,10 @@ def main() -> None:
             delta = calibrated_delta(scrg_trainer, args.scrg_corrected) if args.scrg_delta is None else args.scrg_delta
             scrg_trainer.cfg.mgsr.scrg_delta = delta
             scrg_trainer.scrg_settings = dataclasses.replace(scrg_trainer.scrg_settings, delta=delta)
-            (without, with_reuse), (phases_without, phases_with), scrg_seconds = timed_rotation(
+            (phases_without, phases_with), scrg_seconds = timed_rotation(
                 [lambda: scrg_step(scrg_trainer, False), lambda: scrg_step(scrg_trainer, True)], args.steps,
                 args.warmup)
+            without, with_reuse = (statistics.median(steps) for steps in scrg_seconds)
             recomputed = statistics.mean(s["teacher_rows_recomputed"] for s in phases_with)
             if rank0:
                 how = (f"calibrated to correct {args.scrg_corrected:g} of the rows" if args.scrg_delta is None

@@ -269,10 +269,10 @@ def scatter_add_at_ids(out: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     """out[:, ids] += weights for the ids this rank owns (local; no communication)."""
     local, owned = _local_columns(ids, shard)
     weights = torch.where(owned, weights, weights.new_zeros(()))
-    if out.shape[0] == 0 or out.stride(-1) != 1:
-        return out.scatter_add_(-1, local, weights)
-    # index_add_ on a flat view of the rows (they may lie apart: a gradient in [s, b] order): much faster
-    # than scatter_add_ along a long last dimension on CPU
+    if out.shape[0] == 0:
+        return out
+    # index_add_ on a flat view of the rows (contiguous rows that may lie apart: a gradient in [s, b] order):
+    # much faster than scatter_add_ along a long last dimension on CPU
     row_stride = out.stride(0)
     flat = local + torch.arange(out.shape[0], device=out.device)[:, None] * row_stride
     rows_span = out.as_strided((row_stride * (out.shape[0] - 1) + out.shape[-1],), (1,))

@@ -47,9 +47,11 @@ Teacher logits: the teacher's forward over all micro-batches of a step runs firs
 logits stay on the last stage until the student's loss: n_micro*b*s*V_pad/t*e_teacher. The teacher's own
 forward is no-grad (one layer's scores and MLP intermediate at a time).
 
-SCRG generator (on-policy / off-policy schedules; the teacher generates in SeqKD): Megatron's static KV
+SCRG generator (on-policy / off-policy schedules; the teacher generates in SeqKD): the generator's KV
 cache for one micro-batch, 2 * layers_on_stage * b * (max_prompt_length + max_new_tokens) * g/t * d * e,
-plus the no-grad teacher and student logits of SCRG's scoring pass over [x; y] (b*s*V_pad/t*e each).
+on SCRG steps plus the teacher's (it scores with a KV cache, generation/teacher_scores.py), the no-grad
+teacher and student logits of SCRG's scoring pass over [x; y] (b*s*V_pad/t*e each) and, with
+mgsr.reuse_scrg_teacher_logits, the teacher logits of the step's earlier micro-batches kept for the loss.
 Generation happens before the training forward/backward of the same step, so the peak is
     static (teacher weights + student states) + max(generation phase, training phase).
 A GPU fits the plan if the peak is at most (1 - RESERVE_FRACTION) of its memory (CUDA context, NCCL
@@ -260,9 +262,12 @@ class StagePlan:
     student_logits: int
     teacher_logits: int
     teacher_forward: int
-    kv_cache: int
+    kv_cache: int  # the generator's; on SCRG steps also the teacher's (generation/teacher_scores.py)
     scoring_logits: int
     in_flight: int
+    # SCRG with mgsr.reuse_scrg_teacher_logits: the teacher logits of the step's earlier micro-batches, held
+    # while the last one generates (the loss takes them)
+    scrg_kept_logits: int = 0
     runtime: int = 0  # the CPU process runtime (CPU_RUNTIME_BYTES) with --device cpu; 0 on GPU
 
     def peak(self, recompute: bool = False, other_optimizer: bool = False) -> float:
@@ -271,7 +276,7 @@ class StagePlan:
         training = self.teacher_logits + max(
             self.teacher_forward,
             (self.activations_recompute if recompute else self.activations) + self.student_logits)
-        generation = self.kv_cache + self.scoring_logits
+        generation = self.kv_cache + self.scoring_logits + self.scrg_kept_logits
         return static + max(training, generation)
 
 
@@ -371,13 +376,17 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
             teacher_logits = logits_bytes(teacher, tp, num_micro * b, s)
             if cached:
                 teacher_logits = cache_expansion_bytes(teacher, tp, num_micro * b, s)
-        kv, scoring = 0, 0
+        kv, scoring, kept = 0, 0, 0
         if generator is not None:
             gen_model = teacher if generator == "teacher" else student
             length = min(cfg.data.max_prompt_length + mgsr.max_new_tokens, s)
             kv = kv_cache_bytes(gen_model, tp, pp, b, length)
-            if last and generator == "student" and mgsr.scrg_rounds > 0:
-                scoring = logits_bytes(student, tp, b, length) + logits_bytes(teacher, tp, b, length)
+            if generator == "student" and mgsr.scrg_rounds > 0:
+                kv += kv_cache_bytes(teacher, tp, pp, b, length)  # SCRG's teacher scores with a KV cache
+                if last:
+                    scoring = logits_bytes(student, tp, b, length) + logits_bytes(teacher, tp, b, length)
+                    if mgsr.reuse_scrg_teacher_logits:
+                        kept = (num_micro - 1) * logits_bytes(teacher, tp, b, length)
         stages.append(StagePlan(
             stage=stage,
             teacher_weights=stage_params(teacher, tp, pp, stage) * DTYPE_BYTES[teacher.params_dtype]
@@ -389,6 +398,7 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
             student_logits=in_flight * logits_bytes(student, tp, b, s) if last else 0,
             teacher_logits=teacher_logits,
             teacher_forward=teacher_forward, kv_cache=kv, scoring_logits=scoring, in_flight=in_flight,
+            scrg_kept_logits=kept,
             runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0))
     return Plan(world_size, tp, pp, dp, b, num_micro, s, distributed, uses_teacher, generator, stages,
                 gpu_memory_gib * GIB, device, teacher_cached=cached)
@@ -632,8 +642,9 @@ def format_plan(cfg: Config, p: Plan, nodes: int, gpus_per_node: int, config_nam
         ("student logits", lambda st: st.student_logits),
         ("teacher logits kept for the step", lambda st: st.teacher_logits),
         ("teacher forward workspace", lambda st: st.teacher_forward),
-        ("SCRG generator KV cache", lambda st: st.kv_cache),
+        ("KV caches (SCRG: student + teacher)", lambda st: st.kv_cache),
         ("SCRG scoring logits", lambda st: st.scoring_logits),
+        ("SCRG teacher logits kept for the loss", lambda st: st.scrg_kept_logits),
         ("PEAK (as configured)", lambda st: st.peak()),
         ("  peak with full recomputation", lambda st: st.peak(recompute=True)),
         (f"  peak with the {opt_other} optimizer", lambda st: st.peak(other_optimizer=True)),

@@ -21,7 +21,7 @@ def test_bench_step_runs_and_reports_a_ratio(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_step.py"), "--vocab", "512", "--seq", "32", "--micro-batch", "2",
          "--student-layers", "1", "--student-hidden", "64", "--teacher-layers", "1", "--teacher-hidden", "64",
-         "--steps", "1", "--warmup", "1"],
+         "--steps", "1", "--warmup", "1", "--scrg-corrected", "0.5"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={"PATH": "/usr/bin:/bin", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,4 +35,6 @@ def test_bench_step_runs_and_reports_a_ratio(tmp_path):
     for phase in ("data", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
                   "optimizer", "bookkeeping"):
         assert re.search(rf"^{phase} +[0-9.]+ +[0-9.]+ +[0-9.]+$", result.stdout, re.M), (phase, result.stdout)
-    assert re.search(r"^generation +[0-9.]+ +[0-9.]+$", result.stdout, re.M), result.stdout
+    for phase in ("generation", "teacher_scoring"):
+        assert re.search(rf"^{phase} +[0-9.]+ +[0-9.]+$", result.stdout, re.M), (phase, result.stdout)
+    assert re.search(r"the teacher.s work per step .* [0-9.]+x less", result.stdout), result.stdout

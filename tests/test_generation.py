@@ -226,7 +226,7 @@ def test_scrg_regeneration_with_short_uncorrected_row(models, edge_cases, monkey
     _, eos, new_tokens, j, t_j, _, plain, _ = edge_cases["uncorrected_row_ends_by_eos_before_j"]
     decisions = iter([torch.tensor([[j[0], t_j[0], 1.0], [-1, -1, float("nan")], [-1, -1, float("nan")]],
                                    dtype=torch.float64), torch.full((3, 3), -1.0, dtype=torch.float64)])
-    monkeypatch.setattr(scrg_module, "detect", lambda *a, **k: next(decisions))
+    monkeypatch.setattr(scrg_module, "decide", lambda *a, **k: next(decisions))
     settings = ScrgSettings.from_config(MGSRConfig(max_new_tokens=new_tokens, scrg_rounds=2))
     with PassRecorder() as fed:
         out, stats = scrg(student, teacher, PROMPTS, SamplingOptions(max_new_tokens=new_tokens, eos_id=eos, seed=2),
@@ -267,11 +267,44 @@ def test_scrg_large_delta_corrects_nothing(models):
     assert torch.equal(out.tokens, plain.tokens) and stats["j"].tolist() == [-1, -1, -1]
 
 
+@pytest.mark.parametrize("megatron_path", [False, True], ids=["lean", "megatron"])
+def test_teacher_scores_rescore_only_the_changed_suffixes(models, megatron_path):
+    """TeacherScores (generation/teacher_scores.py): one full pass, then each changed row from its first
+    changed column on, with the teacher's KV cache of the columns before it. Every call equals the
+    teacher's training forward of the same tokens (Megatron's GPTModel, an independent path); rows that
+    did not change keep their values (the lean stage computes only the changed rows)."""
+    from mgsr_megatron.generation.scrg import _score
+    from mgsr_megatron.generation.teacher_scores import TeacherScores
+
+    _, teacher = models
+    tokens = torch.randint(3, VOCAB, (4, 14), generator=torch.Generator().manual_seed(3))
+    changed = tokens.clone()
+    changed[1, 9:] = (changed[1, 9:] + 1) % VOCAB
+    changed[3, 6] = (changed[3, 6] + 5) % VOCAB
+    with megatron_inference_path(megatron_path):
+        scores = TeacherScores(teacher)
+        first = scores(tokens).clone()
+        assert scores.stepper.path == ("megatron" if megatron_path else "lean") and scores.recomputed == 1.0
+        torch.testing.assert_close(first, _score(teacher, tokens), rtol=1e-5, atol=1e-5)
+        second = scores(changed)
+        rows = 4 if megatron_path else 2
+        assert scores.recomputed == pytest.approx(rows * (14 - 6) / (4 * 14))
+        torch.testing.assert_close(second, _score(teacher, changed), rtol=1e-5, atol=1e-5)
+        assert torch.equal(second[:, :6], first[:, :6]) and not torch.equal(second[3, 6:], first[3, 6:])
+        if not megatron_path:
+            assert torch.equal(second[[0, 2]], first[[0, 2]])
+        again = scores(changed.clone())
+        assert scores.recomputed == 0.0 and torch.equal(again, second)
+        scores(changed[:, :12])  # another width: scored whole again
+        assert scores.recomputed == 1.0
+
+
 @pytest.mark.parametrize("rounds", [1, 2])
-def test_scrg_keeps_the_last_detection_teacher_logits(models, rounds):
+def test_scrg_keeps_the_teacher_logits_of_the_final_sequences(models, rounds):
     """keep_teacher_view (the trainer's reuse, docs/generation.md): the same samples and decisions as
-    without it; the kept logits are the teacher's over the padded view of the FINAL sequences for the
-    rows the last detection did not correct (teacher_seen)."""
+    without it; the kept logits are the teacher's over the padded view of the FINAL sequences (the training
+    forward's, to rounding), and the last suffix pass computed only the rows corrected after the last
+    detection, from their j."""
     import importlib
 
     scrg_module = importlib.import_module("mgsr_megatron.generation.scrg")
@@ -283,16 +316,16 @@ def test_scrg_keeps_the_last_detection_teacher_logits(models, rounds):
     out, stats = scrg(student, teacher, PROMPTS, options, settings=settings, vocab_size=VOCAB,
                       keep_teacher_view=(length, pad))
     assert torch.equal(out.tokens, plain.tokens) and torch.equal(stats["j"], plain_stats["j"])
-    assert torch.equal(stats["teacher_seen"], stats["per_round"][-1][:, 0] < 0)
-    assert stats["teacher_seen"].any() and not stats["teacher_seen"].all(), stats["per_round"]
     final = scrg_module.teacher_view(out, (length, pad))
-    assert stats["teacher_scored"].shape == (len(PROMPTS), length)
-    for row in torch.nonzero(stats["teacher_seen"]).flatten().tolist():
+    assert torch.equal(stats["teacher_scored"], final) and final.shape == (len(PROMPTS), length)
+    for row in range(len(PROMPTS)):
         end = int(out.prompt_lengths[row] + out.response_lengths[row])
-        assert stats["teacher_scored"][row, :end].tolist() == out.tokens[row, :end].tolist()
-        assert (stats["teacher_scored"][row, end:] == pad).all()
-        assert torch.equal(stats["teacher_scored"][row], final[row])
-    assert torch.equal(stats["teacher_logits"], scrg_module._score(teacher, stats["teacher_scored"]))
+        assert final[row, :end].tolist() == out.tokens[row, :end].tolist() and (final[row, end:] == pad).all()
+    torch.testing.assert_close(stats["teacher_logits"], scrg_module._score(teacher, final), rtol=1e-5, atol=1e-5)
+    last_j = stats["per_round"][-1][:, 0]
+    assert (last_j >= 0).any() and not (last_j >= 0).all(), stats["per_round"]
+    rescored = int((last_j >= 0).sum()) * (length - int(last_j[last_j >= 0].min()))
+    assert stats["teacher_recomputed"] == pytest.approx(rescored / final.numel())
 
 
 @pytest.mark.parametrize("prompts,kwargs,message", [

@@ -68,10 +68,13 @@ def test_small_config_by_hand():
     # the whole step (2 micro-batches) are kept
     assert last.student_logits == 16384 and first.student_logits == 0
     assert last.teacher_logits == 2 * 16384 and first.teacher_logits == 0
-    # SCRG KV cache: 2 * 2 layers * b=2 * (16+16) positions * g/t=1 group * d=16 * 2 bytes = 8192
-    assert first.kv_cache == last.kv_cache == 8192
-    # scoring pass: student + teacher logits over [x; y] on the last stage
+    # SCRG KV caches: the student's 2 * 2 layers * b=2 * (16+16) positions * g/t=1 group * d=16 * 2 bytes
+    # = 8192, the teacher's (4 layers per stage) 16384
+    assert first.kv_cache == last.kv_cache == 8192 + 16384
+    # scoring pass: student + teacher logits over [x; y] on the last stage, and (reuse) the teacher logits
+    # of the step's first micro-batch while the second generates
     assert last.scoring_logits == 2 * 16384 and first.scoring_logits == 0
+    assert last.scrg_kept_logits == 16384 and first.scrg_kept_logits == 0
     # teacher forward workspace: scores b*(a/t)*s*s*e + SwiGLU s*b*(f/t)*e*2 = 2*2*1024*2 + 64*64*2*2
     assert first.teacher_forward == 8192 + 16384
     # peak = static + max(training, generation)

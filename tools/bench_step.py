@@ -25,12 +25,18 @@ the reference measured in that run):
             (not with --generate: a cache holds ground-truth rows only);
   scrg      an SCRG step (on-policy samples of the student, one correction round) with
             mgsr.reuse_scrg_teacher_logits against the same step without it (target: without / with >= 1.2).
-            Reuse saves the teacher forward of the rows SCRG leaves unchanged, so the share of corrected rows
-            sets the saving: mgsr.scrg_delta is calibrated so that about --scrg-corrected of the rows (default
-            half) are corrected, as the (1 - that) quantile of the rows' largest candidate divergence d_j in
-            one SCRG call; --scrg-delta sets it instead. The student trains at learning rate 0 here (the same
-            work per step): a student that learns from its teacher during the run would leave ever fewer rows
-            corrected and drift the comparison towards the reuse's best case. `--no-scrg` skips it.
+            With reuse the loss takes SCRG's teacher logits, brought up to date by a KV-cached pass over the
+            corrected rows from their j on; without, the loss pass runs the teacher over every row again.
+            The share of corrected rows and where j falls set the saving: by default mgsr.scrg_delta is the
+            library's (0: every row with a mismatch is corrected); --scrg-corrected c calibrates it so that
+            about c of the rows are, as the (1 - c) quantile of the rows' largest candidate divergence d_j in
+            one SCRG call; --scrg-delta sets it. The student trains at learning rate 0 here (the same work
+            per step): a student that learns from its teacher during the run would leave ever fewer rows
+            corrected and drift the comparison towards the reuse's best case. Beside the ratio: the share of
+            the step the loss pass's teacher forward takes (what the reuse removes, less the suffix passes),
+            and the teacher's work per step on both sides (SCRG's scoring, timed around TeacherScores, plus
+            the loss pass).
+            `--no-scrg` skips this comparison, `--scrg-only` runs only it.
 
     python tools/bench_step.py                      # CPU defaults (single process, ~5-6 minutes)
     python tools/bench_step.py --teacher-layers 4 --teacher-hidden 512 --student-layers 2 \
@@ -74,10 +80,12 @@ def parse_args():
     parser.add_argument("--generate", action="store_true",
                         help="every MGSR step generates (SCRG over the first half of each row as the prompt)")
     parser.add_argument("--scrg-delta", type=float, default=None,
-                        help="mgsr.scrg_delta of the SCRG comparison (default: calibrated, see above)")
-    parser.add_argument("--scrg-corrected", type=float, default=0.5,
-                        help="share of rows SCRG corrects in the SCRG comparison (calibrates scrg_delta)")
+                        help="mgsr.scrg_delta of the SCRG comparison (default: the library's, see above)")
+    parser.add_argument("--scrg-corrected", type=float, default=None,
+                        help="share of rows SCRG corrects in the SCRG comparison (calibrates scrg_delta; "
+                             "default: the library's scrg_delta)")
     parser.add_argument("--no-scrg", action="store_true", help="skip the SCRG logit-reuse comparison")
+    parser.add_argument("--scrg-only", action="store_true", help="only the SCRG logit-reuse comparison")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU)")
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
@@ -229,9 +237,10 @@ def baseline_step(trainer) -> dict:
 
 def mgsr_step(trainer) -> dict:
     """Trainer.train_step(); returns its phases (`Trainer.phase_seconds`) and, on SCRG steps, the
-    share of rows whose teacher forward ran again (`teacher_rows_recomputed`)."""
+    share of the loss pass's teacher positions computed after SCRG's detection (`teacher_recomputed`) and
+    of the rows SCRG corrected (`scrg_corrected`)."""
     metrics = trainer.train_step()
-    return {**trainer.phase_seconds, "teacher_rows_recomputed": metrics.get("teacher_rows_recomputed")}
+    return {**trainer.phase_seconds, **{key: metrics.get(key) for key in ("teacher_recomputed", "scrg_corrected")}}
 
 
 def synthetic_cache(trainer, workdir: str):
@@ -302,19 +311,40 @@ def calibrated_delta(trainer, corrected: float) -> float:
 
 
 def scrg_step(trainer, reuse: bool) -> dict:
-    """An SCRG step (`mgsr_step`) with or without mgsr.reuse_scrg_teacher_logits."""
+    """An SCRG step (`mgsr_step`) with or without mgsr.reuse_scrg_teacher_logits, with the time SCRG's
+    teacher spent scoring inside the generation phase (`teacher_scoring`: TeacherScores calls, timed by a
+    wrapper around them here)."""
+    from mgsr_megatron import platform
+    from mgsr_megatron.generation.teacher_scores import TeacherScores
+
     trainer.cfg.mgsr.reuse_scrg_teacher_logits = reuse
-    return mgsr_step(trainer)
+    scoring, call = [], TeacherScores.__call__
+
+    def timed(self, tokens):
+        platform.synchronize()
+        start = time.perf_counter()
+        try:
+            return call(self, tokens)
+        finally:
+            platform.synchronize()
+            scoring.append(time.perf_counter() - start)
+
+    TeacherScores.__call__ = timed
+    try:
+        phases = mgsr_step(trainer)
+    finally:
+        TeacherScores.__call__ = call
+    return {**phases, "teacher_scoring": sum(scoring)}
 
 
 PHASES = ("data", "generation", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
           "optimizer", "bookkeeping")
 
 
-def breakdown_lines(columns: dict[str, list[dict]]) -> list[str]:
+def breakdown_lines(columns: dict[str, list[dict]], phases: tuple[str, ...] = PHASES) -> list[str]:
     """Median ms per phase of each kind of step (medians do not add up exactly to the step's median)."""
     lines = [f"{'phase (median ms/step)':<26}" + "".join(f" {name:>12}" for name in columns)]
-    for phase in PHASES:
+    for phase in phases:
         values = [statistics.median(step.get(phase, 0.0) for step in steps) * 1e3 for steps in columns.values()]
         if phase == "generation" and not any(values):
             continue
@@ -402,6 +432,77 @@ def memory(args) -> None:
         print(f"{setting:<10} {peak / 2**30:8.3f} {built / 2**30:12.3f} {(peak - built) / 2**30:15.3f} {loss:12.6f}")
 
 
+def step_comparison(args, trainer, workdir: str, rank0: bool) -> None:
+    """The MGSR step against its baseline (and, without --generate, against the teacher cache)."""
+    import torch.distributed as dist
+
+    from mgsr_megatron import platform
+
+    variants = {"baseline": lambda: baseline_step(trainer), "mgsr": lambda: mgsr_step(trainer)}
+    if not args.generate:
+        cache = synthetic_cache(trainer, workdir)
+        variants["mgsr cached"] = lambda: cached_step(trainer, cache)
+    results, seconds = timed_rotation(list(variants.values()), args.steps, args.warmup)
+    times = {name: statistics.median(steps) for name, steps in zip(variants, seconds)}
+    phases = dict(zip(variants, results))
+    flops = step_flops(trainer, args)
+    baseline, mgsr = times["baseline"], times["mgsr"]
+    tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
+    if not rank0:
+        return
+    print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
+    print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
+    print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15; {round_ratios(seconds[1], seconds[0])})")
+    print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
+    if "mgsr cached" in times:
+        cached = times["mgsr cached"]
+        print(f"mgsr step from teacher.cache (top-{cache.k}, no teacher forward): {cached * 1e3:8.1f} ms/step")
+        print(f"ratio online teacher / cache: {mgsr / cached:.3f}  (target >= 1.4; "
+              f"{round_ratios(seconds[1], seconds[2])})")
+    print("\n".join(breakdown_lines(phases)))
+    shares = [s["teacher_recomputed"] for s in phases["mgsr"] if s["teacher_recomputed"] is not None]
+    if shares:
+        print(f"SCRG steps: the loss pass's teacher positions computed again: {statistics.mean(shares):.3f} "
+              f"(mgsr.reuse_scrg_teacher_logits; the rest are the detection pass's)")
+    achieved = flops / mgsr / 1e12
+    print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
+          f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"
+          + ("" if platform.cuda_available() else " (CPU: not meaningful)"))
+
+
+def scrg_comparison(args, trainer, rank0: bool) -> None:
+    """The SCRG step with the teacher's logits reused for the loss against the same step without."""
+    trainer.cfg.optimizer.lr = trainer.cfg.optimizer.min_lr = 0.0  # a fixed student, see the module docstring
+    delta = trainer.cfg.mgsr.scrg_delta if args.scrg_delta is None else args.scrg_delta
+    if args.scrg_corrected is not None and args.scrg_delta is None:
+        delta = calibrated_delta(trainer, args.scrg_corrected)
+    trainer.cfg.mgsr.scrg_delta = delta
+    trainer.scrg_settings = dataclasses.replace(trainer.scrg_settings, delta=delta)
+    (phases_without, phases_with), seconds = timed_rotation(
+        [lambda: scrg_step(trainer, False), lambda: scrg_step(trainer, True)], args.steps, args.warmup)
+    without, with_reuse = (statistics.median(steps) for steps in seconds)
+    recomputed = statistics.mean(s["teacher_recomputed"] for s in phases_with)
+    corrected = statistics.mean(s["scrg_corrected"] for s in phases_with + phases_without)
+    loss_teacher = statistics.median(s["teacher_forward"] for s in phases_without)
+    teacher_work = [statistics.median(s["teacher_scoring"] + s.get("teacher_forward", 0.0) for s in phases)
+                    for phases in (phases_without, phases_with)]
+    if not rank0:
+        return
+    how = ("given" if args.scrg_delta is not None else "the library's" if args.scrg_corrected is None
+           else f"calibrated to correct {args.scrg_corrected:g} of the rows")
+    print(f"SCRG step (1 round, {trainer.cfg.mgsr.max_new_tokens} new tokens), mgsr.scrg_delta {delta:.4g} ({how}; "
+          f"rows with a smaller largest divergence are left unchanged): {corrected:.3f} of the rows corrected")
+    print(f"  without logit reuse {without * 1e3:8.1f} ms/step, with reuse {with_reuse * 1e3:8.1f} ms/step "
+          f"(teacher positions computed again for the loss: {recomputed:.3f})")
+    print(f"ratio SCRG without / with logit reuse: {without / with_reuse:.3f}  (target >= 1.2; "
+          f"{round_ratios(*seconds)}); the loss pass's teacher forward is {loss_teacher / without:.3f} of the step "
+          f"without reuse (that pass alone, free: {without / (without - loss_teacher):.3f})")
+    print(f"  the teacher's work per step (SCRG's scoring + the loss pass): {teacher_work[0] * 1e3:8.1f} ms without "
+          f"reuse, {teacher_work[1] * 1e3:8.1f} ms with: {teacher_work[0] / teacher_work[1]:.2f}x less")
+    with_scoring = PHASES[:2] + ("teacher_scoring",) + PHASES[2:]  # SCRG's teacher, a part of generation
+    print("\n".join(breakdown_lines({"no reuse": phases_without, "reuse": phases_with}, with_scoring)))
+
+
 def main() -> None:
     args = parse_args()
     if args.memory:
@@ -410,67 +511,19 @@ def main() -> None:
         return peak_only(args)
     import torch.distributed as dist
 
-    from mgsr_megatron import platform
-
     rank0 = dist.get_rank() == 0 if dist.is_initialized() else True
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = build(args, workdir, args.generate)
-        variants = {"baseline": lambda: baseline_step(trainer), "mgsr": lambda: mgsr_step(trainer)}
-        if not args.generate:
-            cache = synthetic_cache(trainer, workdir)
-            variants["mgsr cached"] = lambda: cached_step(trainer, cache)
-        results, seconds = timed_rotation(list(variants.values()), args.steps, args.warmup)
-        times = {name: statistics.median(steps) for name, steps in zip(variants, seconds)}
-        phases = dict(zip(variants, results))
-        flops = step_flops(trainer, args)
-        baseline, mgsr = times["baseline"], times["mgsr"]
-        tokens = args.seq * args.micro_batch * args.micro_batches * (dist.get_world_size() // args.tp)
+        trainer = None if args.scrg_only else build(args, workdir, args.generate)
         if rank0:
             print(f"batch: {args.micro_batches} x {args.micro_batch} x {args.seq} tokens, V={args.vocab}, "
                   f"teacher {args.teacher_layers}x{args.teacher_hidden}, student {args.student_layers}x"
                   f"{args.student_hidden}, TP={args.tp}, {'bf16' if args.bf16 else 'fp32'}; {args.steps} timed steps "
                   f"per variant, in rotation")
-            print(f"baseline (teacher fwd + student fwd/bwd, plain CE, AdamW): {baseline * 1e3:8.1f} ms/step")
-            print(f"mgsr step (SFT + DAC-KL + span, sync, clip, AdamW): {mgsr * 1e3:8.1f} ms/step")
-            print(f"ratio mgsr / baseline: {mgsr / baseline:.3f}  (target <= 1.15; "
-                  f"{round_ratios(seconds[1], seconds[0])})")
-            print(f"throughput: {tokens / mgsr:,.0f} tokens/s (mgsr), {tokens / baseline:,.0f} tokens/s (baseline)")
-            if "mgsr cached" in times:
-                cached = times["mgsr cached"]
-                print(f"mgsr step from teacher.cache (top-{cache.k}, no teacher forward): {cached * 1e3:8.1f} ms/step")
-                print(f"ratio online teacher / cache: {mgsr / cached:.3f}  (target >= 1.4; "
-                      f"{round_ratios(seconds[1], seconds[2])})")
-            print("\n".join(breakdown_lines(phases)))
-            shares = [s["teacher_rows_recomputed"] for s in phases["mgsr"] if s["teacher_rows_recomputed"] is not None]
-            if shares:
-                print(f"SCRG steps: teacher forward re-run for {statistics.mean(shares):.3f} of the generated rows "
-                      f"(mgsr.reuse_scrg_teacher_logits; the rest reuse the detection pass's logits)")
+        if trainer is not None:
+            step_comparison(args, trainer, workdir, rank0)
         if not args.no_scrg:
-            scrg_trainer = trainer if args.generate else build(args, workdir, generate=True)
-            scrg_trainer.cfg.optimizer.lr = scrg_trainer.cfg.optimizer.min_lr = 0.0  # a fixed student, see above
-            delta = calibrated_delta(scrg_trainer, args.scrg_corrected) if args.scrg_delta is None else args.scrg_delta
-            scrg_trainer.cfg.mgsr.scrg_delta = delta
-            scrg_trainer.scrg_settings = dataclasses.replace(scrg_trainer.scrg_settings, delta=delta)
-            (phases_without, phases_with), scrg_seconds = timed_rotation(
-                [lambda: scrg_step(scrg_trainer, False), lambda: scrg_step(scrg_trainer, True)], args.steps,
-                args.warmup)
-            without, with_reuse = (statistics.median(steps) for steps in scrg_seconds)
-            recomputed = statistics.mean(s["teacher_rows_recomputed"] for s in phases_with)
-            if rank0:
-                how = (f"calibrated to correct {args.scrg_corrected:g} of the rows" if args.scrg_delta is None
-                       else "given")
-                print(f"SCRG step (1 round, {scrg_trainer.cfg.mgsr.max_new_tokens} new tokens), mgsr.scrg_delta "
-                      f"{delta:.4g} ({how}; rows with a smaller largest divergence are left unchanged)")
-                print(f"  without logit reuse {without * 1e3:8.1f} ms/step, with reuse {with_reuse * 1e3:8.1f} ms/step "
-                      f"(teacher forward re-run for {recomputed:.3f} of the rows)")
-                print(f"ratio SCRG without / with logit reuse: {without / with_reuse:.3f}  (target >= 1.2; "
-                      f"{round_ratios(*scrg_seconds)})")
-                print("\n".join(breakdown_lines({"no reuse": phases_without, "reuse": phases_with})))
-    if rank0:
-        achieved = flops / mgsr / 1e12
-        print(f"model FLOPs per step and GPU {flops / 1e12:.3f} T (student 6N+attention fwd/bwd, teacher 2N+attention "
-              f"fwd); {achieved:.1f} TFLOP/s = MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}"
-              + ("" if platform.cuda_available() else " (CPU: not meaningful)"))
+            generating = trainer if args.generate and trainer is not None else build(args, workdir, generate=True)
+            scrg_comparison(args, generating, rank0)
 
 
 if __name__ == "__main__":

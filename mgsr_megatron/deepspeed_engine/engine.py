@@ -27,8 +27,9 @@ off_policy pushes each rank's generated samples into its replay buffer, which re
 validation loss moves its threshold; checkpoint.py stores each rank's schedule state.
 
 Differences to the Megatron engine: the student's and the ClipNet's gradients are clipped on their own
-norms (the Megatron engine clips both by one joint norm); SCRG's detection logits are not reused for the
-loss pass (the teacher runs again on every generated row: teacher_rows_recomputed = 1).
+norms (the Megatron engine clips both by one joint norm); SCRG's teacher logits are not reused for the
+loss pass (the teacher runs again on every generated row: teacher_recomputed = 1), and SCRG's teacher scores
+every position in every round (no KV-cached suffix passes for Hugging Face teachers).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class DeepSpeedTrainer:
         else:
             batch, _ = generate_step_batch(self, self.generating_student, self.generating_teacher)
             if self.schedule.use_scrg:
-                batch.stats["teacher_rows_recomputed"] = 1.0
+                batch.stats["teacher_recomputed"] = 1.0
         batch.micro_batches = self._to_device(batch.micro_batches)
         return batch
 

@@ -199,9 +199,13 @@ class MegatronStage:
         return False  # the static context's cache decodes whole batches
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int, *,
+                 all_columns: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            raise ValueError("MegatronStage computes whole batches (reorder_rows is False): rows must be None")
         b, s = tokens.shape
         self.context.sequence_len_offset = offset
+        self.context.materialize_only_last_token_logits = not all_columns  # a static context's default: True
         # Megatron switches its causal mask off once the offset is > 0 (and asserts sq == sk without
         # a mask), so pass the causal mask over [cached + new] keys explicitly: True = masked.
         query_pos = torch.arange(offset, offset + s, device=tokens.device).unsqueeze(-1)
@@ -213,7 +217,15 @@ class MegatronStage:
         output = self.model(tokens if self.gpt.pre_process else None, positions, mask,
                             inference_context=self.context, runtime_gather_output=True)
         self.context.increment_sequence_len_offset(s)
-        return output[:, -1, :] if self.gpt.post_process else output  # only the last column's logits
+        if not self.gpt.post_process:
+            return output
+        if all_columns:  # Megatron's inference always gathers the vocabulary: keep this TP rank's shard
+            from megatron.core import parallel_state
+
+            shard = output.shape[-1] // parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            return output[..., rank * shard:(rank + 1) * shard]
+        return output[:, -1, :]  # only the last column's logits
 
 
 class PipelineStepper:
@@ -254,12 +266,13 @@ class PipelineStepper:
         shard = self.gpt.vocab_size // self.tp_size
         return torch.zeros(self.batch_size, length, shard, dtype=self.dtype, device=self.device)
 
-    def forward(self, tokens: torch.Tensor, offset: int) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, offset: int, **stage_options) -> torch.Tensor | None:
+        """`stage_options`: all_columns, rows (the stages' keywords; rows only on the lean path)."""
         received = None
         if not self.first:
             received = torch.empty(self.stage.hidden_shape(*tokens.shape), dtype=self.dtype, device=tokens.device)
             dist.recv(received, src=self.prev_rank)
-        output = self.stage(tokens, received, offset)
+        output = self.stage(tokens, received, offset, **stage_options)
         if not self.last:
             dist.send(output.contiguous(), dst=self.next_rank)
             return None

@@ -106,7 +106,11 @@ class LeanStage:
         return True
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int, *,
+                 all_columns: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`all_columns`: the last stage returns this TP rank's logit shard of every column [b, s, V_padded/TP]
+        (no gather) instead of the gathered last column. `rows` [b]: the cache rows the b token rows
+        use (default the first b)."""
         b, s = tokens.shape
         x = self._embed(tokens, offset) if self.first else received
         mask = None
@@ -115,14 +119,14 @@ class LeanStage:
             mask = torch.arange(offset + s, device=x.device).unsqueeze(0) <= query_pos
             mask = mask.repeat(self.heads_per_group, 1)  # rows ordered (head in group, position)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, offset, mask)
+            x = self._layer(index, layer, x, offset, mask, rows)
         if not self.last:
             return x
-        hidden = self.gpt.decoder.final_layernorm(x[:, -1])
+        hidden = self.gpt.decoder.final_layernorm(x if all_columns else x[:, -1])
         tied = self.gpt.share_embeddings_and_output_weights
         weight = self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight
         logits = F.linear(hidden, weight)
-        return all_gather_last(logits, self.tp_group)
+        return logits if all_columns else all_gather_last(logits, self.tp_group)
 
     def _embed(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
         embedding = self.gpt.embedding
@@ -143,7 +147,8 @@ class LeanStage:
         first, second = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-second, first), dim=-1) * sin
 
-    def _layer(self, index: int, layer, x: torch.Tensor, offset: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _layer(self, index: int, layer, x: torch.Tensor, offset: int, mask: torch.Tensor | None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         attention, mlp = layer.self_attention, layer.mlp
         qkv = F.linear(layer.input_layernorm(x), attention.linear_qkv.weight, attention.linear_qkv.bias)
@@ -154,12 +159,18 @@ class LeanStage:
             query = self._rotate(query.reshape(b, s, -1, self.head_dim), offset).view_as(query)
             key = self._rotate(key, offset)
         keys, values = self.keys[index], self.values[index]
-        keys[:b, :, offset:offset + s] = key.transpose(1, 2)
-        values[:b, :, offset:offset + s] = value.transpose(1, 2)
+        if rows is None:
+            keys[:b, :, offset:offset + s] = key.transpose(1, 2)
+            values[:b, :, offset:offset + s] = value.transpose(1, 2)
+            keys, values = keys[:b, :, :offset + s], values[:b, :, :offset + s]
+        else:  # scattered cache rows (a rescoring pass): write them, then gather their prefix
+            keys[rows, :, offset:offset + s] = key.transpose(1, 2)
+            values[rows, :, offset:offset + s] = value.transpose(1, 2)
+            keys, values = keys[rows, :, :offset + s], values[rows, :, :offset + s]
         # [b, s, g, hpg, d] -> [b, g, hpg * s, d]: a group's heads share its keys without copies
         query = query.permute(0, 2, 3, 1, 4).reshape(b, self.groups, self.heads_per_group * s, self.head_dim)
         context = F.scaled_dot_product_attention(
-            query, keys[:b, :, :offset + s], values[:b, :, :offset + s], attn_mask=mask,
+            query, keys, values, attn_mask=mask,
             scale=attention.core_attention.softmax_scale)
         context = context.view(b, self.groups, self.heads_per_group, s, self.head_dim)
         context = context.permute(0, 3, 1, 2, 4).reshape(b, s, -1)

@@ -20,9 +20,12 @@ corrected never do (generator.decode). Noise: the first generation uses `seed`, 
 seed `round_seed(seed, k)`, the sampled teacher token `round_seed(seed, -k)`; every noise value also
 depends on (absolute position, row, vocabulary id), so cache reuse and a cold regeneration agree.
 
-`keep_teacher_view` (the trainer, mgsr.reuse_scrg_teacher_logits) also returns the teacher logits
-of the last detection pass, computed over the rows exactly as the loss pass collates them
-(`teacher_view`), for the rows that pass did not correct: the training step reuses them.
+The teacher pays for its forward once per call (`TeacherScores`, teacher_scores.py): the first detection
+scores every position and keeps the teacher's KV cache; a later round's detection recomputes only the
+rows the regeneration changed, from their j on. `keep_teacher_view` (the trainer,
+mgsr.reuse_scrg_teacher_logits) scores the rows exactly as the loss pass collates them (`teacher_view`)
+and returns the teacher's logits of the final sequences (one more suffix pass): the training step's
+loss uses them instead of running the teacher again.
 
 The per-position divergences are the losses' own vocab-parallel `losses.divergences.divergence`
 (JSD with beta = 0.5; padded vocabulary masked to -inf, it contributes 0). The teacher argmax is an
@@ -49,6 +52,7 @@ from mgsr_megatron.generation.generator import (
     new_stepper,
 )
 from mgsr_megatron.generation.sampling import SamplingOptions, parallel_argmax, sample
+from mgsr_megatron.generation.teacher_scores import TeacherScores
 from mgsr_megatron.losses.divergences import divergence as token_divergence
 from mgsr_megatron.models.vocab import mask_padded_logits
 
@@ -154,24 +158,23 @@ def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, v
     """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
     no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed`: the
     noise of sampled teacher tokens."""
-    return _detect(teacher, student, out, settings, vocab_size=vocab_size, seed=seed)[0]
+    return decide(teacher, student, out, TeacherScores(teacher)(out.tokens), settings, vocab_size=vocab_size,
+                  seed=seed)
 
 
-def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, vocab_size: int, seed: int,
-            teacher_input: tuple[int, int] | None = None):
-    """`detect`, also returning the teacher's logits (last stage, else None) and the tokens it scored
-    (`teacher_view`): the decision does not depend on the view (causal: positions beyond a row's end
+def decide(teacher, student, out: GenerationOutput, teacher_logits: torch.Tensor | None, settings: ScrgSettings,
+           *, vocab_size: int, seed: int) -> torch.Tensor:
+    """`detect` on the teacher's logits of a view of `out` ([b, >= total, V/TP] on the last stage, None on
+    the others): the decision does not depend on the view's padding (causal: positions beyond a row's end
     are never candidates)."""
     temperature = settings.temperature
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
-    scored = teacher_view(out, teacher_input)
-    full_teacher_logits = _score(teacher, scored)
-    teacher_logits = None if full_teacher_logits is None else full_teacher_logits[:, :total]
     # the student's logits over [x; y] were computed while sampling y (generate(record_logits=True))
     student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
     if teacher_logits is not None:
+        teacher_logits = teacher_logits[:, :total]
         tp_group, tp_rank, _ = _tp(teacher)
         start = tp_rank * teacher_logits.shape[-1]
         # logits at position i - 1 predict the token at position i; candidates start at the shortest prompt
@@ -198,7 +201,7 @@ def _detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, 
         j = torch.where(has, best + first, -1)
         t_j = torch.where(has, teacher_tokens.gather(-1, best.unsqueeze(-1)).squeeze(-1), -1)
         decision = torch.stack([j.double(), t_j.double(), torch.where(has, best_d, float("nan"))], -1)
-    return _broadcast_from_last_stage_tp0(decision, (b, 3), teacher), full_teacher_logits, scored
+    return _broadcast_from_last_stage_tp0(decision, (b, 3), teacher)
 
 
 def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *, settings: ScrgSettings,
@@ -214,17 +217,17 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
       tokens after j); plus `per_round`: [b, 3] (j, t_j, d_j) per round.
     `reuse_cache=False` regenerates with a fresh cache (the reference for the cache-reuse test).
 
-    `keep_teacher_view=(seq_length, pad_id)` makes the teacher score every row as the trainer collates it
-    (`teacher_view`) and adds the teacher's work of the LAST detection pass, for the trainer to
-    reuse as its loss-pass logits: `teacher_logits` (this TP rank's shard [b, s, V_padded/TP] on the last
-    pipeline stage, None elsewhere), `teacher_scored` ([b, s], the tokens scored) and `teacher_seen`
-    ([b] bool, identical on every rank: the row's final sequence is the one scored, i.e. the last
-    detection did not correct it; all False when settings.rounds == 0). The decisions do not depend on
-    the view (causal attention; identical on CPU).
+    The teacher scores a fixed-width view of the rows (`teacher_view`) with `TeacherScores`: the first
+    detection runs it over every position, each later one only over the suffixes the regeneration changed.
+    `keep_teacher_view=(length, pad_id)` is the view as the trainer collates the rows; the teacher's
+    logits are then brought up to date with the FINAL sequences (one more suffix pass) and returned for the
+    loss: `teacher_logits` (this TP rank's shard [b, length', V_padded/TP] on the last pipeline stage, None
+    elsewhere; length' > length only where a row is longer than the collation keeps), `teacher_scored`
+    ([b, length'], the tokens scored) and `teacher_recomputed` (the share of those positions the last pass
+    computed again); None, None, 1.0 when settings.rounds == 0. The decisions do not depend on the view.
     """
     prompts = check_request(student, prompts, options, vocab_size=vocab_size)
     seed = options.seed
-    keep_teacher_logits = keep_teacher_view is not None
     out = generate(student, prompts, options, vocab_size=vocab_size, record_logits=settings.rounds > 0)
     b, device = out.tokens.shape[0], out.tokens.device
     stats = {"corrected": torch.zeros(b, dtype=torch.bool, device=device),
@@ -233,23 +236,17 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
              "teacher_token": torch.full((b,), -1, dtype=torch.int64, device=device),
              "rounds_used": torch.zeros(b, dtype=torch.int64, device=device),
              "continuation_changed": torch.zeros(b, dtype=torch.bool, device=device), "per_round": []}
-    if keep_teacher_logits:
-        stats.update(teacher_logits=None, teacher_scored=None, teacher_seen=torch.zeros(b, dtype=torch.bool,
-                                                                                         device=device))
+    # one width for every round (rows end anywhere below it), so that later rounds rescore suffixes only
+    view = keep_teacher_view or (int(out.prompt_lengths.max()) + options.max_new_tokens, options.pad or 0)
+    scores = TeacherScores(teacher) if settings.rounds > 0 else None
     for round_index in range(1, settings.rounds + 1):
-        if keep_teacher_logits:
-            decision, teacher_logits, scored = _detect(teacher, student, out, settings, vocab_size=vocab_size,
-                                                       seed=round_seed(seed, -round_index),
-                                                       teacher_input=keep_teacher_view)
-        else:
-            decision = detect(teacher, student, out, settings, vocab_size=vocab_size,
-                              seed=round_seed(seed, -round_index))
+        teacher_logits = scores(teacher_view(out, view))
+        decision = decide(teacher, student, out, teacher_logits, settings, vocab_size=vocab_size,
+                          seed=round_seed(seed, -round_index))
+        del teacher_logits
         stats["per_round"].append(decision)
         j, t_j = decision[:, 0].long(), decision[:, 1].long()
         fix = j >= 0
-        if keep_teacher_logits:  # only the last pass's are kept: rows it did not correct stay as scored
-            stats.update(teacher_logits=teacher_logits, teacher_scored=scored, teacher_seen=~fix)
-            del teacher_logits
         if not _any_rank(fix, student, teacher):  # lockstep ranks run the same rounds
             break
         stats["corrected"] |= fix
@@ -262,6 +259,11 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
                          vocab_size=vocab_size, reuse_cache=reuse_cache,
                          record_logits=round_index < settings.rounds)  # the next round's detection
         stats["continuation_changed"] |= _suffix_changed(before, out, j)
+    if keep_teacher_view is not None:
+        stats.update(teacher_logits=None, teacher_scored=None, teacher_recomputed=1.0)
+        if scores is not None:
+            scored = teacher_view(out, view)
+            stats.update(teacher_logits=scores(scored), teacher_scored=scored, teacher_recomputed=scores.recomputed)
     return out, stats
 
 

@@ -47,12 +47,12 @@ class StepBatch:
     micro_batches: list[dict]
     source: str  # ground_truth | generate | replay
     stats: dict = field(default_factory=dict)
-    # SCRG steps with mgsr.reuse_scrg_teacher_logits: the teacher logits of SCRG's last detection pass per
-    # micro-batch (this TP rank's vocabulary shard, on the last pipeline stage; None elsewhere) and which
-    # rows of them ARE the loss pass's ([mbs] bool per micro-batch, identical on every rank of the model
-    # replica). Held for this step only.
+    # SCRG steps with mgsr.reuse_scrg_teacher_logits: SCRG's teacher logits of each micro-batch's final rows
+    # (this TP rank's vocabulary shard, on the last pipeline stage; None elsewhere) and whether they are the
+    # loss pass's (False: the collated tokens are not the ones scored, the teacher runs again; identical on
+    # every rank of the model replica). Held for this step only.
     teacher_logits: list | None = None
-    teacher_reused: list[torch.Tensor] | None = None
+    teacher_reused: list[bool] | None = None
 
 
 def generation_stats(responses: list[list[int]], eos_id: int) -> dict:
@@ -83,7 +83,7 @@ def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = F
     student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False), collated to
     `generated_length`. Returns (StepBatch with source "generate" and the generation statistics, kept):
     with `keep_teacher_logits`, `kept` holds per micro-batch SCRG's (teacher_logits, teacher_scored,
-    teacher_seen) of rows scored as they are collated (scrg's keep_teacher_view), else nothing.
+    teacher_recomputed) of the final rows scored as they are collated (scrg's keep_teacher_view), else nothing.
 
     `trainer` supplies cfg, data (training/data.py), schedule (data/schedule.py, which gets the samples
     pushed), scrg_settings, num_micro, dp_size, dp_rank, step and phase(name); `student` and `teacher`
@@ -112,7 +112,7 @@ def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = F
                 out, stats = scrg(student, teacher, prompts, seeded, settings=trainer.scrg_settings,
                                   vocab_size=vocab_size, keep_teacher_view=teacher_input)
             if teacher_input is not None:
-                kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_seen"]))
+                kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_recomputed"]))
             corrected.append(stats["corrected"])
             changed.append(stats["continuation_changed"][stats["corrected"]])
             positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
@@ -314,32 +314,30 @@ class Trainer:
         return self._generate_batch()
 
     def _generate_batch(self) -> StepBatch:
-        """Fresh responses for this rank's prompts (`generate_step_batch`), with SCRG's last detection
-        logits attached for the loss pass (mgsr.reuse_scrg_teacher_logits)."""
+        """Fresh responses for this rank's prompts (`generate_step_batch`), with SCRG's teacher logits of
+        the final sequences attached for the loss pass (mgsr.reuse_scrg_teacher_logits)."""
         reuse = self.schedule.use_scrg and self.cfg.mgsr.reuse_scrg_teacher_logits
         # the teacher scores SCRG's samples exactly as the loss pass will see them (collate_generated)
         batch, kept = generate_step_batch(self, self.student, self.teacher, keep_teacher_logits=reuse)
         if reuse:
             self._attach_scrg_teacher_logits(batch, kept)
         elif self.schedule.use_scrg:
-            batch.stats["teacher_rows_recomputed"] = 1.0
+            batch.stats["teacher_recomputed"] = 1.0
         return batch
 
     def _attach_scrg_teacher_logits(self, batch: StepBatch, kept: list) -> None:
-        """Keep SCRG's last detection logits for the rows whose collated tokens are exactly the ones the
-        teacher scored (same tokens, positions, padding and length: then the logits are the loss pass's).
-        A row whose sequence the last detection corrected, or that the collation cut, is recomputed."""
-        reused = []
-        for mb, (_, scored, seen) in zip(batch.micro_batches, kept, strict=True):
+        """Keep SCRG's teacher logits of a micro-batch when its collated tokens are the ones the teacher
+        scored (always, as the collation is known before generation; checked, as a wrong logit would train
+        silently). `teacher_recomputed`: the share of the loss pass's teacher positions computed after SCRG's
+        last detection (1 for a micro-batch that runs the teacher again)."""
+        batch.teacher_logits, batch.teacher_reused, recomputed = [], [], []
+        for mb, (logits, scored, share) in zip(batch.micro_batches, kept, strict=True):
             tokens = mb["tokens"]
-            if scored is None or scored.shape != tokens.shape:
-                reused.append(torch.zeros(tokens.shape[0], dtype=torch.bool))
-            else:
-                reused.append(seen.cpu() & (scored.cpu() == tokens).all(-1))
-        batch.teacher_logits = [logits for logits, _, _ in kept]
-        batch.teacher_reused = reused
-        rows = torch.cat(reused)
-        batch.stats["teacher_rows_recomputed"] = 1.0 - float(rows.float().mean())
+            usable = scored is not None and scored.shape == tokens.shape and torch.equal(scored.cpu(), tokens)
+            batch.teacher_logits.append(logits if usable else None)
+            batch.teacher_reused.append(usable)
+            recomputed.append(share if usable else 1.0)
+        batch.stats["teacher_recomputed"] = sum(recomputed) / len(recomputed)
 
     # ------------------------------------------------------------------------------------------ step
     @contextlib.contextmanager
@@ -380,42 +378,17 @@ class Trainer:
         logits.register_hook(end)
 
     def step_teacher_logits(self, batch: StepBatch):
-        """The teacher logits of the step's micro-batches (as `teacher_forward`), reusing SCRG's
-        detection logits where the batch carries them: only the other rows run the teacher again."""
+        """The teacher logits of the step's micro-batches (as `teacher_forward`), taking SCRG's where the
+        batch carries them: only the other micro-batches run the teacher."""
         if batch.teacher_reused is None:
             return self.teacher_forward(batch.micro_batches)
-        return self._complete_teacher_logits(batch.micro_batches, batch.teacher_logits, batch.teacher_reused)
-
-    def _complete_teacher_logits(self, micro_batches: list[dict], kept: list, reused: list[torch.Tensor]):
-        """Fill the rows of `kept` that `reused` does not mark with a teacher forward of those rows only.
-
-        Micro-batches without a reused row run whole; the rows to recompute of the others are packed into
-        sub-batches of micro_batch_size rows, the last one filled up with copies of its last row, so that
-        every batch has the loss pass's shape (a row's values do not depend on the other rows' values, but
-        a GEMM of another shape may round differently: at TP=2 a 1-row batch gave ~1e-7 relative
-        differences) and one pipeline pass runs them all. `reused` is identical on every rank of the
-        model replica, so every pipeline stage runs the same pass."""
-        mbs = micro_batches[0]["tokens"].shape[0]
-        whole = [k for k, rows in enumerate(reused) if not bool(rows.any())]
-        partial = [(k, r) for k, rows in enumerate(reused) if bool(rows.any())
-                   for r in torch.nonzero(~rows).flatten().tolist()]
-        chunks = [(micro_batches[k]["tokens"], k) for k in whole]
-        for i in range(0, len(partial), mbs):
-            part = partial[i:i + mbs]
-            rows = [micro_batches[k]["tokens"][r] for k, r in part]
-            chunks.append((torch.stack(rows + rows[-1:] * (mbs - len(rows))), part))
-        logits = list(kept) if self.last_stage else None
-        if not chunks:
-            return logits
-        outputs = forward_logits(self.teacher, [tokens for tokens, _ in chunks])
-        if outputs is None:  # not the last pipeline stage: nothing to place
-            return None
-        for (_, target), out in zip(chunks, outputs, strict=True):
-            if isinstance(target, int):
-                logits[target] = out
-            else:
-                for row, (k, r) in enumerate(target):
-                    logits[k][r] = out[row]
+        missing = [k for k, reused in enumerate(batch.teacher_reused) if not reused]
+        # the step takes them over: the batch must not keep [tokens, V] tensors alive past the loss
+        logits, batch.teacher_logits = (batch.teacher_logits if self.last_stage else None), None
+        outputs = forward_logits(self.teacher, [batch.micro_batches[k]["tokens"] for k in missing]) if missing else None
+        if outputs is not None:  # the last pipeline stage
+            for k, out in zip(missing, outputs, strict=True):
+                logits[k] = out
         return logits
 
     def teacher_forward(self, micro_batches: list[dict]):

@@ -365,10 +365,14 @@ def scrg_matches_dense_reference():
                 continue  # the options are layout-independent code: check them at TP2xPP2 only
             where = f"TP={tp} PP={pp} {c.scrg_divergence}/{c.scrg_teacher_token}/delta={c.scrg_delta}"
             results = {}
-            for reuse in ((True, False) if index == 0 else (True,)):
+            # reuse False: a cold regeneration; "megatron": Megatron's inference path generates and the
+            # teacher scores on it too (generation/teacher_scores.py: whole-batch suffix passes, round 2)
+            variants = (True, False) + (("megatron",) if (tp, pp) == (2, 2) else ()) if index == 0 else (True,)
+            for reuse in variants:
                 options = SamplingOptions(max_new_tokens=c.max_new_tokens, eos_id=3, seed=8)
-                out, stats = scrg(student, teacher, PROMPTS, options, settings=ScrgSettings.from_config(c),
-                                  vocab_size=VOCAB, reuse_cache=reuse)
+                with megatron_inference_path(reuse == "megatron"):
+                    out, stats = scrg(student, teacher, PROMPTS, options, settings=ScrgSettings.from_config(c),
+                                      vocab_size=VOCAB, reuse_cache=reuse is not False)
                 results[reuse] = out.tokens.tolist()
                 assert out.responses() == responses, f"{where} reuse={reuse}: {out.responses()} vs {responses}"
                 assert len(stats["per_round"]) == len(rounds), where
@@ -470,7 +474,8 @@ def megatron_inference_path(enabled: bool = True):
 
 
 class PassRecorder:
-    """Records (rows, columns, offset) of every decode pass (PipelineStepper.forward) while active."""
+    """Records (rows, columns, offset) of every decode pass (PipelineStepper.forward) while active; the
+    teacher's scoring passes (all_columns, generation/teacher_scores.py) are not decode passes."""
 
     def __init__(self):
         self.passes = []
@@ -481,9 +486,10 @@ class PassRecorder:
         self.original = PipelineStepper.forward
         recorder = self
 
-        def forward(stepper, tokens, offset):
-            recorder.passes.append((int(tokens.shape[0]), int(tokens.shape[1]), int(offset)))
-            return recorder.original(stepper, tokens, offset)
+        def forward(stepper, tokens, offset, **stage_options):
+            if not stage_options.get("all_columns"):
+                recorder.passes.append((int(tokens.shape[0]), int(tokens.shape[1]), int(offset)))
+            return recorder.original(stepper, tokens, offset, **stage_options)
 
         PipelineStepper.forward = forward
         return self

@@ -94,7 +94,7 @@ def teacher_left_at_random_init_is_refused():
 @dist_check(world_size=4)
 def scrg_teacher_logit_reuse_matches_recompute():
     """mgsr.reuse_scrg_teacher_logits at TP=2 PP=2 (4 micro-batches per step): the step's losses,
-    gradient norms and the student's weights equal those of the full teacher forward (the old path)."""
+    gradient norms and the student's weights equal those of the full teacher forward, to rounding."""
     import torch
 
     from mgsr_megatron.training.run import build_trainer
@@ -114,9 +114,13 @@ def scrg_teacher_logit_reuse_matches_recompute():
         return metrics, [p.detach().clone() for p in trainer.student.parameters()]
 
     (reused, weights), (recomputed, reference) = run(True), run(False)
-    shares = [m["teacher_rows_recomputed"] for m in reused]
-    assert any(share < 1.0 for share in shares) and any(share > 0.0 for share in shares), shares
-    assert [m["teacher_rows_recomputed"] for m in recomputed] == [1.0] * 3
+    shares = [m["teacher_recomputed"] for m in reused]
+    assert all(share < 1.0 for share in shares) and any(share > 0.0 for share in shares), shares
+    assert [m["teacher_recomputed"] for m in recomputed] == [1.0] * 3
+    # the same SCRG decisions; the loss's teacher logits (KV-cached suffix passes vs a full forward) to rounding
+    assert [m["scrg_corrected"] for m in reused] == [m["scrg_corrected"] for m in recomputed]
     for key in ("loss", "sft", "dac_kl", "span", "grad_norm"):
-        assert [m[key] for m in reused] == [m[key] for m in recomputed], (key, reused, recomputed)
-    assert all(torch.equal(a, b) for a, b in zip(weights, reference, strict=True))
+        got, want = torch.tensor([m[key] for m in reused]), torch.tensor([m[key] for m in recomputed])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    for got, want in zip(weights, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

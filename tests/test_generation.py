@@ -295,8 +295,26 @@ def test_teacher_scores_rescore_only_the_changed_suffixes(models, megatron_path)
             assert torch.equal(second[[0, 2]], first[[0, 2]])
         again = scores(changed.clone())
         assert scores.recomputed == 0.0 and torch.equal(again, second)
+        # rows 0, 1 change from column 1, rows 2, 3 from column 13: the lean stage runs two passes
+        # (suffix_passes: 2 x 13 + 2 x 1 positions + 2 x 14 of fixed cost < 4 x 13 + 14), Megatron's one
+        split = changed.clone()
+        split[:2, 1] = (split[:2, 1] + 1) % VOCAB
+        split[2:, 13] = (split[2:, 13] + 1) % VOCAB
+        third = scores(split)
+        assert scores.recomputed == pytest.approx((4 * 13 if megatron_path else 2 * 13 + 2 * 1) / (4 * 14))
+        torch.testing.assert_close(third, _score(teacher, split), rtol=1e-5, atol=1e-5)
         scores(changed[:, :12])  # another width: scored whole again
         assert scores.recomputed == 1.0
+
+
+def test_suffix_passes_group_rows_by_their_first_change():
+    from mgsr_megatron.generation.teacher_scores import suffix_passes
+
+    # one pass from column 3 would compute 5 x 61 + 64 = 369 positions, two passes 2 x 61 + 64 + 3 x 4 + 64 = 262
+    assert suffix_passes([7, 2, 9, 4, 5], [60, 3, 60, 3, 60], 64) == [([2, 4], 3), ([7, 9, 5], 60)]
+    # close starts share a pass: 2 x 61 + 64 = 186 < 61 + 64 + 60 + 64
+    assert suffix_passes([1, 0], [4, 3], 64) == [([0, 1], 3)]
+    assert suffix_passes([], [], 64) == []
 
 
 @pytest.mark.parametrize("rounds", [1, 2])
@@ -324,7 +342,11 @@ def test_scrg_keeps_the_teacher_logits_of_the_final_sequences(models, rounds):
     torch.testing.assert_close(stats["teacher_logits"], scrg_module._score(teacher, final), rtol=1e-5, atol=1e-5)
     last_j = stats["per_round"][-1][:, 0]
     assert (last_j >= 0).any() and not (last_j >= 0).all(), stats["per_round"]
-    rescored = int((last_j >= 0).sum()) * (length - int(last_j[last_j >= 0].min()))
+    from mgsr_megatron.generation.teacher_scores import suffix_passes
+
+    rows = torch.nonzero(last_j >= 0).flatten().tolist()
+    passes = suffix_passes(rows, [int(last_j[r]) for r in rows], length)
+    rescored = sum(len(pass_rows) * (length - start) for pass_rows, start in passes)
     assert stats["teacher_recomputed"] == pytest.approx(rescored / final.numel())
 
 

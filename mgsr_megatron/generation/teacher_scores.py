@@ -9,10 +9,11 @@ Causal attention makes a position's logits, and its keys and values in every lay
 tokens up to it. So when a row changes first at column c, its logits and cache entries below c are
 still valid, and a pass over columns [c, L) that attends to the cached prefix recomputes the rest:
 
-    pass rows  R = rows whose tokens differ from the last call's,  c = min over R of the first change
+    changed rows, grouped into passes (`suffix_passes`); per pass, R = its rows, c = their smallest first change
     logits[R, c:] = teacher(tokens[R, c:] | cache[R, :c])           (the cache's columns >= c rewritten)
 
-Rows in R whose own first change lies after c recompute a few unchanged columns: the same values.
+Rows in R whose own first change lies after c recompute a few unchanged columns: the same values. The
+grouping trades those columns against the passes' fixed cost (every weight is read once per pass).
 Each SCRG round's detection, and the loss pass of a training step (mgsr.reuse_scrg_teacher_logits),
 so cost one full teacher pass plus the changed suffixes, instead of a full pass per round and one more
 for the loss.
@@ -68,16 +69,40 @@ class TeacherScores:
         self.recomputed = 1.0
 
     def _rescore_changed(self, tokens: torch.Tensor) -> None:
+        b, length = tokens.shape
         differs = tokens != self.tokens
-        rows = torch.nonzero(differs.any(-1)).flatten()
-        self.recomputed = 0.0
-        if rows.numel() == 0:
-            return
-        start = int(differs[rows].int().argmax(-1).min())  # argmax: the first True column of each row
-        if self.stepper.path != "lean":  # Megatron's static cache computes whole batches
-            rows = torch.arange(tokens.shape[0], device=tokens.device)
-        options = {"rows": rows} if self.stepper.path == "lean" else {}
-        logits = self.stepper.forward(tokens[rows, start:], start, all_columns=True, **options)
-        if logits is not None:
-            self.logits[rows, start:] = logits
-        self.recomputed = rows.numel() * (tokens.shape[1] - start) / tokens.numel()
+        changed = torch.nonzero(differs.any(-1)).flatten()
+        firsts = differs[changed].int().argmax(-1)  # argmax: the first True column of each row
+        if self.stepper.path == "lean":
+            passes = suffix_passes(changed.tolist(), firsts.tolist(), length)
+        else:  # Megatron's static cache computes whole batches
+            passes = [(list(range(b)), int(firsts.min()))] if changed.numel() else []
+        computed = 0
+        for rows, start in passes:
+            rows = torch.tensor(rows, device=tokens.device)
+            options = {"rows": rows} if self.stepper.path == "lean" else {}
+            logits = self.stepper.forward(tokens[rows, start:], start, all_columns=True, **options)
+            if logits is not None:
+                self.logits[rows, start:] = logits
+            computed += rows.numel() * (length - start)
+        self.recomputed = computed / tokens.numel()
+
+
+def suffix_passes(rows: list[int], starts: list[int], length: int) -> list[tuple[list[int], int]]:
+    """Rows (with the first column each must recompute, of `length`) grouped into passes [(rows, start)], a pass
+    computing all its rows from its smallest start: the grouping that computes the fewest (row, column)
+    positions when every pass also costs `length` more (its fixed cost, reading each weight once, taken as one
+    row's work). Rows sorted by start: the best groups are runs of that order (dynamic programming)."""
+    order = sorted(range(len(rows)), key=lambda i: starts[i])
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best[i]: cost of order[:i]
+    for end in range(1, len(order) + 1):
+        for begin in range(end):
+            cost = best[begin] + (end - begin) * (length - starts[order[begin]]) + length
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, begin
+    passes, end = [], len(order)
+    while end > 0:
+        begin = cut[end]
+        passes.append(([rows[i] for i in order[begin:end]], starts[order[begin]]))
+        end = begin
+    return passes[::-1]

@@ -35,6 +35,6 @@ def test_bench_step_runs_and_reports_a_ratio(tmp_path):
     for phase in ("data", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
                   "optimizer", "bookkeeping"):
         assert re.search(rf"^{phase} +[0-9.]+ +[0-9.]+ +[0-9.]+$", result.stdout, re.M), (phase, result.stdout)
-    for phase in ("generation", "teacher_scoring"):
+    for phase in ("generation", "teacher_scoring", "cpu_user", "cpu_system"):
         assert re.search(rf"^{phase} +[0-9.]+ +[0-9.]+$", result.stdout, re.M), (phase, result.stdout)
     assert re.search(r"the teacher.s work per step .* [0-9.]+x less", result.stdout), result.stdout

@@ -339,12 +339,13 @@ def scrg_step(trainer, reuse: bool) -> dict:
 
 PHASES = ("data", "generation", "teacher_forward", "student_forward_backward", "loss_forward", "loss_backward",
           "optimizer", "bookkeeping")
+CPU_TIMES = ("cpu_user", "cpu_system")  # the whole step's process CPU time (all threads), not wall phases
 
 
 def breakdown_lines(columns: dict[str, list[dict]], phases: tuple[str, ...] = PHASES) -> list[str]:
     """Median ms per phase of each kind of step (medians do not add up exactly to the step's median)."""
     lines = [f"{'phase (median ms/step)':<26}" + "".join(f" {name:>12}" for name in columns)]
-    for phase in phases:
+    for phase in phases + CPU_TIMES:
         values = [statistics.median(step.get(phase, 0.0) for step in steps) * 1e3 for steps in columns.values()]
         if phase == "generation" and not any(values):
             continue
@@ -367,7 +368,11 @@ def step_flops(trainer, args) -> float:
 def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[list], list[list[float]]]:
     """Run `variants` (callables) in rotation, one step each (after `warmup` untimed rounds), so that a drift
     of the machine's speed during the run does not land on one side. Returns, per variant, what each call
-    returned (its phases) and the seconds of each timed step."""
+    returned (its phases, with the process's CPU seconds of the step in user and kernel mode added as
+    `cpu_user` / `cpu_system`: on a VM that hands freed memory back to its host, page faults show up as
+    kernel time) and the seconds of each timed step."""
+    import resource
+
     from mgsr_megatron import platform
 
     for _ in range(warmup):
@@ -377,10 +382,13 @@ def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[list],
     for _ in range(steps):
         for fn, bucket, returned in zip(variants, times, results):
             platform.synchronize()
-            start = time.perf_counter()
-            returned.append(fn())
+            start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            phases = fn()
             platform.synchronize()
             bucket.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            returned.append({**phases, "cpu_user": after.ru_utime - usage.ru_utime,
+                             "cpu_system": after.ru_stime - usage.ru_stime})
     return results, times
 
 

@@ -158,15 +158,12 @@ class LeanStage:
         if self.rope is not None:
             query = self._rotate(query.reshape(b, s, -1, self.head_dim), offset).view_as(query)
             key = self._rotate(key, offset)
+        # the first b cache rows (views), or scattered ones (a rescoring pass: the prefix is gathered)
+        cache_rows = slice(0, b) if rows is None else rows
         keys, values = self.keys[index], self.values[index]
-        if rows is None:
-            keys[:b, :, offset:offset + s] = key.transpose(1, 2)
-            values[:b, :, offset:offset + s] = value.transpose(1, 2)
-            keys, values = keys[:b, :, :offset + s], values[:b, :, :offset + s]
-        else:  # scattered cache rows (a rescoring pass): write them, then gather their prefix
-            keys[rows, :, offset:offset + s] = key.transpose(1, 2)
-            values[rows, :, offset:offset + s] = value.transpose(1, 2)
-            keys, values = keys[rows, :, :offset + s], values[rows, :, :offset + s]
+        keys[cache_rows, :, offset:offset + s] = key.transpose(1, 2)
+        values[cache_rows, :, offset:offset + s] = value.transpose(1, 2)
+        keys, values = keys[cache_rows, :, :offset + s], values[cache_rows, :, :offset + s]
         # [b, s, g, hpg, d] -> [b, g, hpg * s, d]: a group's heads share its keys without copies
         query = query.permute(0, 2, 3, 1, 4).reshape(b, self.groups, self.heads_per_group * s, self.head_dim)
         context = F.scaled_dot_product_attention(

@@ -136,15 +136,15 @@ def _broadcast_from_last_stage_tp0(values: torch.Tensor | None, shape, model=Non
     return values
 
 
-def teacher_view(out: GenerationOutput, teacher_input: tuple[int, int] | None) -> torch.Tensor:
-    """The tokens the teacher scores. `teacher_input = (length, pad_id)`: every row cut at its end
-    (prompt + response) and right-padded with pad_id to `length` — the trainer's collated micro-batch
-    (training/data.py collate_generated), so that the detection logits ARE the loss pass's. Sequences
-    longer than `length` (the collation would truncate them) and `teacher_input=None`: `out.tokens`."""
+def teacher_view(out: GenerationOutput, view: tuple[int, int]) -> torch.Tensor:
+    """The tokens the teacher scores. `view = (length, pad_id)`: every row cut at its end (prompt +
+    response) and right-padded with pad_id to `length` (with the trainer's, its collated micro-batch,
+    training/data.py collate_generated, so that SCRG's teacher logits ARE the loss pass's). Sequences
+    longer than `length` (the collation would truncate them): `out.tokens`."""
     tokens = out.tokens
-    if teacher_input is None or tokens.shape[1] > teacher_input[0]:
+    length, pad_id = view
+    if tokens.shape[1] > length:
         return tokens
-    length, pad_id = teacher_input
     b, total = tokens.shape
     ends = (out.prompt_lengths + out.response_lengths).unsqueeze(-1)
     inside = torch.arange(total, device=tokens.device).unsqueeze(0) < ends

@@ -73,14 +73,15 @@ class TeacherScores:
         differs = tokens != self.tokens
         changed = torch.nonzero(differs.any(-1)).flatten()
         firsts = differs[changed].int().argmax(-1)  # argmax: the first True column of each row
-        if self.stepper.path == "lean":
+        lean = self.stepper.path == "lean"
+        if lean:
             passes = suffix_passes(changed.tolist(), firsts.tolist(), length)
         else:  # Megatron's static cache computes whole batches
             passes = [(list(range(b)), int(firsts.min()))] if changed.numel() else []
         computed = 0
         for rows, start in passes:
             rows = torch.tensor(rows, device=tokens.device)
-            options = {"rows": rows} if self.stepper.path == "lean" else {}
+            options = {"rows": rows} if lean else {}
             logits = self.stepper.forward(tokens[rows, start:], start, all_columns=True, **options)
             if logits is not None:
                 self.logits[rows, start:] = logits

@@ -174,52 +174,6 @@ def test_objective_matches_dense_reference(case, min_slice_rows, seq_first, monk
     assert metrics["nonfinite"] is False
 
 
-def test_cpu_gradient_buffer_is_reused_only_when_nothing_holds_it(monkeypatch):
-    """The backward's [tokens, V] gradient buffer is kept for the next call on CPU (objective._gradient_buffer);
-    a gradient that a leaf's .grad or autograd still holds is never overwritten, and reuse gives the numbers
-    of a fresh buffer."""
-    from mgsr_megatron.losses import objective
-
-    cfg, clipnet = small_cfg(), ClipNet(8, 16, seed=3)
-    settings = ObjectiveSettings.from_config(cfg)
-    batches = [make_batch(seed=1), make_batch(seed=2)]
-
-    def loss_of(logits, batch):
-        return mgsr_objective(logits, batch[1], LossTargets(*batch[2:]), clipnet=clipnet, settings=settings)[0]
-
-    # a leaf's .grad (AccumulateGrad takes the buffer over) survives the next call
-    grads = [run_objective(cfg, batch, clipnet)[2] for batch in batches]
-    alone = [run_objective(cfg, batch, clipnet)[2].clone() for batch in batches]
-    assert all(torch.equal(got, want) for got, want in zip(grads, alone))
-    # two calls in one graph: the first call's gradient is still held when the second one runs
-    leaves = [batch[0].clone().requires_grad_(True) for batch in batches]
-    sum(loss_of(x, batch) for x, batch in zip(leaves, batches)).backward()
-    assert all(torch.equal(x.grad, want) for x, want in zip(leaves, alone))
-    # behind a layer (the trainer's case): the buffer is reused, with a fresh buffer's numbers
-    hidden = torch.randn(14, 4, generator=torch.Generator().manual_seed(0))
-    weight = torch.randn(4, PADDED, generator=torch.Generator().manual_seed(1), requires_grad=True)
-
-    def weight_grads():
-        out = []
-        for batch in batches:
-            weight.grad = None
-            logits = (hidden @ weight).view(2, 7, PADDED).masked_fill(batch[0].isinf(), float("-inf"))
-            loss_of(logits, batch).backward()
-            out.append(weight.grad.clone())
-        return out
-
-    reused = weight_grads()
-    buffers = []
-    monkeypatch.setattr(objective, "_gradient_buffer", lambda student: buffers.append(1) or torch.empty(
-        student.shape, dtype=torch.float32))
-    fresh = weight_grads()
-    assert len(buffers) == 2 and all(torch.equal(a, b) for a, b in zip(reused, fresh))
-    monkeypatch.undo()
-    kept = objective._CPU_GRADIENT_BUFFER[0]
-    weight_grads()
-    assert objective._CPU_GRADIENT_BUFFER[0] is kept  # no new buffer for the two calls
-
-
 @pytest.mark.parametrize("case", ["learned_t1", "fixed_t1", "off_t1", "learned_t13", "given_entropy_t1", "no_kd"])
 def test_teacher_entropy_metric_is_the_dense_entropy_at_t1(case):
     """The teacher_entropy metric, wherever the objective takes it from (DAC-KL's statistics, the given

@@ -52,3 +52,35 @@ def test_cpu_rng_tracker_forks_independent_streams():
         second = torch.rand(3)
     torch.manual_seed(11)
     assert torch.equal(first, torch.rand(3)) and not torch.equal(first, second)
+
+
+FRESH_BUFFER_FAULTS = """
+import resource, torch
+from mgsr_megatron import platform
+platform.keep_freed_host_memory()
+def faults_of_fresh_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MiB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(sum([faults_of_fresh_buffer() for _ in range(16)][-4:]))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU heap only")
+def test_freed_cpu_memory_is_reused_without_page_faults():
+    """A fresh 64 MiB buffer after the last one was freed, 16 times: glibc's default unmaps each and the next
+    faults in all 16384 of its 4 KiB pages again; kept in the heap, the last four fault none (the first
+    ones grow the heap: glibc cannot place an aligned block in a freed one of the same size until freed
+    neighbours merge). A user's own glibc malloc setting wins: the default behaviour comes back. Huge
+    pages off, so that the count is pages."""
+    import os
+    import subprocess
+    import sys
+
+    def faults(**env):
+        run = subprocess.run([sys.executable, "-c", FRESH_BUFFER_FAULTS], capture_output=True, text=True, check=True,
+                             env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0", **env})
+        return int(run.stdout.split()[-1])
+
+    assert faults() < 100
+    assert faults(MALLOC_MMAP_THRESHOLD_=str(2**20)) >= 4 * 16000

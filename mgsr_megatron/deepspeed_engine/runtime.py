@@ -72,6 +72,7 @@ def init_distributed(timeout_minutes: int = 10, rendezvous_timeout_s: float = 30
     from mgsr_megatron.parallel import discover_env, wait_for_rendezvous
 
     env = discover_env()
+    platform.keep_freed_host_memory()
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
                         ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
         os.environ.setdefault(name, str(value))

@@ -270,7 +270,9 @@ class _MGSRObjective(torch.autograd.Function):
         # At temperature 1 the SFT gradient softmax - onehot (the formula of Megatron's backward) shares
         # DAC-KL's student softmax and is formed in the same pass; otherwise Megatron's function re-runs.
         fuse_sft = with_sft and bool(settings.w_dac) and temperature == 1.0 and d.fused_kd
-        grad = _GradLayout(_gradient_buffer(student), student_logits.shape, call.grad_seq_first)
+        # written whole: loss rows by their terms, the other rows zeros
+        grad = _GradLayout(torch.empty(student.shape, dtype=torch.float32, device=student.device),
+                           student_logits.shape, call.grad_seq_first)
         for rows in ctx.idle:
             grad.rows(rows).zero_()
         param_grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
@@ -310,38 +312,6 @@ class _MGSRObjective(torch.autograd.Function):
         ctx.chunk_states = ctx.span_states = ctx.row_chunks = ctx.idle = None
         grad_student = grad.result() if student.dtype == torch.float32 else grad.result().to(student.dtype)
         return (grad_student, None, None, *[g.to(p.dtype) for g, p in zip(param_grads, params)])
-
-
-_CPU_GRADIENT_BUFFER: list[torch.Tensor] = []  # at most one, see _gradient_buffer
-
-
-def _gradient_buffer(student: torch.Tensor) -> torch.Tensor:
-    """The float32 [tokens, V/TP] buffer the backward writes whole (every row: loss rows by their terms,
-    the others zeros). On CPU it is kept for the next call of the same shape: glibc returns a fresh
-    buffer of that size to the kernel when freed, so every micro-batch paid its page faults again
-    (bench_step: ~150 ms per 131 MB on a VM, the larger part of the loss backward; CUDA's caching
-    allocator reuses the block by itself). It is reused only while nothing else holds it (`_unshared`:
-    autograd still holding an earlier call's gradient, or a leaf's .grad on its memory, leaves it alone);
-    in training each micro-batch's gradient is consumed by the output layer's backward before the next."""
-    shape = tuple(student.shape)
-    if student.device.type != "cpu":
-        return torch.empty(shape, dtype=torch.float32, device=student.device)
-    kept = _CPU_GRADIENT_BUFFER[0] if _CPU_GRADIENT_BUFFER else None
-    if kept is not None and tuple(kept.shape) == shape and _unshared(kept):
-        return kept
-    buffer = torch.empty(shape, dtype=torch.float32)
-    _CPU_GRADIENT_BUFFER[:] = [buffer]
-    return buffer
-
-
-def _unshared(tensor: torch.Tensor) -> bool:
-    """Nothing but `tensor`'s own Python object holds it or its memory: no autograd buffer, and no other
-    tensor on the same storage (a leaf's .grad that AccumulateGrad took over, a view). PyTorch's private
-    use counts (its own tests read them); without them the answer is no."""
-    try:
-        return tensor._use_count() == 1 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) == 2
-    except AttributeError:
-        return False
 
 
 def _row_plan(sft_w: torch.Tensor, kd_w: torch.Tensor, size: int, seq_length: int):

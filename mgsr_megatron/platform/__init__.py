@@ -3,7 +3,7 @@
 Everything device-specific lives in this package: the rest of the code asks `device()` and
 `backend()` and never touches `torch.cuda` directly.
 
-Public: device, backend, activate, cuda_available, set_local_device, model_parallel_seed,
+Public: device, backend, activate, keep_freed_host_memory, cuda_available, set_local_device, model_parallel_seed,
 synchronize, peak_memory_bytes, bf16_supported (this file). cpu.py is the adapter `activate()` installs.
 """
 
@@ -40,6 +40,13 @@ def activate() -> None:
     """Make Megatron-Core usable on this machine: a no-op with CUDA, the CPU adapter without."""
     if not cuda_available():
         cpu.activate()
+
+
+def keep_freed_host_memory() -> None:
+    """Without CUDA, keep freed CPU tensor memory in the process for reuse (`cpu.keep_freed_memory`); for
+    engines that do not `activate()` the Megatron adapter (DeepSpeed). A no-op with CUDA."""
+    if not cuda_available():
+        cpu.keep_freed_memory()
 
 
 def model_parallel_seed(seed: int) -> None:

@@ -130,6 +130,10 @@ class MGSRConfig:
     # left unchanged (docs/generation.md); false: one teacher forward over every generated row, as before
     reuse_scrg_teacher_logits: bool = True
     max_new_tokens: int = 256
+    # micro-batches generated in one call (SCRG or the teacher's samples); 0: all of the step's on this DP
+    # rank. Decoding reads the weights once per token for every row of a call; the planner counts the
+    # KV caches and logits of that many rows
+    generation_micro_batches: int = 0
     # data schedule
     data_schedule: Literal["off_policy", "on_policy", "ground_truth", "seqkd"] = "off_policy"
     replay_capacity: int = 1000
@@ -432,6 +436,7 @@ def validate(cfg: Config) -> Config:
     for key in ("schedule.train_iters", "schedule.lr_warmup_iters", "schedule.eval_interval",
                 "schedule.eval_iters", "schedule.eval_prompts", "schedule.max_nan_steps",
                 "checkpoint.save_interval", "checkpoint.keep_last", "mgsr.scrg_rounds", "mgsr.replay_capacity",
+                "mgsr.generation_micro_batches",
                 "mgsr.sft_warmup_iters", "mgsr.w_sft", "mgsr.w_dac", "mgsr.w_span", "mgsr.kappa",
                 "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.clip_grad"):
         _at_least(cfg, key, 0)

@@ -47,11 +47,12 @@ Teacher logits: the teacher's forward over all micro-batches of a step runs firs
 logits stay on the last stage until the student's loss: n_micro*b*s*V_pad/t*e_teacher. The teacher's own
 forward is no-grad (one layer's scores and MLP intermediate at a time).
 
-SCRG generator (on-policy / off-policy schedules; the teacher generates in SeqKD): the generator's KV
-cache for one micro-batch, 2 * layers_on_stage * b * (max_prompt_length + max_new_tokens) * g/t * d * e,
-on SCRG steps plus the teacher's (it scores with a KV cache, generation/teacher_scores.py), the no-grad
-teacher and student logits of SCRG's scoring pass over [x; y] (b*s*V_pad/t*e each) and, with
-mgsr.reuse_scrg_teacher_logits, the teacher logits of the step's earlier micro-batches kept for the loss.
+SCRG generator (on-policy / off-policy schedules; the teacher generates in SeqKD): one generation call
+covers r = min(mgsr.generation_micro_batches or n_micro, n_micro) * b rows; the generator's KV cache for
+them, 2 * layers_on_stage * r * (max_prompt_length + max_new_tokens) * g/t * d * e, on SCRG steps plus the
+teacher's (it scores with a KV cache, generation/teacher_scores.py), the no-grad teacher and student logits
+of SCRG's scoring pass over [x; y] (r*s*V_pad/t*e each) and, with mgsr.reuse_scrg_teacher_logits, the
+teacher logits of the step's other n_micro*b - r rows, kept for the loss.
 Generation happens before the training forward/backward of the same step, so the peak is
     static (teacher weights + student states) + max(generation phase, training phase).
 A GPU fits the plan if the peak is at most (1 - RESERVE_FRACTION) of its memory (CUDA context, NCCL
@@ -265,8 +266,8 @@ class StagePlan:
     kv_cache: int  # the generator's; on SCRG steps also the teacher's (generation/teacher_scores.py)
     scoring_logits: int
     in_flight: int
-    # SCRG with mgsr.reuse_scrg_teacher_logits: the teacher logits of the step's earlier micro-batches, held
-    # while the last one generates (the loss takes them)
+    # SCRG with mgsr.reuse_scrg_teacher_logits: the teacher logits of the step's other rows, held while the
+    # last generation call runs (the loss takes them)
     scrg_kept_logits: int = 0
     runtime: int = 0  # the CPU process runtime (CPU_RUNTIME_BYTES) with --device cpu; 0 on GPU
 
@@ -380,13 +381,14 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
         if generator is not None:
             gen_model = teacher if generator == "teacher" else student
             length = min(cfg.data.max_prompt_length + mgsr.max_new_tokens, s)
-            kv = kv_cache_bytes(gen_model, tp, pp, b, length)
+            rows = min(mgsr.generation_micro_batches or num_micro, num_micro) * b  # one generation call's
+            kv = kv_cache_bytes(gen_model, tp, pp, rows, length)
             if generator == "student" and mgsr.scrg_rounds > 0:
-                kv += kv_cache_bytes(teacher, tp, pp, b, length)  # SCRG's teacher scores with a KV cache
+                kv += kv_cache_bytes(teacher, tp, pp, rows, length)  # SCRG's teacher scores with a KV cache
                 if last:
-                    scoring = logits_bytes(student, tp, b, length) + logits_bytes(teacher, tp, b, length)
+                    scoring = logits_bytes(student, tp, rows, length) + logits_bytes(teacher, tp, rows, length)
                     if mgsr.reuse_scrg_teacher_logits:
-                        kept = (num_micro - 1) * logits_bytes(teacher, tp, b, length)
+                        kept = logits_bytes(teacher, tp, num_micro * b - rows, length)
         stages.append(StagePlan(
             stage=stage,
             teacher_weights=stage_params(teacher, tp, pp, stage) * DTYPE_BYTES[teacher.params_dtype]

@@ -4,6 +4,8 @@ The multi-rank layouts (TP=2/4, PP=2, TP2xPP2) are in tests/dist/check_generatio
 against the same independent dense reference defined there.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -350,6 +352,32 @@ def test_scrg_keeps_the_teacher_logits_of_the_final_sequences(models, rounds):
     assert stats["teacher_recomputed"] == pytest.approx(rescored / final.numel())
 
 
+@pytest.mark.parametrize("teacher_token", ["greedy", "sampled"])
+def test_rows_batched_from_several_requests_keep_their_samples(models, teacher_token):
+    """SamplingOptions.row_ids (the trainer's generation of several micro-batches in one call): a row's
+    samples, SCRG decisions and corrections depend on its row id, not on which rows share its call. A
+    request of the last prompt alone with row id 2 gives row 2 of the whole request (whose samples the
+    dense reference checks above); two requests batched into one with their own row ids give both."""
+    student, teacher = models
+    settings = ScrgSettings(rounds=2, teacher_token=teacher_token)
+    options = SamplingOptions(max_new_tokens=6, eos_id=3, seed=9)
+
+    def run(prompts, row_ids):
+        out, stats = scrg(student, teacher, prompts, dataclasses.replace(options, row_ids=row_ids),
+                          settings=settings, vocab_size=VOCAB)
+        return out.responses(), stats["j"].tolist(), stats["teacher_token"].tolist()
+
+    whole = run(PROMPTS, None)
+    assert run(PROMPTS[2:], (2,)) == tuple(column[2:] for column in whole)
+    first, second = run(PROMPTS[:2], (10, 11)), run(PROMPTS[2:], (20,))
+    assert run(PROMPTS, (10, 11, 20)) == tuple(a + b for a, b in zip(first, second))
+    assert first != tuple(column[:2] for column in whole) or second[0] != whole[0][2:]  # the ids matter
+    sampled = generate(student, PROMPTS, dataclasses.replace(options, row_ids=(10, 11, 20)), vocab_size=VOCAB)
+    parts = [generate(student, PROMPTS[:2], dataclasses.replace(options, row_ids=(10, 11)), vocab_size=VOCAB),
+             generate(student, PROMPTS[2:], dataclasses.replace(options, row_ids=(20,)), vocab_size=VOCAB)]
+    assert sampled.responses() == parts[0].responses() + parts[1].responses()
+
+
 @pytest.mark.parametrize("prompts,kwargs,message", [
     ([[1] * 41], dict(max_new_tokens=1), "41 tokens, longer than the model's context of 40"),
     ([[1] * 30], dict(max_new_tokens=11), "30 tokens) + max_new_tokens (11) = 41 overflows the model's 40"),
@@ -362,6 +390,7 @@ def test_scrg_keeps_the_teacher_logits_of_the_final_sequences(models, rounds):
     ([[1, 2]], dict(max_new_tokens=3, temperature=0.0), "temperature must be > 0"),
     ([[1, 2]], dict(max_new_tokens=3, top_p=0.0), "top_p must be in (0, 1]"),
     ([[1, 2.5]], dict(max_new_tokens=3), "prompt 0 holds a non-integer token id"),
+    ([[1, 2]], dict(max_new_tokens=3, row_ids=(0, 1)), "2 row_ids for 1 prompts"),
 ])
 def test_bad_input_is_reported_before_generation(models, prompts, kwargs, message):
     student, _ = models

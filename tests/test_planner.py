@@ -37,7 +37,9 @@ def small_config() -> Config:
 
 
 def test_small_config_by_hand():
-    p = plan(small_config(), world_size=8, gpu_memory_gib=1.0)
+    cfg = small_config()
+    cfg.mgsr.generation_micro_batches = 1  # one micro-batch per generation call (the default: the step's all)
+    p = plan(cfg, world_size=8, gpu_memory_gib=1.0)
     assert (p.tp, p.pp, p.dp, p.num_micro) == (2, 2, 2, 2)
     # one layer on one TP rank: QKV 64*(64+2*32)/2 = 4096, out-proj 64*64/2 = 2048,
     # SwiGLU 3*64*128/2 = 12288, two RMSNorms 2*64 = 128  -> 18560
@@ -75,6 +77,11 @@ def test_small_config_by_hand():
     # of the step's first micro-batch while the second generates
     assert last.scoring_logits == 2 * 16384 and first.scoring_logits == 0
     assert last.scrg_kept_logits == 16384 and first.scrg_kept_logits == 0
+    # the default, both micro-batches in one generation call: twice the rows' KV caches and scoring logits,
+    # nothing kept from another call
+    _, whole = plan(small_config(), world_size=8, gpu_memory_gib=1.0).stages
+    assert whole.kv_cache == 2 * (8192 + 16384) and whole.scoring_logits == 4 * 16384
+    assert whole.scrg_kept_logits == 0
     # teacher forward workspace: scores b*(a/t)*s*s*e + SwiGLU s*b*(f/t)*e*2 = 2*2*1024*2 + 64*64*2*2
     assert first.teacher_forward == 8192 + 16384
     # peak = static + max(training, generation)

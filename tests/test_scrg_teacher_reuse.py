@@ -77,10 +77,11 @@ def test_training_with_reuse_equals_training_without(root):
             return batch
 
         trainer.next_batch = recorded
+        params = [*trainer.student.parameters(), *trainer.clipnet.parameters()]
+        initial = [p.detach().clone() for p in params]
         metrics = [trainer.train_step() for _ in range(3)]
-        runs[reuse] = (metrics, [p.detach().clone() for p in trainer.student.parameters()],
-                       [p.detach().clone() for p in trainer.clipnet.parameters()])
-    (with_reuse, weights, clip), (without, weights_ref, clip_ref) = runs[True], runs[False]
+        runs[reuse] = (metrics, [p.detach() - p0 for p, p0 in zip(params, initial)])
+    (with_reuse, updates), (without, updates_ref) = runs[True], runs[False]
     assert all(m["source"] == "generate" for m in with_reuse + without)
     # one shape per step, and steps collated shorter than seq_length (40) as well as at it
     assert all(len(shapes) == 1 for shapes in lengths), lengths
@@ -91,8 +92,10 @@ def test_training_with_reuse_equals_training_without(root):
     assert [m["scrg_corrected"] for m in with_reuse] == [m["scrg_corrected"] for m in without]
     for key in ("loss", "sft", "dac_kl", "span", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in with_reuse], [m[key] for m in without], rtol=1e-5, err_msg=key)
-    for got, want in zip(weights + clip, weights_ref + clip_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # Adam: a tiny grad difference moves ~lr
+    # the three steps' weight updates, as a whole per tensor: Adam divides each gradient element by its own
+    # scale, so where an element's gradient is at rounding level its update can differ by up to ~lr
+    for got, want in zip(updates, updates_ref, strict=True):
+        assert float((got - want).norm()) <= 1e-3 * float(want.norm()), float((got - want).norm() / want.norm())
     # the step's phase timings (tools/bench_step.py prints them)
     phases = {k for k in with_reuse[0] if k.startswith("time/")}
     assert phases == {f"time/{p}" for p in ("data", "generation", "teacher_forward", "student_forward_backward",

@@ -174,6 +174,8 @@ def check_request(model, prompts, options: SamplingOptions, *, vocab_size: int) 
         if bad:
             raise UserError(f"generate: prompt {row} has token id {bad[0]!r} outside the vocabulary "
                             f"[0, {vocab_size})")
+    if options.row_ids is not None and len(options.row_ids) != len(prompts):
+        raise UserError(f"generate: {len(options.row_ids)} row_ids for {len(prompts)} prompts")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > limit:
         raise UserError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "

@@ -41,9 +41,11 @@ TOP_P_BISECTION_STEPS = 52  # resolution 2^-52 of the top probability: below flo
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions:
     """How responses are sampled: one object from the caller through generate / scrg / regenerate /
-    decode down to `sample` (which reads greedy, temperature, top_k, top_p and seed). A request for
+    decode down to `sample` (which reads greedy, temperature, top_k, top_p, seed and row_ids). A request for
     responses (generate, scrg, regenerate) also needs `max_new_tokens` and `eos_id`; `pad_id` (default:
-    eos_id) fills the positions after a row's end. Invalid token-choice values raise UserError here."""
+    eos_id) fills the positions after a row's end. `row_ids` are the numbers the noise knows the request's
+    rows by (default 0..n-1): rows gathered from several requests into one batch keep their own noise.
+    Invalid token-choice values raise UserError here."""
 
     max_new_tokens: int | None = None
     eos_id: int | None = None
@@ -53,6 +55,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int = 0
     pad_id: int | None = None
+    row_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.greedy and not self.temperature > 0:
@@ -152,8 +155,9 @@ def sample(logits: torch.Tensor, options: SamplingOptions, *, vocab_size: int, v
            tp_group=None, step=0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row. logits [rows, V_slice] (any float dtype) -> global token ids [rows].
 
-    `options` gives greedy, temperature, top_k, top_p and the seed. `step` (int, or a tensor [rows])
-    and `rows` (the row numbers, default 0..rows-1) index the noise; the generator passes the absolute
+    `options` gives greedy, temperature, top_k, top_p, the seed and row_ids. `step` (int, or a tensor
+    [rows]) and `rows` (the rows' indices in the request, default 0..rows-1; the noise uses
+    options.row_ids[rows] where row_ids are given) index the noise; the generator passes the absolute
     position of the token being sampled as `step`, so a sample does not depend on how many forward
     passes (cache or not) led to it.
     """
@@ -169,6 +173,8 @@ def sample(logits: torch.Tensor, options: SamplingOptions, *, vocab_size: int, v
         scores = _top_p_filter(scores, options.top_p, tp_group)
     if rows is None:
         rows = torch.arange(scores.shape[0], device=scores.device)
+    if options.row_ids is not None:
+        rows = torch.tensor(options.row_ids, dtype=torch.int64, device=scores.device)[rows]
     vocab_ids = torch.arange(vocab_start, vocab_start + scores.shape[-1], device=scores.device)
     perturbed = scores.to(torch.float64) + gumbel_noise(options.seed, step, rows, vocab_ids)
     return parallel_argmax(perturbed, vocab_start, tp_group)[1]

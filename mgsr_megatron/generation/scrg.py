@@ -154,16 +154,16 @@ def teacher_view(out: GenerationOutput, view: tuple[int, int]) -> torch.Tensor:
 
 
 def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, vocab_size: int,
-           seed: int) -> torch.Tensor:
+           seed: int, row_ids: tuple[int, ...] | None = None) -> torch.Tensor:
     """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
-    no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed`: the
-    noise of sampled teacher tokens."""
+    no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed` and
+    `row_ids` (SamplingOptions'): the noise of sampled teacher tokens."""
     return decide(teacher, student, out, TeacherScores(teacher)(out.tokens), settings, vocab_size=vocab_size,
-                  seed=seed)
+                  seed=seed, row_ids=row_ids)
 
 
 def decide(teacher, student, out: GenerationOutput, teacher_logits: torch.Tensor | None, settings: ScrgSettings,
-           *, vocab_size: int, seed: int) -> torch.Tensor:
+           *, vocab_size: int, seed: int, row_ids: tuple[int, ...] | None = None) -> torch.Tensor:
     """`detect` on the teacher's logits of a view of `out` ([b, >= total, V/TP] on the last stage, None on
     the others): the decision does not depend on the view's padding (causal: positions beyond a row's end
     are never candidates)."""
@@ -187,7 +187,8 @@ def decide(teacher, student, out: GenerationOutput, teacher_logits: torch.Tensor
         else:
             rows = torch.arange(b, device=tokens.device).unsqueeze(-1).expand(b, total - first)
             teacher_tokens = sample(t_logits.reshape(b * (total - first), -1),
-                                    SamplingOptions(temperature=temperature, seed=seed), vocab_size=vocab_size,
+                                    SamplingOptions(temperature=temperature, seed=seed, row_ids=row_ids),
+                                    vocab_size=vocab_size,
                                     vocab_start=start, tp_group=tp_group, step=positions.reshape(-1),
                                     rows=rows.reshape(-1)).view(b, -1)
         d = token_divergence(s_scores, t_scores, settings.divergence, temperature=temperature, beta=0.5,
@@ -242,7 +243,7 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
     for round_index in range(1, settings.rounds + 1):
         teacher_logits = scores(teacher_view(out, view))
         decision = decide(teacher, student, out, teacher_logits, settings, vocab_size=vocab_size,
-                          seed=round_seed(seed, -round_index))
+                          seed=round_seed(seed, -round_index), row_ids=options.row_ids)
         del teacher_logits
         stats["per_round"].append(decision)
         j, t_j = decision[:, 0].long(), decision[:, 1].long()

@@ -78,6 +78,13 @@ def generated_length(prompt_batches: list[list[list[int]]], max_new_tokens: int,
     return min(seq_length, -(-longest // GENERATED_LENGTH_MULTIPLE) * GENERATED_LENGTH_MULTIPLE)
 
 
+def generation_groups(num_micro: int, per_call: int) -> list[range]:
+    """The step's micro-batches (0..num_micro-1) in consecutive groups of `per_call`, one generation call
+    each (mgsr.generation_micro_batches; 0: one group of all)."""
+    per_call = per_call or num_micro
+    return [range(start, min(start + per_call, num_micro)) for start in range(0, num_micro, per_call)]
+
+
 def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = False):
     """The generated micro-batches of one step on this DP rank, for either engine's trainer: SCRG by the
     student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False), collated to
@@ -88,37 +95,47 @@ def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = F
     `trainer` supplies cfg, data (training/data.py), schedule (data/schedule.py, which gets the samples
     pushed), scrg_settings, num_micro, dp_size, dp_rank, step and phase(name); `student` and `teacher`
     are the models generation runs on (Megatron GPTModels, or generation.GenerationModel adapters).
-    Generation runs per micro-batch with a seed of (step, GLOBAL micro-batch index): micro-batch k of
-    DP rank r holds the samples of global micro-batch k*DP + r (data/sampler.py), so every TP/PP/DP
-    layout samples the same tokens for the same prompts.
+    Generation runs over groups of `generation_groups` micro-batches, one call each (decoding is bound by
+    reading the weights, once per token for all rows of a call), with one seed per step and every row's
+    noise numbered by its GLOBAL row: row i of micro-batch k of DP rank r is row i of global micro-batch
+    k*DP + r (data/sampler.py), so every TP/PP/DP layout and grouping samples the same tokens for the same
+    prompts (up to the rounding of other batch shapes).
     """
     from mgsr_megatron.generation import SamplingOptions, generate, scrg
 
     cfg, data, use_scrg = trainer.cfg, trainer.data, trainer.schedule.use_scrg
     samples, corrected, positions, changed, kept = [], [], [], [], []
-    # the method's sampling (temperature 1, no top-k / top-p); the seed changes per micro-batch
-    options = SamplingOptions(max_new_tokens=cfg.mgsr.max_new_tokens, eos_id=data.eos_id)
-    vocab_size = cfg.student.vocab_size
+    # the method's sampling (temperature 1, no top-k / top-p); the seed changes per step
+    seed = (cfg.parallel.seed * 1_000_003 + trainer.step * 10_007) % (2 ** 31)
+    options = SamplingOptions(max_new_tokens=cfg.mgsr.max_new_tokens, eos_id=data.eos_id, seed=seed)
+    vocab_size, micro_batch = cfg.student.vocab_size, cfg.schedule.micro_batch_size
     with trainer.phase("generation"):
         prompt_batches = data.next_prompt_micro_batches(trainer.num_micro)
     length = generated_length(prompt_batches, cfg.mgsr.max_new_tokens, cfg.schedule.seq_length)
     teacher_input = (length, data.pad_id) if keep_teacher_logits else None
-    for k, prompts in enumerate(prompt_batches):
-        global_index = k * trainer.dp_size + trainer.dp_rank
-        seed = (cfg.parallel.seed * 1_000_003 + trainer.step * 10_007 + global_index) % (2 ** 31)
-        seeded = dataclasses.replace(options, seed=seed)
+    for group in generation_groups(trainer.num_micro, cfg.mgsr.generation_micro_batches):
+        prompts = [prompt for k in group for prompt in prompt_batches[k]]
+        row_ids = tuple((k * trainer.dp_size + trainer.dp_rank) * micro_batch + i
+                        for k in group for i in range(len(prompt_batches[k])))
+        grouped = dataclasses.replace(options, row_ids=row_ids)
         if use_scrg:
             with trainer.phase("generation"):
-                out, stats = scrg(student, teacher, prompts, seeded, settings=trainer.scrg_settings,
+                out, stats = scrg(student, teacher, prompts, grouped, settings=trainer.scrg_settings,
                                   vocab_size=vocab_size, keep_teacher_view=teacher_input)
             if teacher_input is not None:
-                kept.append((stats.pop("teacher_logits"), stats["teacher_scored"], stats["teacher_recomputed"]))
+                logits, scored = stats.pop("teacher_logits"), stats["teacher_scored"]
+                start, share = 0, stats["teacher_recomputed"]
+                for k in group:  # views of the group's tensors, one per micro-batch
+                    end = start + len(prompt_batches[k])
+                    kept.append((None if logits is None else logits[start:end],
+                                 None if scored is None else scored[start:end], share))
+                    start = end
             corrected.append(stats["corrected"])
             changed.append(stats["continuation_changed"][stats["corrected"]])
             positions.append(stats["j"][stats["corrected"]] - out.prompt_lengths[stats["corrected"]])
         else:
             with trainer.phase("generation"):
-                out = generate(teacher, prompts, seeded, vocab_size=vocab_size)
+                out = generate(teacher, prompts, grouped, vocab_size=vocab_size)
         samples += list(zip(prompts, out.responses()))
     student.train()
     trainer.schedule.push(samples)

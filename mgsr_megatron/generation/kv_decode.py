@@ -154,10 +154,10 @@ class LeanStage:
         qkv = F.linear(layer.input_layernorm(x), attention.linear_qkv.weight, attention.linear_qkv.bias)
         # Megatron's fused layout per query group: [q_1 .. q_{heads/groups}, k, v], each head_dim wide
         qkv = qkv.view(b, s, self.groups, self.heads_per_group + 2, self.head_dim)
-        query, key, value = qkv[..., :-2, :], qkv[..., -2, :], qkv[..., -1, :]
-        if self.rope is not None:
-            query = self._rotate(query.reshape(b, s, -1, self.head_dim), offset).view_as(query)
-            key = self._rotate(key, offset)
+        query_key, value = qkv[..., :-1, :], qkv[..., -1, :]
+        if self.rope is not None:  # a group's queries and key are adjacent: one rotation for both
+            query_key = self._rotate(query_key.reshape(b, s, -1, self.head_dim), offset).view_as(query_key)
+        query, key = query_key[..., :-1, :], query_key[..., -1, :]
         # the first b cache rows (views), or scattered ones (a rescoring pass: the prefix is gathered)
         cache_rows = slice(0, b) if rows is None else rows
         keys, values = self.keys[index], self.values[index]

@@ -500,3 +500,10 @@ def check_batch_layout(cfg: Config, dp_size: int, micro_batch: int | None = None
         _check(sched.seq_length <= limit,
                f"schedule.seq_length={sched.seq_length} exceeds {name}.max_position_embeddings={limit}")
     return sched.global_batch_size // per_step
+
+
+def generation_groups(num_micro: int, per_call: int) -> list[range]:
+    """The step's micro-batches (0..num_micro-1) in consecutive groups of `per_call`, one generation call
+    each (mgsr.generation_micro_batches; 0: one group of all)."""
+    per_call = per_call or num_micro
+    return [range(start, min(start + per_call, num_micro)) for start in range(0, num_micro, per_call)]

@@ -126,7 +126,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mgsr_megatron.architectures import get_family
-from mgsr_megatron.config import Config, ModelConfig, check_batch_layout, load_config, validate
+from mgsr_megatron.config import Config, ModelConfig, check_batch_layout, generation_groups, load_config, validate
 from mgsr_megatron.errors import UserError
 
 GIB = 1024 ** 3
@@ -381,7 +381,7 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, micro_batch
         if generator is not None:
             gen_model = teacher if generator == "teacher" else student
             length = min(cfg.data.max_prompt_length + mgsr.max_new_tokens, s)
-            rows = min(mgsr.generation_micro_batches or num_micro, num_micro) * b  # one generation call's
+            rows = len(generation_groups(num_micro, mgsr.generation_micro_batches)[0]) * b  # the largest call's
             kv = kv_cache_bytes(gen_model, tp, pp, rows, length)
             if generator == "student" and mgsr.scrg_rounds > 0:
                 kv += kv_cache_bytes(teacher, tp, pp, rows, length)  # SCRG's teacher scores with a KV cache

@@ -25,6 +25,7 @@ all-gather of k values per row; top-p two all-reduces plus one per bisection ste
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,12 @@ def _top_p_filter(scores: torch.Tensor, top_p: float, tp_group) -> torch.Tensor:
     return scores.masked_fill(probs <= lo, float("-inf"))
 
 
+@functools.lru_cache(maxsize=8)
+def _row_id_tensor(row_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """options.row_ids as a tensor, built once per request rather than on every decode step."""
+    return torch.tensor(row_ids, dtype=torch.int64, device=device)
+
+
 def sample(logits: torch.Tensor, options: SamplingOptions, *, vocab_size: int, vocab_start: int = 0,
            tp_group=None, step=0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row. logits [rows, V_slice] (any float dtype) -> global token ids [rows].
@@ -174,7 +181,7 @@ def sample(logits: torch.Tensor, options: SamplingOptions, *, vocab_size: int, v
     if rows is None:
         rows = torch.arange(scores.shape[0], device=scores.device)
     if options.row_ids is not None:
-        rows = torch.tensor(options.row_ids, dtype=torch.int64, device=scores.device)[rows]
+        rows = _row_id_tensor(options.row_ids, scores.device)[rows]
     vocab_ids = torch.arange(vocab_start, vocab_start + scores.shape[-1], device=scores.device)
     perturbed = scores.to(torch.float64) + gumbel_noise(options.seed, step, rows, vocab_ids)
     return parallel_argmax(perturbed, vocab_start, tp_group)[1]

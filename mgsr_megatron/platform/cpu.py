@@ -284,7 +284,7 @@ def keep_freed_memory() -> None:
     if _KEEPING_FREED_MEMORY:
         return
     _KEEPING_FREED_MEMORY = True
-    user_set = [name for name in os.environ if name.startswith("MALLOC_") and name.endswith("_")]
+    user_set = any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ)
     if user_set or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from mgsr_megatron import platform
-from mgsr_megatron.config import Config, check_batch_layout
+from mgsr_megatron.config import Config, check_batch_layout, generation_groups
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses.objective import LossTargets, ObjectiveSettings
 from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
@@ -76,13 +76,6 @@ def generated_length(prompt_batches: list[list[list[int]]], max_new_tokens: int,
     rows at it, so its logits are the loss pass's); the multiple keeps GPU shapes few and divisible by TP."""
     longest = max(len(prompt) for prompts in prompt_batches for prompt in prompts) + max_new_tokens
     return min(seq_length, -(-longest // GENERATED_LENGTH_MULTIPLE) * GENERATED_LENGTH_MULTIPLE)
-
-
-def generation_groups(num_micro: int, per_call: int) -> list[range]:
-    """The step's micro-batches (0..num_micro-1) in consecutive groups of `per_call`, one generation call
-    each (mgsr.generation_micro_batches; 0: one group of all)."""
-    per_call = per_call or num_micro
-    return [range(start, min(start + per_call, num_micro)) for start in range(0, num_micro, per_call)]
 
 
 def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = False):

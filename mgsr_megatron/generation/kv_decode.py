@@ -66,6 +66,13 @@ def unsupported_reason(gpt) -> str | None:
     return None
 
 
+def ragged_columns(starts: torch.Tensor, offset: int, columns: int) -> torch.Tensor:
+    """[b, columns] bool: the positions a ragged pass over columns [offset, offset + columns) computes,
+    row r from its own starts[r] on."""
+    positions = torch.arange(offset, offset + columns, device=starts.device)
+    return positions.unsqueeze(0) >= starts.unsqueeze(-1)
+
+
 class LeanStage:
     """`stage(tokens [b, s], received [b, s, h] | None, offset)` writes the cache at positions
     [offset, offset + s) and returns hidden states [b, s, h] (not the last stage) or the gathered
@@ -107,26 +114,43 @@ class LeanStage:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int, *,
-                 all_columns: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 all_columns: bool = False, rows: torch.Tensor | None = None,
+                 starts: torch.Tensor | None = None) -> torch.Tensor:
         """`all_columns`: the last stage returns this TP rank's logit shard of every column [b, s, V_padded/TP]
         (no gather) instead of the gathered last column. `rows` [b]: the cache rows the b token rows
-        use (default the first b)."""
+        use (default the first b). `starts` [b] (with all_columns): row r computes only its columns from
+        starts[r] on (a ragged pass: `ragged_columns`); the cache keeps its entries below, the hidden states
+        sent to the next stage are zero there, and the last stage returns the logits of the computed
+        positions only, packed [n, V_padded/TP] in the order of `ragged_columns(...).nonzero()`."""
         b, s = tokens.shape
+        if starts is not None and not all_columns:
+            raise ValueError("LeanStage: a ragged pass (starts) returns every computed column: all_columns=True")
         x = self._embed(tokens, offset) if self.first else received
+        ragged = None
+        if starts is None:
+            rope = None if self.rope is None else tuple(table[offset:offset + s].unsqueeze(1) for table in self.rope)
+        else:  # position-wise work on the computed positions only, packed; attention on the padded rows
+            computed = ragged_columns(starts, offset, s)
+            row_index, column = computed.nonzero(as_tuple=True)
+            positions = column + offset
+            ragged = (computed, row_index if rows is None else rows[row_index], positions)
+            x = x[computed]
+            rope = None if self.rope is None else tuple(table[positions].unsqueeze(1) for table in self.rope)
         mask = None
         if s > 1:  # causal over [cached + new] keys; one new column attends to everything cached
             query_pos = torch.arange(offset, offset + s, device=x.device).unsqueeze(-1)
             mask = torch.arange(offset + s, device=x.device).unsqueeze(0) <= query_pos
             mask = mask.repeat(self.heads_per_group, 1)  # rows ordered (head in group, position)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, offset, mask, rows)
+            x = self._layer(index, layer, x, (b, s), offset, rope, mask, rows, ragged)
         if not self.last:
-            return x
+            return x if ragged is None else x.new_zeros(b, s, x.shape[-1]).index_put_((ragged[0],), x)
         hidden = self.gpt.decoder.final_layernorm(x if all_columns else x[:, -1])
         tied = self.gpt.share_embeddings_and_output_weights
         weight = self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight
-        logits = F.linear(hidden, weight)
-        return logits if all_columns else all_gather_last(logits, self.tp_group)
+        if all_columns:
+            return F.linear(hidden, weight)
+        return all_gather_last(F.linear(hidden, weight), self.tp_group)
 
     def _embed(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
         embedding = self.gpt.embedding
@@ -141,28 +165,35 @@ class LeanStage:
             x = x + embedding.position_embeddings.weight[offset:offset + tokens.shape[1]]
         return x
 
-    def _rotate(self, t: torch.Tensor, offset: int) -> torch.Tensor:
-        """RoPE on t [b, s, heads, d] at positions offset.. (Megatron's non-interleaved layout)."""
-        cos, sin = (table[offset:offset + t.shape[1]].unsqueeze(1) for table in self.rope)
-        first, second = t.chunk(2, dim=-1)
-        return t * cos + torch.cat((-second, first), dim=-1) * sin
-
-    def _layer(self, index: int, layer, x: torch.Tensor, offset: int, mask: torch.Tensor | None,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
+    def _layer(self, index: int, layer, x: torch.Tensor, shape: tuple[int, int], offset: int, rope, mask,
+               rows: torch.Tensor | None, ragged) -> torch.Tensor:
+        """x: [b, s, h], or [n, h] in a ragged pass (`ragged`: the computed positions [b, s] and, per
+        computed position, its cache row and absolute position). `rope`: the (cos, sin) of x's positions,
+        broadcastable over its heads."""
+        b, s = shape
         attention, mlp = layer.self_attention, layer.mlp
         qkv = F.linear(layer.input_layernorm(x), attention.linear_qkv.weight, attention.linear_qkv.bias)
         # Megatron's fused layout per query group: [q_1 .. q_{heads/groups}, k, v], each head_dim wide
-        qkv = qkv.view(b, s, self.groups, self.heads_per_group + 2, self.head_dim)
+        lead = x.shape[:-1]
+        qkv = qkv.view(*lead, self.groups, self.heads_per_group + 2, self.head_dim)
         query_key, value = qkv[..., :-1, :], qkv[..., -1, :]
-        if self.rope is not None:  # a group's queries and key are adjacent: one rotation for both
-            query_key = self._rotate(query_key.reshape(b, s, -1, self.head_dim), offset).view_as(query_key)
+        if rope is not None:  # a group's queries and key are adjacent: one rotation for both
+            cos, sin = rope
+            heads = query_key.reshape(*lead, -1, self.head_dim)
+            first, second = heads.chunk(2, dim=-1)
+            query_key = (heads * cos + torch.cat((-second, first), dim=-1) * sin).view_as(query_key)
         query, key = query_key[..., :-1, :], query_key[..., -1, :]
         # the first b cache rows (views), or scattered ones (a rescoring pass: the prefix is gathered)
         cache_rows = slice(0, b) if rows is None else rows
         keys, values = self.keys[index], self.values[index]
-        keys[cache_rows, :, offset:offset + s] = key.transpose(1, 2)
-        values[cache_rows, :, offset:offset + s] = value.transpose(1, 2)
+        if ragged is None:
+            keys[cache_rows, :, offset:offset + s] = key.transpose(1, 2)
+            values[cache_rows, :, offset:offset + s] = value.transpose(1, 2)
+        else:  # only the computed positions: the cache below a row's start stays as it was
+            computed, cache_row, position = ragged
+            keys[cache_row, :, position] = key
+            values[cache_row, :, position] = value
+            query = query.new_zeros(b, s, *query.shape[1:]).index_put_((computed,), query)
         keys, values = keys[cache_rows, :, :offset + s], values[cache_rows, :, :offset + s]
         # [b, s, g, hpg, d] -> [b, g, hpg * s, d]: a group's heads share its keys without copies
         query = query.permute(0, 2, 3, 1, 4).reshape(b, self.groups, self.heads_per_group * s, self.head_dim)
@@ -171,6 +202,8 @@ class LeanStage:
             scale=attention.core_attention.softmax_scale)
         context = context.view(b, self.groups, self.heads_per_group, s, self.head_dim)
         context = context.permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+        if ragged is not None:
+            context = context[ragged[0]]
         x = x + self._row_parallel(attention.linear_proj, context)
         hidden = F.linear(layer.pre_mlp_layernorm(x), mlp.linear_fc1.weight, mlp.linear_fc1.bias)
         if self.gated_mlp:

@@ -14,6 +14,8 @@ with its own cache of rotated keys and values [b, groups_local, max_length, head
 Megatron's TP collectives: an all-reduce after the row-parallel `linear_proj` / `linear_fc2` and after
 the vocab-parallel embedding lookup, an all-gather of the vocab-parallel logits. Grouped-query
 attention folds a group's query heads into the query-length axis, so K/V are never repeated.
+A ragged pass (`starts`, the teacher's rescoring in teacher_scores.py) computes each row from its own
+column: every position-wise product on the packed positions, attention on the rows padded.
 
 It covers the layer spec `models/builder.py` builds (Megatron's local spec, llama / gpt2 / opt styles).
 `unsupported_reason` names what it does not cover (sequence parallel, MoE, QK-norm, fewer KV groups

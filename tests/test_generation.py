@@ -51,6 +51,12 @@ def test_noise_matches_spec_and_is_uniform():
     for r in range(3):
         expected = np.exp(-np.exp(-ref_gumbel(123, 17, r, PADDED)))  # back from Gumbel to uniform
         np.testing.assert_allclose(u[r].numpy(), expected, rtol=1e-12)
+    # seeds, steps and rows with the top bit set (the [rows, V] part of the hash runs on int32 words)
+    high_rows = [2 ** 31 + 5, 2 ** 32 - 1]
+    high = uniform_noise(2 ** 32 - 1, 2 ** 31 + 3, torch.tensor(high_rows), ids)
+    for r, row in enumerate(high_rows):
+        expected = np.exp(-np.exp(-ref_gumbel(2 ** 32 - 1, 2 ** 31 + 3, row, PADDED)))
+        np.testing.assert_allclose(high[r].numpy(), expected, rtol=1e-12)
     big = uniform_noise(5, 0, torch.arange(64), torch.arange(4096)).flatten()
     assert 0 < big.min() and big.max() < 1
     assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002

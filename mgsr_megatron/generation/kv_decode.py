@@ -77,9 +77,10 @@ def ragged_columns(starts: torch.Tensor, offset: int, columns: int) -> torch.Ten
 
 def _decode_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [b, h] (a decode step's few rows) times the output layer's weight [V/TP, h], transposed.
-    On CPU, MKL's product with the transposed weight as its right operand runs 1.2-6x slower for 1-32
-    rows than the same product taken weight-major (measured for V/TP 16000-50257, h 512-2048), and this
-    product is the largest part of a decode step: CPU takes it weight-major (equal to rounding)."""
+    On CPU, MKL's product with the transposed weight as its right operand runs 1.2-6x slower for 2-32
+    rows than the same product taken weight-major (2 threads; V/TP 16000-50257, h 256-2048; see
+    docs/generation.md), and this product is the largest part of a decode step: CPU takes it weight-major
+    (equal to rounding)."""
     if hidden.device.type == "cpu":
         return (weight @ hidden.t()).t()
     return F.linear(hidden, weight)

@@ -275,6 +275,18 @@ def test_scrg_large_delta_corrects_nothing(models):
     assert torch.equal(out.tokens, plain.tokens) and stats["j"].tolist() == [-1, -1, -1]
 
 
+@pytest.mark.parametrize("vocab", [1000, 32768])
+def test_decode_logits_equal_the_linear_product(vocab):
+    """The lean stage's decode product (kv_decode._decode_logits): weight-major on CPU for an output layer
+    of 16 MiB and more (32768 x 128 fp32), F.linear below; the same values to rounding either way."""
+    from mgsr_megatron.generation.kv_decode import _decode_logits
+
+    generator = torch.Generator().manual_seed(5)
+    weight, hidden = torch.randn(vocab, 128, generator=generator), torch.randn(6, 128, generator=generator)
+    expected = (hidden.double() @ weight.double().t()).float()
+    torch.testing.assert_close(_decode_logits(hidden, weight), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("megatron_path", [False, True], ids=["lean", "megatron"])
 def test_teacher_scores_rescore_only_the_changed_suffixes(models, megatron_path):
     """TeacherScores (generation/teacher_scores.py): one full pass, then each changed row from its first

@@ -75,13 +75,16 @@ def ragged_columns(starts: torch.Tensor, offset: int, columns: int) -> torch.Ten
     return positions.unsqueeze(0) >= starts.unsqueeze(-1)
 
 
+_WEIGHT_MAJOR_BYTES = 16 << 20  # output layers from this size on exceed the CPU's caches
+
+
 def _decode_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [b, h] (a decode step's few rows) times the output layer's weight [V/TP, h], transposed.
-    On CPU, MKL's product with the transposed weight as its right operand runs 1.2-6x slower for 2-32
-    rows than the same product taken weight-major (2 threads; V/TP 16000-50257, h 256-2048; see
-    docs/generation.md), and this product is the largest part of a decode step: CPU takes it weight-major
-    (equal to rounding)."""
-    if hidden.device.type == "cpu":
+    On CPU, for a weight larger than the caches, MKL's product with the transposed weight as its right
+    operand runs 1.2-6x slower for 2-32 rows than the same product taken weight-major (V/TP 6000-50257,
+    h 256-2048; docs/generation.md), and this product is the largest part of a decode step: CPU takes it
+    weight-major there (equal to rounding). Cache-resident weights (< 16 MiB) are faster as they are."""
+    if hidden.device.type == "cpu" and weight.numel() * weight.element_size() >= _WEIGHT_MAJOR_BYTES:
         return (weight @ hidden.t()).t()
     return F.linear(hidden, weight)
 

@@ -25,6 +25,8 @@ both paths' tokens with an independent dense reference at TP1, TP2, PP2 and TP2x
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,21 @@ def ragged_columns(starts: torch.Tensor, offset: int, columns: int) -> torch.Ten
     row r from its own starts[r] on."""
     positions = torch.arange(offset, offset + columns, device=starts.device)
     return positions.unsqueeze(0) >= starts.unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every layer of one pass shares: its [batch, columns] block at `offset`, the (cos, sin) of the
+    computed positions (broadcastable over their heads), the attention mask, the cache rows (None: the
+    first `batch`) and, in a ragged pass, (computed [batch, columns], cache row, absolute position per
+    computed position)."""
+    batch: int
+    columns: int
+    offset: int
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None
+    rows: torch.Tensor | None
+    ragged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 _WEIGHT_MAJOR_BYTES = 16 << 20  # output layers from this size on exceed the CPU's caches
@@ -157,8 +174,9 @@ class LeanStage:
             query_pos = torch.arange(offset, offset + s, device=x.device).unsqueeze(-1)
             mask = torch.arange(offset + s, device=x.device).unsqueeze(0) <= query_pos
             mask = mask.repeat(self.heads_per_group, 1)  # rows ordered (head in group, position)
+        pass_ = _Pass(b, s, offset, rope, mask, rows, ragged)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, (b, s), offset, rope, mask, rows, ragged)
+            x = self._layer(index, layer, x, pass_)
         if not self.last:
             return x if ragged is None else x.new_zeros(b, s, x.shape[-1]).index_put_((ragged[0],), x)
         hidden = self.gpt.decoder.final_layernorm(x if all_columns else x[:, -1])
@@ -181,12 +199,9 @@ class LeanStage:
             x = x + embedding.position_embeddings.weight[offset:offset + tokens.shape[1]]
         return x
 
-    def _layer(self, index: int, layer, x: torch.Tensor, shape: tuple[int, int], offset: int, rope, mask,
-               rows: torch.Tensor | None, ragged) -> torch.Tensor:
-        """x: [b, s, h], or [n, h] in a ragged pass (`ragged`: the computed positions [b, s] and, per
-        computed position, its cache row and absolute position). `rope`: the (cos, sin) of x's positions,
-        broadcastable over its heads."""
-        b, s = shape
+    def _layer(self, index: int, layer, x: torch.Tensor, pass_: _Pass) -> torch.Tensor:
+        """x: [b, s, h], or [n, h] (the computed positions) in a ragged pass."""
+        b, s, offset, rope, ragged = pass_.batch, pass_.columns, pass_.offset, pass_.rope, pass_.ragged
         attention, mlp = layer.self_attention, layer.mlp
         qkv = F.linear(layer.input_layernorm(x), attention.linear_qkv.weight, attention.linear_qkv.bias)
         # Megatron's fused layout per query group: [q_1 .. q_{heads/groups}, k, v], each head_dim wide
@@ -200,7 +215,7 @@ class LeanStage:
             query_key = (heads * cos + torch.cat((-second, first), dim=-1) * sin).view_as(query_key)
         query, key = query_key[..., :-1, :], query_key[..., -1, :]
         # the first b cache rows (views), or scattered ones (a rescoring pass: the prefix is gathered)
-        cache_rows = slice(0, b) if rows is None else rows
+        cache_rows = slice(0, b) if pass_.rows is None else pass_.rows
         keys, values = self.keys[index], self.values[index]
         if ragged is None:
             keys[cache_rows, :, offset:offset + s] = key.transpose(1, 2)
@@ -214,7 +229,7 @@ class LeanStage:
         # [b, s, g, hpg, d] -> [b, g, hpg * s, d]: a group's heads share its keys without copies
         query = query.permute(0, 2, 3, 1, 4).reshape(b, self.groups, self.heads_per_group * s, self.head_dim)
         context = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask,
+            query, keys, values, attn_mask=pass_.mask,
             scale=attention.core_attention.softmax_scale)
         context = context.view(b, self.groups, self.heads_per_group, s, self.head_dim)
         context = context.permute(0, 3, 1, 2, 4).reshape(b, s, -1)

@@ -209,7 +209,7 @@ class LeanStage:
         qkv = qkv.view(*lead, self.groups, self.heads_per_group + 2, self.head_dim)
         query_key, value = qkv[..., :-1, :], qkv[..., -1, :]
         if rope is not None:  # a group's queries and key are adjacent: one rotation for both
-            cos, sin = rope
+            cos, sin = rope  # Megatron's non-interleaved RoPE layout
             heads = query_key.reshape(*lead, -1, self.head_dim)
             first, second = heads.chunk(2, dim=-1)
             query_key = (heads * cos + torch.cat((-second, first), dim=-1) * sin).view_as(query_key)

@@ -269,7 +269,8 @@ class PipelineStepper:
         return torch.zeros(self.batch_size, length, shard, dtype=self.dtype, device=self.device)
 
     def forward(self, tokens: torch.Tensor, offset: int, **stage_options) -> torch.Tensor | None:
-        """`stage_options`: all_columns, rows (the stages' keywords; rows only on the lean path)."""
+        """`stage_options`: all_columns, rows, starts (the stages' keywords; rows and starts, a ragged pass, only
+        on the lean path: kv_decode.LeanStage)."""
         received = None
         if not self.first:
             received = torch.empty(self.stage.hidden_shape(*tokens.shape), dtype=self.dtype, device=tokens.device)

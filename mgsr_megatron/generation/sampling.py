@@ -72,22 +72,9 @@ class SamplingOptions:
         return self.eos_id if self.pad_id is None else self.pad_id
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (the "lowbias32" finaliser) on int64 tensors holding values in [0, 2^32).
-
-    The products overflow int64 for large inputs; two's-complement wrap-around keeps the low 32 bits
-    exact, which is all the hash needs.
-    """
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _as_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 tensors holding the same 32 bits (two's complement)."""
+def _word(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 values, as an int32 tensor (two's complement)."""
+    x = x.to(torch.int64) & _MASK32
     return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
 
 
@@ -96,13 +83,13 @@ def _signed32(constant: int) -> int:
 
 
 _LOWBIAS = (_signed32(0x7FEB352D), _signed32(0x846CA68B))
-_SECOND_WORD = _signed32(0x85EBCA6B)
+_SEED_WORD, _SECOND_WORD = _signed32(0x9E3779B9), _signed32(0x85EBCA6B)
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """`_mix32` in place on an int32 tensor of 32-bit words: products wrap modulo 2^32 like the low bits
-    of the int64 ones, and each shift is masked to make it logical. The [rows, V] part of the noise
-    runs here: half the memory of int64 and no allocations (2x faster at [8, 32000] on CPU)."""
+    """A 32-bit integer hash (the "lowbias32" finaliser), in place on an int32 tensor of 32-bit words:
+    products wrap modulo 2^32, and each shift is masked to make it logical. Half the memory of int64
+    words and no allocations (the [rows, V] part of the noise: 2x faster at [8, 32000] on CPU)."""
     x ^= (x >> 16) & 0xFFFF
     x *= _LOWBIAS[0]
     x ^= (x >> 15) & 0x1FFFF
@@ -116,15 +103,15 @@ def uniform_noise(seed: int, step: int, rows: torch.Tensor, vocab_ids: torch.Ten
 
     `step` may also be a tensor of shape [rows] (one step per row, as in whole-sequence scoring).
     """
-    rows = rows.to(torch.int64).unsqueeze(-1)
-    step = torch.as_tensor(step, dtype=torch.int64, device=rows.device)
+    rows = _word(rows).unsqueeze(-1)
+    step = _word(torch.as_tensor(step, device=rows.device))
     if step.dim() == 1:
         step = step.unsqueeze(-1)
-    h = _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64, device=rows.device) ^ 0x9E3779B9)
-    h = _mix32(h ^ (step & _MASK32))
-    h = _mix32(h ^ (rows & _MASK32))
-    # the [rows, V] words: h = mix32(h ^ id) and a second, independent word for 53 bits (float64 mantissa)
-    word = _mix32_(_as_int32(h) ^ _as_int32(vocab_ids.to(torch.int64).unsqueeze(0) & _MASK32))
+    h = _mix32_(_word(torch.tensor(seed, device=rows.device)) ^ _SEED_WORD)
+    h = _mix32_(h ^ step)
+    h = _mix32_(h ^ rows)
+    # the [rows, V] words: mix32(h ^ id) and a second, independent word for 53 bits (float64 mantissa)
+    word = _mix32_(h ^ _word(vocab_ids).unsqueeze(0))
     second = _mix32_(word ^ _SECOND_WORD)
     bits53 = (word.to(torch.int64) & _MASK32) << 21
     bits53 |= ((second >> 11) & 0x1FFFFF).to(torch.int64)

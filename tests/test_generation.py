@@ -134,6 +134,29 @@ def test_lean_stage_is_used_and_megatron_path_is_the_fallback(models):
         student.config.sequence_parallel = False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU adapter is only active without CUDA")
+def test_lean_decoding_runs_without_the_cpu_adapter_and_megatron_keeps_it(models, monkeypatch):
+    """The decoding loop suspends the adapter's mode on the lean path only: Megatron's inference path
+    needs it (device="cuda" in its masks and buffers)."""
+    from mgsr_megatron.generation.generator import MegatronStage
+    from mgsr_megatron.generation.kv_decode import LeanStage
+    from mgsr_megatron.platform import cpu
+
+    student, _ = models
+    modes = {}
+    for stage in (LeanStage, MegatronStage):
+        def recording(self, *args, _call=stage.__call__, _name=stage.__name__, **kwargs):
+            modes.setdefault(_name, set()).add(torch.overrides._get_current_function_mode() is cpu._MODE)
+            return _call(self, *args, **kwargs)
+        monkeypatch.setattr(stage, "__call__", recording)
+    opts = SamplingOptions(max_new_tokens=4, eos_id=249, seed=2)
+    generate(student, PROMPTS, opts, vocab_size=VOCAB)
+    with megatron_inference_path():
+        generate(student, PROMPTS, opts, vocab_size=VOCAB)
+    assert cpu.is_active() and modes == {"LeanStage": {False}, "MegatronStage": {True}}
+    assert torch.overrides._get_current_function_mode() is cpu._MODE  # back after the loop
+
+
 def test_recorded_logits_equal_full_recompute(models):
     """generate(record_logits=True) keeps what SCRG's detection would otherwise recompute: the
     student's logits at every position from each row's last prompt token on."""

@@ -16,6 +16,22 @@ def test_cpu_adapter_maps_cuda_to_cpu():
     torch.cuda.synchronize()  # stubbed: must not raise
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU adapter is only active without CUDA")
+def test_adapter_suspended_inside_the_block_only_and_only_when_innermost():
+    platform.activate()
+    with platform.without_adapter():
+        with pytest.raises((AssertionError, RuntimeError)):  # torch itself: not compiled with CUDA
+            torch.zeros(1, device="cuda")
+        with platform.without_adapter():  # nested: nothing more to suspend
+            assert torch.overrides._get_current_function_mode() is not cpu._MODE
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+    with pytest.raises(ValueError), platform.without_adapter():
+        raise ValueError  # an exception inside: the adapter comes back all the same
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+    with torch.device("cpu"), platform.without_adapter():  # a mode entered after the adapter's: it stays
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
 def test_megatron_compat_check_fails_loudly(monkeypatch):
     from megatron.core.tensor_parallel import random as mp_random
 

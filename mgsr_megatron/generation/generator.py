@@ -34,6 +34,7 @@ causal LMs): their stepper replaces PipelineStepper, the rest of this module run
 from __future__ import annotations
 
 import bisect
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -356,29 +357,32 @@ def decode(stepper: PipelineStepper, tokens: torch.Tensor, prompt_lengths: torch
     compact = start < total and sorted_joins[-1] > offset and stepper.reorder_rows(order)
     if not compact:
         order = torch.arange(b, device=device)
-    position = int(prompt_lengths.min())  # the next position to settle
-    while position < total and not bool(finished.all()):
-        if position >= start and bool((samples & ~finished).any()):
-            # a pass feeds [offset, position) to the rows that have no key/value at some position in
-            # it (rows joining recompute their cached ones) and samples `position` from its logits
-            rows = order[:bisect.bisect_left(sorted_joins, position)] if compact else order
-            in_pass = rows if compact else slice(None)  # a slice keeps the full-batch path copy-free
-            logits = stepper.forward(buffer[in_pass, offset:position], offset)
-            offset = position
-            column = None
-            if logits is not None:
-                if record is not None:
-                    shard = record.shape[-1]
-                    record[in_pass, position - 1] = logits[:, stepper.tp_rank * shard:(stepper.tp_rank + 1) * shard]
-                column = sample(logits, options, vocab_size=vocab_size, step=position, rows=rows)
-                if compact:  # rows not in the pass keep their (fixed) token
-                    column = buffer[:, position].index_copy(0, rows, column)
-            column = stepper.broadcast_column(column)
-            sampled = (position >= fixed_lengths) & ~finished
-            buffer[:, position] = torch.where(sampled, column, buffer[:, position])
-        buffer[finished, position] = pad_id
-        close_rows(position)
-        position += 1
+    # the lean stage and the sampler never reach Megatron's CUDA calls: no CPU adapter handler per torch call
+    with platform.without_adapter() if stepper.path == "lean" else contextlib.nullcontext():
+        position = int(prompt_lengths.min())  # the next position to settle
+        while position < total and not bool(finished.all()):
+            if position >= start and bool((samples & ~finished).any()):
+                # a pass feeds [offset, position) to the rows that have no key/value at some position in
+                # it (rows joining recompute their cached ones) and samples `position` from its logits
+                rows = order[:bisect.bisect_left(sorted_joins, position)] if compact else order
+                in_pass = rows if compact else slice(None)  # a slice keeps the full-batch path copy-free
+                logits = stepper.forward(buffer[in_pass, offset:position], offset)
+                offset = position
+                column = None
+                if logits is not None:
+                    if record is not None:
+                        shard = record.shape[-1]
+                        first = stepper.tp_rank * shard
+                        record[in_pass, position - 1] = logits[:, first:first + shard]
+                    column = sample(logits, options, vocab_size=vocab_size, step=position, rows=rows)
+                    if compact:  # rows not in the pass keep their (fixed) token
+                        column = buffer[:, position].index_copy(0, rows, column)
+                column = stepper.broadcast_column(column)
+                sampled = (position >= fixed_lengths) & ~finished
+                buffer[:, position] = torch.where(sampled, column, buffer[:, position])
+            buffer[finished, position] = pad_id
+            close_rows(position)
+            position += 1
     if compact:
         stepper.reorder_rows(torch.argsort(order))
     # every row is closed (by EOS or by the budget in close_rows); nothing after a row's end survives

@@ -4,10 +4,13 @@ Everything device-specific lives in this package: the rest of the code asks `dev
 `backend()` and never touches `torch.cuda` directly.
 
 Public: device, backend, activate, keep_freed_host_memory, cuda_available, set_local_device, model_parallel_seed,
-synchronize, peak_memory_bytes, bf16_supported (this file). cpu.py is the adapter `activate()` installs.
+synchronize, peak_memory_bytes, bf16_supported, without_adapter (this file). cpu.py is the adapter `activate()`
+installs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -47,6 +50,12 @@ def keep_freed_host_memory() -> None:
     engines that do not `activate()` the Megatron adapter (DeepSpeed). A no-op with CUDA."""
     if not cuda_available():
         cpu.keep_freed_memory()
+
+
+def without_adapter():
+    """A context in which the CPU adapter's `CudaToCpuMode` is suspended (`cpu.suspended`), for this project's
+    own hot loops that never reach Megatron-Core's CUDA calls; a null context with CUDA."""
+    return contextlib.nullcontext() if cuda_available() else cpu.suspended()
 
 
 def model_parallel_seed(seed: int) -> None:

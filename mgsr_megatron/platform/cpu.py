@@ -2,7 +2,7 @@
 
 Megatron-Core assumes CUDA in ~570 places (`device="cuda"` in the pipeline schedules and masks,
 `torch.cuda.current_device()` for buffers, the CUDA RNG tracker, `torch.cuda.synchronize` in p2p
-and inference communication). Without CUDA, `activate()` installs three things, once per process
+and inference communication). Without CUDA, `activate()` installs four things, once per process
 (and, through `keep_freed_memory()`, sets the CPU heap up the way CUDA's caching allocator works):
 
 1. `CudaToCpuMode`, a `TorchFunctionMode` that rewrites any `device` argument naming CUDA to the

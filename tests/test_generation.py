@@ -310,42 +310,51 @@ def test_decode_logits_equal_the_linear_product(vocab):
     torch.testing.assert_close(_decode_logits(hidden, weight), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("first_column", [0, 5])
 @pytest.mark.parametrize("megatron_path", [False, True], ids=["lean", "megatron"])
-def test_teacher_scores_rescore_only_the_changed_suffixes(models, megatron_path):
+def test_teacher_scores_rescore_only_the_changed_suffixes(models, megatron_path, first_column):
     """TeacherScores (generation/teacher_scores.py): one full pass, then each changed row from its first
     changed column on, with the teacher's KV cache of the columns before it. Every call equals the
-    teacher's training forward of the same tokens (Megatron's GPTModel, an independent path); rows that
-    did not change keep their values (the lean stage computes only the changed rows)."""
+    teacher's training forward of the same tokens (Megatron's GPTModel, an independent path) from
+    `first_column` on (the columns before it are not kept); rows that did not change keep their values (the
+    lean stage computes only the changed rows)."""
     from mgsr_megatron.generation.scrg import _score
     from mgsr_megatron.generation.teacher_scores import TeacherScores
 
     _, teacher = models
+    fc = first_column
+
+    def reference(tokens):
+        return _score(teacher, tokens)[:, fc:]
+
     tokens = torch.randint(3, VOCAB, (4, 14), generator=torch.Generator().manual_seed(3))
     changed = tokens.clone()
     changed[1, 9:] = (changed[1, 9:] + 1) % VOCAB
     changed[3, 6] = (changed[3, 6] + 5) % VOCAB
     with megatron_inference_path(megatron_path):
-        scores = TeacherScores(teacher)
+        scores = TeacherScores(teacher, first_column=fc)
         first = scores(tokens).clone()
         assert scores.stepper.path == ("megatron" if megatron_path else "lean") and scores.recomputed == 1.0
-        torch.testing.assert_close(first, _score(teacher, tokens), rtol=1e-5, atol=1e-5)
+        assert first.shape[1] == 14 - fc
+        torch.testing.assert_close(first, reference(tokens), rtol=1e-5, atol=1e-5)
         second = scores(changed)
         # the lean stage's ragged pass: row 1 from column 9, row 3 from 6; Megatron's every row from 6
         assert scores.recomputed == pytest.approx((4 * 8 if megatron_path else 5 + 8) / (4 * 14))
-        torch.testing.assert_close(second, _score(teacher, changed), rtol=1e-5, atol=1e-5)
-        assert torch.equal(second[:, :6], first[:, :6]) and not torch.equal(second[3, 6:], first[3, 6:])
+        torch.testing.assert_close(second, reference(changed), rtol=1e-5, atol=1e-5)
+        assert torch.equal(second[:, :6 - fc], first[:, :6 - fc])
+        assert not torch.equal(second[3, 6 - fc:], first[3, 6 - fc:])
         if not megatron_path:
-            assert torch.equal(second[[0, 2]], first[[0, 2]]) and torch.equal(second[1, :9], first[1, :9])
+            assert torch.equal(second[[0, 2]], first[[0, 2]]) and torch.equal(second[1, :9 - fc], first[1, :9 - fc])
         again = scores(changed.clone())
         assert scores.recomputed == 0.0 and torch.equal(again, second)
-        # rows 0, 1 change from column 1, rows 2, 3 from column 13: the lean stage computes 2 x 13 + 2 x 1
-        # positions, Megatron's every row from column 1
+        # rows 0, 1 change from column 1 (below first_column 5 too), rows 2, 3 from column 13: the lean stage
+        # computes 2 x 13 + 2 x 1 positions, Megatron's every row from column 1
         split = changed.clone()
         split[:2, 1] = (split[:2, 1] + 1) % VOCAB
         split[2:, 13] = (split[2:, 13] + 1) % VOCAB
         third = scores(split)
         assert scores.recomputed == pytest.approx((4 * 13 if megatron_path else 2 * 13 + 2 * 1) / (4 * 14))
-        torch.testing.assert_close(third, _score(teacher, split), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(third, reference(split), rtol=1e-5, atol=1e-5)
         scores(changed[:, :12])  # another width: scored whole again
         assert scores.recomputed == 1.0
 
@@ -372,7 +381,11 @@ def test_scrg_keeps_the_teacher_logits_of_the_final_sequences(models, rounds):
     for row in range(len(PROMPTS)):
         end = int(out.prompt_lengths[row] + out.response_lengths[row])
         assert final[row, :end].tolist() == out.tokens[row, :end].tolist() and (final[row, end:] == pad).all()
-    torch.testing.assert_close(stats["teacher_logits"], scrg_module._score(teacher, final), rtol=1e-5, atol=1e-5)
+    # kept from the shortest prompt's last position on (the first column a decision or the loss reads)
+    first = min(map(len, PROMPTS)) - 1
+    assert stats["teacher_first_column"] == first
+    torch.testing.assert_close(stats["teacher_logits"], scrg_module._score(teacher, final)[:, first:],
+                               rtol=1e-5, atol=1e-5)
     last_j = stats["per_round"][-1][:, 0]
     assert (last_j >= 0).any() and not (last_j >= 0).all(), stats["per_round"]
     rescored = sum(length - int(j) for j in last_j if j >= 0)  # each corrected row from its own j

@@ -3,7 +3,8 @@
 
 In one run, on the same ground-truth batch and models:
   baseline  teacher forward (no grad) + student forward/backward with plain vocab-parallel cross entropy
-            (Megatron's schedule) + gradient sync, clipping and AdamW: what any distillation trainer pays;
+            (Megatron's schedule) + gradient sync, clipping and AdamW: what any distillation trainer pays
+            (both models' output layers over the loss's columns only, as the MGSR step's: models.pipeline.logits_from);
   mgsr      Trainer.train_step(): the same, with SFT + DAC-KL (ClipNet) + span loss in place of the plain
             cross entropy, plus the step's bookkeeping and metrics — the full MGSR step on a
             ground-truth batch. The difference is the distillation machinery.
@@ -197,7 +198,9 @@ def baseline_step(trainer) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mgsr_megatron import platform
+    from mgsr_megatron.models.pipeline import logits_from
     from mgsr_megatron.training import optimizer as optim
+    from mgsr_megatron.training.trainer import first_loss_columns
 
     trainer.phase_seconds = {}
     clock = time.perf_counter()
@@ -212,13 +215,16 @@ def baseline_step(trainer) -> dict:
 
     def forward_step(_iterator, model):
         mb = next(items)
-        logits = model(mb["tokens"], mb["position_ids"], None)
+        first = first_loss_columns([mb])[0]  # as the MGSR step: logits of the loss's columns only
+        with logits_from(model, first):
+            logits = model(mb["tokens"], mb["position_ids"], None)
+        labels, loss_mask = mb["labels"][:, first:], mb["loss_mask"][:, first:]
 
         def loss_func(output):
             with trainer.phase("loss_forward"):
                 losses = tensor_parallel.vocab_parallel_cross_entropy(output.transpose(0, 1).float().contiguous(),
-                                                                      mb["labels"].transpose(0, 1).contiguous())
-                loss = (losses.transpose(0, 1) * mb["loss_mask"]).sum() / mb["loss_mask"].sum()
+                                                                      labels.transpose(0, 1).contiguous())
+                loss = (losses.transpose(0, 1) * loss_mask).sum() / loss_mask.sum()
             trainer.time_loss_backward(output, loss)
             return loss, {"loss": loss.detach()}
 

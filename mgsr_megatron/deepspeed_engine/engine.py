@@ -159,9 +159,15 @@ class DeepSpeedTrainer:
         batch.micro_batches = self._to_device(batch.micro_batches)
         return batch
 
-    def logits(self, model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s, V] logits over the tokenizer's vocabulary (wider embeddings are cut)."""
-        out = model(input_ids=tokens, position_ids=position_ids, use_cache=False).logits
+    def logits(self, model, tokens: torch.Tensor, position_ids: torch.Tensor, first_column: int = 0) -> torch.Tensor:
+        """[b, s - first_column, V] logits of columns [first_column, s) over the tokenizer's vocabulary (wider
+        embeddings are cut). Hugging Face causal LMs skip the other columns before their output layer
+        (`logits_to_keep`, the last s - first_column columns); a model without it computes them and drops them."""
+        keep = tokens.shape[1] - first_column
+        if first_column and _accepts_logits_to_keep(model):
+            out = model(input_ids=tokens, position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits
+        else:
+            out = model(input_ids=tokens, position_ids=position_ids, use_cache=False).logits[:, first_column:]
         return out[..., :self.vocab] if out.shape[-1] > self.vocab else out
 
     def set_learning_rate(self, lr: float) -> None:
@@ -175,16 +181,18 @@ class DeepSpeedTrainer:
         """(loss, reported metrics [len(METRIC_KEYS) + 1]) of one micro-batch; the student's graph is kept."""
         from mgsr_megatron.losses import LossTargets, mgsr_objective
 
+        targets = LossTargets.from_batch(mb)
+        first = targets.first_column()  # both models' logits and the targets start at the loss's first column
         teacher_logits = entropy = None
         if self.cache is not None and "row_ids" in mb:  # ground truth: the cached distribution, no teacher forward
-            teacher_logits, entropy = self.cache.dense_teacher_logits(mb["row_ids"], mb["loss_mask"], self.vocab, 0,
-                                                                      self.cfg.mgsr.temperature)
+            teacher_logits, entropy = self.cache.dense_teacher_logits(mb["row_ids"], mb["loss_mask"][:, first:],
+                                                                      self.vocab, 0, self.cfg.mgsr.temperature)
         elif self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.logits(self.teacher, mb["tokens"], mb["position_ids"])
-        student_logits = self.logits(self.engine, mb["tokens"], mb["position_ids"])
+                teacher_logits = self.logits(self.teacher, mb["tokens"], mb["position_ids"], first)
+        student_logits = self.logits(self.engine, mb["tokens"], mb["position_ids"], first)
         teacher = teacher_logits if teacher_logits is not None else student_logits.detach()
-        loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb), clipnet=self.clipnet,
+        loss, metrics = mgsr_objective(student_logits, teacher, targets.from_column(first), clipnet=self.clipnet,
                                        settings=self.objective, tp_group=None, teacher_entropy=entropy)
         reported = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu()
                                 for k in METRIC_KEYS] + [torch.tensor(float(metrics["nonfinite"]))])
@@ -292,3 +300,12 @@ class DeepSpeedTrainer:
         if self.schedule is not None:
             metrics["replay_threshold"] = self.schedule.report_validation_loss(metrics["loss"])
         return metrics
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """The Hugging Face model inside a DeepSpeed engine (or bare) takes `logits_to_keep` (transformers' causal
+    LMs of the supported families do; remote or older code may not)."""
+    import inspect
+
+    module = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(module.forward).parameters

@@ -45,6 +45,7 @@ from mgsr_megatron import platform
 from mgsr_megatron.errors import UserError
 from mgsr_megatron.generation.kv_decode import LeanStage, unsupported_reason
 from mgsr_megatron.generation.sampling import SamplingOptions, sample
+from mgsr_megatron.models.pipeline import unwrap
 
 
 @dataclass
@@ -125,18 +126,11 @@ def finish_passes(model) -> None:
         model.join_peer_passes()
 
 
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers (they keep it in `.module`)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def context_limit(model) -> int:
     """Positions the model can attend over (max_position_embeddings)."""
     if isinstance(model, GenerationModel):
         return model.context_limit()
-    return int(_unwrap(model).max_sequence_length)
+    return int(unwrap(model).max_sequence_length)
 
 
 def normalise_prompts(prompts) -> list[list[int]]:
@@ -192,7 +186,7 @@ class MegatronStage:
     def __init__(self, model, batch_size: int, max_length: int):
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.model, self.gpt = model, _unwrap(model)
+        self.model, self.gpt = model, unwrap(model)
         self.context = StaticInferenceContext(batch_size, max_length)
 
     def hidden_shape(self, batch: int, columns: int) -> tuple[int, int, int]:
@@ -203,7 +197,7 @@ class MegatronStage:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int, *,
-                 all_columns: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 all_columns: bool = False, rows: torch.Tensor | None = None, first_column: int = 0) -> torch.Tensor:
         if rows is not None:
             raise ValueError("MegatronStage computes whole batches (reorder_rows is False): rows must be None")
         b, s = tokens.shape
@@ -227,7 +221,7 @@ class MegatronStage:
 
             shard = output.shape[-1] // parallel_state.get_tensor_model_parallel_world_size()
             rank = parallel_state.get_tensor_model_parallel_rank()
-            return output[..., rank * shard:(rank + 1) * shard]
+            return output[:, max(first_column - offset, 0):, rank * shard:(rank + 1) * shard]
         return output[:, -1, :]  # only the last column's logits
 
 
@@ -244,7 +238,7 @@ class PipelineStepper:
     def __init__(self, model, batch_size: int, max_length: int):
         from megatron.core import parallel_state
 
-        gpt = _unwrap(model)
+        gpt = unwrap(model)
         self.path = "megatron" if unsupported_reason(gpt) is not None else "lean"
         self.stage = (MegatronStage(model, batch_size, max_length) if self.path == "megatron"
                       else LeanStage(gpt, batch_size, max_length))
@@ -270,8 +264,8 @@ class PipelineStepper:
         return torch.zeros(self.batch_size, length, shard, dtype=self.dtype, device=self.device)
 
     def forward(self, tokens: torch.Tensor, offset: int, **stage_options) -> torch.Tensor | None:
-        """`stage_options`: all_columns, rows, starts (the stages' keywords; rows and starts, a ragged pass, only
-        on the lean path: kv_decode.LeanStage)."""
+        """`stage_options`: all_columns, first_column, rows, starts (the stages' keywords; rows and starts, a ragged
+        pass, only on the lean path: kv_decode.LeanStage)."""
         received = None
         if not self.first:
             received = torch.empty(self.stage.hidden_shape(*tokens.shape), dtype=self.dtype, device=tokens.device)

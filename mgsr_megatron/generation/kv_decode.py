@@ -148,9 +148,11 @@ class LeanStage:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, received: torch.Tensor | None, offset: int, *,
                  all_columns: bool = False, rows: torch.Tensor | None = None,
-                 starts: torch.Tensor | None = None) -> torch.Tensor:
+                 starts: torch.Tensor | None = None, first_column: int = 0) -> torch.Tensor:
         """`all_columns`: the last stage returns this TP rank's logit shard of every column [b, s, V_padded/TP]
-        (no gather) instead of the gathered last column. `rows` [b]: the cache rows the b token rows
+        (no gather) instead of the gathered last column; with `first_column` (an absolute position, not in a
+        ragged pass) only of the columns from there on: the output layer skips the others (the prompt's, whose
+        logits nobody reads). `rows` [b]: the cache rows the b token rows
         use (default the first b). `starts` [b] (with all_columns): row r computes only its columns from
         starts[r] on (a ragged pass: `ragged_columns`); the cache keeps its entries below, the hidden states
         sent to the next stage are zero there, and the last stage returns the logits of the computed
@@ -179,6 +181,8 @@ class LeanStage:
             x = self._layer(index, layer, x, pass_)
         if not self.last:
             return x if ragged is None else x.new_zeros(b, s, x.shape[-1]).index_put_((ragged[0],), x)
+        if all_columns and ragged is None:
+            x = x[:, max(first_column - offset, 0):]
         hidden = self.gpt.decoder.final_layernorm(x if all_columns else x[:, -1])
         tied = self.gpt.share_embeddings_and_output_weights
         weight = self.gpt.shared_embedding_or_output_weight() if tied else self.gpt.output_layer.weight

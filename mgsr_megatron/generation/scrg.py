@@ -158,15 +158,22 @@ def detect(teacher, student, out: GenerationOutput, settings: ScrgSettings, *, v
     """One detection pass. Returns [b, 3] float64 (j, t_j, d_j) per row, j = -1 when the row has
     no mismatch (or d_j < settings.delta); identical on every rank of the model replica. `seed` and
     `row_ids` (SamplingOptions'): the noise of sampled teacher tokens."""
-    return decide(teacher, student, out, TeacherScores(teacher)(out.tokens), settings, vocab_size=vocab_size,
-                  seed=seed, row_ids=row_ids)
+    scores = TeacherScores(teacher, first_column=first_candidate(out) - 1)
+    return decide(teacher, student, out, scores(out.tokens), settings, vocab_size=vocab_size, seed=seed,
+                  row_ids=row_ids)
+
+
+def first_candidate(out: GenerationOutput) -> int:
+    """The first position a correction can fall on: the shortest prompt's length. The teacher's logits are
+    read from the column before it (they predict the next token) on, by the decision and by the loss."""
+    return int(out.prompt_lengths.min())
 
 
 def decide(teacher, student, out: GenerationOutput, teacher_logits: torch.Tensor | None, settings: ScrgSettings,
            *, vocab_size: int, seed: int, row_ids: tuple[int, ...] | None = None) -> torch.Tensor:
-    """`detect` on the teacher's logits of a view of `out` ([b, >= total, V/TP] on the last stage, None on
-    the others): the decision does not depend on the view's padding (causal: positions beyond a row's end
-    are never candidates)."""
+    """`detect` on the teacher's logits of a view of `out` from column `first_candidate(out) - 1` on
+    ([b, >= total - first_candidate(out) + 1, V/TP] on the last stage, None on the others): the decision does
+    not depend on the view's padding (causal: positions beyond a row's end are never candidates)."""
     temperature = settings.temperature
     tokens, prompt_lengths, lengths = out.tokens, out.prompt_lengths, out.response_lengths
     b, total = tokens.shape
@@ -174,12 +181,11 @@ def decide(teacher, student, out: GenerationOutput, teacher_logits: torch.Tensor
     student_logits = out.logits if out.logits_recorded else _score(student, tokens)
     decision = None
     if teacher_logits is not None:
-        teacher_logits = teacher_logits[:, :total]
         tp_group, tp_rank, _ = _tp(teacher)
         start = tp_rank * teacher_logits.shape[-1]
         # logits at position i - 1 predict the token at position i; candidates start at the shortest prompt
-        first = int(prompt_lengths.min())
-        t_logits, s_logits = teacher_logits[:, first - 1:-1], student_logits[:, first - 1:-1]
+        first = first_candidate(out)
+        t_logits, s_logits = teacher_logits[:, :total - first], student_logits[:, first - 1:total - 1]
         positions = torch.arange(first, total, device=tokens.device).unsqueeze(0).expand(b, total - first)
         t_scores, s_scores = (mask_padded_logits(x, vocab_size, vocab_start=start) for x in (t_logits, s_logits))
         if settings.teacher_token == "greedy":
@@ -222,10 +228,11 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
     detection runs it over every position, each later one only over the suffixes the regeneration changed.
     `keep_teacher_view=(length, pad_id)` is the view as the trainer collates the rows; the teacher's
     logits are then brought up to date with the FINAL sequences (one more suffix pass) and returned for the
-    loss: `teacher_logits` (this TP rank's shard [b, length', V_padded/TP] on the last pipeline stage, None
-    elsewhere; length' > length only where a row is longer than the collation keeps), `teacher_scored`
+    loss: `teacher_logits` (this TP rank's shard [b, length' - c0, V_padded/TP] of columns c0.. on the last
+    pipeline stage, None elsewhere; length' > length only where a row is longer than the collation keeps),
+    `teacher_first_column` (c0 = first_candidate - 1: no loss reads a column before it), `teacher_scored`
     ([b, length'], the tokens scored) and `teacher_recomputed` (the share of those positions the last pass
-    computed again); None, None, 1.0 when settings.rounds == 0. The decisions do not depend on the view.
+    computed again); None, 0, None, 1.0 when settings.rounds == 0. The decisions do not depend on the view.
     """
     prompts = check_request(student, prompts, options, vocab_size=vocab_size)
     seed = options.seed
@@ -239,7 +246,8 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
              "continuation_changed": torch.zeros(b, dtype=torch.bool, device=device), "per_round": []}
     # one width for every round (rows end anywhere below it), so that later rounds rescore suffixes only
     view = keep_teacher_view or (int(out.prompt_lengths.max()) + options.max_new_tokens, options.pad or 0)
-    scores = TeacherScores(teacher) if settings.rounds > 0 else None
+    first_column = first_candidate(out) - 1  # the same in every round: regeneration keeps the prompts
+    scores = TeacherScores(teacher, first_column) if settings.rounds > 0 else None
     for round_index in range(1, settings.rounds + 1):
         teacher_logits = scores(teacher_view(out, view))
         decision = decide(teacher, student, out, teacher_logits, settings, vocab_size=vocab_size,
@@ -261,10 +269,11 @@ def scrg(student, teacher, prompts: list[list[int]], options: SamplingOptions, *
                          record_logits=round_index < settings.rounds)  # the next round's detection
         stats["continuation_changed"] |= _suffix_changed(before, out, j)
     if keep_teacher_view is not None:
-        stats.update(teacher_logits=None, teacher_scored=None, teacher_recomputed=1.0)
+        stats.update(teacher_logits=None, teacher_scored=None, teacher_recomputed=1.0, teacher_first_column=0)
         if scores is not None:
             scored = teacher_view(out, view)
-            stats.update(teacher_logits=scores(scored), teacher_scored=scored, teacher_recomputed=scores.recomputed)
+            stats.update(teacher_logits=scores(scored), teacher_scored=scored, teacher_recomputed=scores.recomputed,
+                         teacher_first_column=first_column)
     return out, stats
 
 

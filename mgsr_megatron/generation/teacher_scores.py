@@ -1,7 +1,7 @@
 """The teacher's logits over SCRG's sequences, kept current as SCRG rewrites them (issue 18, item 3).
 
-    scores = TeacherScores(teacher)
-    logits = scores(tokens)        # [b, L]: every position (one pass, the teacher's KV cache is kept)
+    scores = TeacherScores(teacher, first_column=c0)
+    logits = scores(tokens)        # [b, L - c0]: columns c0.. (one pass over all L; the KV cache is kept)
     ...                            # SCRG puts t_j at j and the student regenerates after it
     logits = scores(new_tokens)    # only the changed rows, from their first changed position on
 
@@ -27,6 +27,10 @@ of every column, as the loss takes it.
 A `GenerationModel` teacher (Hugging Face, the DeepSpeed engine) is scored whole on every call:
 under ZeRO-3 all ranks must run the same passes, whatever changed on each.
 `recomputed` is the share of the [b, L] positions the last call computed.
+
+`first_column` c0: the logits of columns below it are never read (SCRG's candidates and the loss start at
+the shortest prompt's last position), so the output layer skips them -- in a small model the largest
+product of the pass -- and the kept tensor holds columns [c0, L) only.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from mgsr_megatron.generation.kv_decode import ragged_columns
 
 
 class TeacherScores:
-    def __init__(self, teacher):
+    def __init__(self, teacher, first_column: int = 0):
         self.teacher = teacher
+        self.first_column = first_column
         self.tokens: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None  # the last pipeline stage's; None elsewhere
         self.stepper: PipelineStepper | None = None
@@ -47,10 +52,11 @@ class TeacherScores:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """This TP rank's logit shard [b, L, V_padded/TP] of `tokens` (last pipeline stage; None on the
-        others). Identical `tokens` on every rank of the teacher's replica (they choose the passes)."""
+        """This TP rank's logit shard [b, L - first_column, V_padded/TP] of `tokens`, columns first_column..
+        (last pipeline stage; None on the others). Identical `tokens` on every rank of the teacher's replica
+        (they choose the passes)."""
         if isinstance(self.teacher, GenerationModel):
-            self.logits, self.recomputed = self.teacher.score(tokens), 1.0
+            self.logits, self.recomputed = self.teacher.score(tokens)[:, self.first_column:], 1.0
             self.tokens = tokens.clone()
             return self.logits
         was_training = self.teacher.training
@@ -68,7 +74,7 @@ class TeacherScores:
     def _score_all(self, tokens: torch.Tensor) -> None:
         b, length = tokens.shape
         self.stepper = PipelineStepper(self.teacher, b, length)
-        self.logits = self.stepper.forward(tokens, 0, all_columns=True)
+        self.logits = self.stepper.forward(tokens, 0, all_columns=True, first_column=self.first_column)
         self.recomputed = 1.0
 
     def _rescore_changed(self, tokens: torch.Tensor) -> None:
@@ -86,10 +92,13 @@ class TeacherScores:
             computed = ragged_columns(firsts, start, length - start)
             if logits is not None:
                 row_index, column = computed.nonzero(as_tuple=True)
-                self.logits[changed[row_index], column + start] = logits
+                kept = column + (start - self.first_column)  # the kept tensor's column of each computed position
+                if start < self.first_column:
+                    row_index, kept, logits = row_index[kept >= 0], kept[kept >= 0], logits[kept >= 0]
+                self.logits[changed[row_index], kept] = logits
             self.recomputed = int(computed.sum()) / tokens.numel()
         else:  # Megatron's static cache computes whole batches
-            logits = self.stepper.forward(tokens[:, start:], start, all_columns=True)
+            logits = self.stepper.forward(tokens[:, start:], start, all_columns=True, first_column=self.first_column)
             if logits is not None:
-                self.logits[:, start:] = logits
+                self.logits[:, max(start - self.first_column, 0):] = logits
             self.recomputed = b * (length - start) / tokens.numel()

@@ -91,6 +91,18 @@ class LossTargets(NamedTuple):
         """The fields of a collated micro-batch (training/data.py) of the same names."""
         return cls(*(batch[name] for name in cls._fields))
 
+    def first_column(self) -> int:
+        """The first position any term reads in any row (an SFT or DAC-KL weight, or a span pair (i, i+1)):
+        the logits of the columns before it are never read, so a forward may skip them
+        (models.pipeline.logits_from) and score the targets `from_column(first)`. 0 when nothing is read."""
+        read = (self.sft_mask != 0) | (self.kd_mask != 0) | self.span_pair_mask.bool()
+        columns = read.reshape(-1, read.shape[-1]).any(0).nonzero()
+        return int(columns[0]) if columns.numel() else 0
+
+    def from_column(self, first: int) -> LossTargets:
+        """The targets of columns [first, s): those of logits computed from `first` on."""
+        return LossTargets(*(field[..., first:] for field in self))
+
 
 def check_settings(settings: ObjectiveSettings, shard, clipnet) -> None:
     """One-line errors for settings the losses cannot honour (names are the config keys)."""

@@ -306,11 +306,14 @@ def write_cache(cfg, output: str | Path, top_k: int | None = None, rows_per_shar
         for at in range(0, len(labelled), mbs):
             rows = labelled[at:at + mbs]
             batch = collate([dataset[i] for i in rows], tokenizer.pad_id, seq_length)
-            outputs = forward_logits(teacher, [batch["tokens"].to(device)])
+            mask = batch["loss_mask"] > 0
+            columns = mask.any(0).nonzero()
+            first = int(columns[0]) if columns.numel() else 0  # the prompt columns before it are never cached
+            outputs = forward_logits(teacher, [batch["tokens"].to(device)], [first])
             if outputs is None:  # not the last pipeline stage
                 continue
             logits = mask_padded_logits(outputs[0], vocab, tp_rank)
-            mask = batch["loss_mask"].to(device) > 0
+            mask = mask[:, first:].to(device)
             with torch.no_grad():
                 log_p, ids, rest, entropy = topk_rows(logits[mask], k, temperature,
                                                       shard_of(logits.shape[-1], tp_group))

@@ -32,7 +32,7 @@ from mgsr_megatron.errors import UserError
 from mgsr_megatron.losses.objective import LossTargets, ObjectiveSettings
 from mgsr_megatron.models import build_model, build_teacher, mask_padded_logits
 from mgsr_megatron.models.builder import check_same_vocab
-from mgsr_megatron.models.pipeline import forward_logits
+from mgsr_megatron.models.pipeline import forward_logits, logits_from
 from mgsr_megatron.training import optimizer as optim
 
 # The exit code of a run stopped by SIGTERM/SIGUSR1 after its checkpoint was written (SLURM requeue).
@@ -78,12 +78,19 @@ def generated_length(prompt_batches: list[list[list[int]]], max_new_tokens: int,
     return min(seq_length, -(-longest // GENERATED_LENGTH_MULTIPLE) * GENERATED_LENGTH_MULTIPLE)
 
 
+def first_loss_columns(micro_batches: list[dict]) -> list[int]:
+    """Per micro-batch, the first column the objective reads (LossTargets.first_column): the student's and
+    the teacher's logits are computed from there on (the prompt columns before it, never)."""
+    return [LossTargets.from_batch(mb).first_column() for mb in micro_batches]
+
+
 def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = False):
     """The generated micro-batches of one step on this DP rank, for either engine's trainer: SCRG by the
     student, or the teacher's responses (SeqKD, `trainer.schedule.use_scrg` False), collated to
     `generated_length`. Returns (StepBatch with source "generate" and the generation statistics, kept):
     with `keep_teacher_logits`, `kept` holds per micro-batch SCRG's (teacher_logits, teacher_scored,
-    teacher_recomputed) of the final rows scored as they are collated (scrg's keep_teacher_view), else nothing.
+    teacher_recomputed, teacher_first_column) of the final rows scored as they are collated (scrg's
+    keep_teacher_view), else nothing.
 
     `trainer` supplies cfg, data (training/data.py), schedule (data/schedule.py, which gets the samples
     pushed), scrg_settings, num_micro, dp_size, dp_rank, step and phase(name); `student` and `teacher`
@@ -117,11 +124,11 @@ def generate_step_batch(trainer, student, teacher, keep_teacher_logits: bool = F
                                   vocab_size=vocab_size, keep_teacher_view=teacher_input)
             if teacher_input is not None:
                 logits, scored = stats.pop("teacher_logits"), stats["teacher_scored"]
-                start, share = 0, stats["teacher_recomputed"]
+                start, share, first_column = 0, stats["teacher_recomputed"], stats["teacher_first_column"]
                 for k in group:  # views of the group's tensors, one per micro-batch
                     end = start + len(prompt_batches[k])
                     kept.append((None if logits is None else logits[start:end],
-                                 None if scored is None else scored[start:end], share))
+                                 None if scored is None else scored[start:end], share, first_column))
                     start = end
             corrected.append(stats["corrected"])
             changed.append(stats["continuation_changed"][stats["corrected"]])
@@ -338,13 +345,17 @@ class Trainer:
     def _attach_scrg_teacher_logits(self, batch: StepBatch, kept: list) -> None:
         """Keep SCRG's teacher logits of a micro-batch when its collated tokens are the ones the teacher
         scored (always, as the collation is known before generation; checked, as a wrong logit would train
-        silently). `teacher_recomputed`: the share of the loss pass's teacher positions computed after SCRG's
-        last detection (1 for a micro-batch that runs the teacher again)."""
+        silently). They are kept from the loss's first column on, as `teacher_forward` returns them (SCRG's
+        start at the shortest prompt's last position, no later). `teacher_recomputed`: the share of the loss
+        pass's teacher positions computed after SCRG's last detection (1 for a micro-batch that runs the
+        teacher again)."""
         batch.teacher_logits, batch.teacher_reused, recomputed = [], [], []
-        for mb, (logits, scored, share) in zip(batch.micro_batches, kept, strict=True):
+        firsts = first_loss_columns(batch.micro_batches)
+        for mb, first, (logits, scored, share, scored_from) in zip(batch.micro_batches, firsts, kept, strict=True):
             tokens = mb["tokens"]
-            usable = scored is not None and scored.shape == tokens.shape and torch.equal(scored.cpu(), tokens)
-            batch.teacher_logits.append(logits if usable else None)
+            usable = (scored is not None and scored.shape == tokens.shape and first >= scored_from
+                      and torch.equal(scored.cpu(), tokens))
+            batch.teacher_logits.append(logits[:, first - scored_from:] if usable and logits is not None else None)
             batch.teacher_reused.append(usable)
             recomputed.append(share if usable else 1.0)
         batch.stats["teacher_recomputed"] = sum(recomputed) / len(recomputed)
@@ -395,7 +406,9 @@ class Trainer:
         missing = [k for k, reused in enumerate(batch.teacher_reused) if not reused]
         # the step takes them over: the batch must not keep [tokens, V] tensors alive past the loss
         logits, batch.teacher_logits = (batch.teacher_logits if self.last_stage else None), None
-        outputs = forward_logits(self.teacher, [batch.micro_batches[k]["tokens"] for k in missing]) if missing else None
+        firsts = first_loss_columns(batch.micro_batches)
+        outputs = forward_logits(self.teacher, [batch.micro_batches[k]["tokens"] for k in missing],
+                                 [firsts[k] for k in missing]) if missing else None
         if outputs is not None:  # the last pipeline stage
             for k, out in zip(missing, outputs, strict=True):
                 logits[k] = out
@@ -403,8 +416,10 @@ class Trainer:
 
     def teacher_forward(self, micro_batches: list[dict]):
         """The frozen teacher's vocab-parallel logits of the micro-batches (a list, on the last pipeline
-        stage; None on other stages and without a teacher). With teacher.cache, ground-truth micro-batches
-        (they carry `row_ids`) take the cached top-K distribution instead: no teacher forward."""
+        stage; None on other stages and without a teacher), of the columns the loss reads: micro-batch k's
+        cover [first_loss_columns[k], s). With teacher.cache, ground-truth micro-batches (they carry
+        `row_ids`) take the cached top-K distribution instead: no teacher forward."""
+        firsts = first_loss_columns(micro_batches)
         if self.cache is not None and all("row_ids" in mb for mb in micro_batches):
             if not self.last_stage:
                 return None
@@ -414,14 +429,14 @@ class Trainer:
             model = self.cfg.teacher
             local_vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
             logits = []
-            for mb in micro_batches:  # the stored true H(P) rides with its micro-batch to the objective
+            for mb, first in zip(micro_batches, firsts, strict=True):  # the true H(P) rides with its micro-batch
                 dense, mb["teacher_entropy"] = self.cache.dense_teacher_logits(
-                    mb["row_ids"], mb["loss_mask"], local_vocab, self.tp_rank, self.cfg.mgsr.temperature)
+                    mb["row_ids"], mb["loss_mask"][:, first:], local_vocab, self.tp_rank, self.cfg.mgsr.temperature)
                 logits.append(dense)
             return logits
         if self.teacher is None:
             return None
-        return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches])
+        return forward_logits(self.teacher, [mb["tokens"] for mb in micro_batches], firsts)
 
     def _forward_backward(self, micro_batches: list[dict], teacher_logits, forward_only: bool = False) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -432,7 +447,10 @@ class Trainer:
 
         def forward_step(_iterator, model):
             index, mb = next(batches)
-            output = model(mb["tokens"], mb["position_ids"], None)
+            targets = LossTargets.from_batch(mb)
+            first = targets.first_column()  # the logits, the teacher's and the targets start there
+            with logits_from(model, first):
+                output = model(mb["tokens"], mb["position_ids"], None)
 
             def loss_func(output_logits):
                 with self.phase("loss_forward"):
@@ -447,7 +465,7 @@ class Trainer:
                 else:  # SFT-only run: the KD terms are off, the objective still needs a tensor
                     teacher = student_logits.detach()
                 cached_entropy = mb.get("teacher_entropy")  # teacher.cache: the true H(P) at the temperature
-                loss, metrics = mgsr_objective(student_logits, teacher, LossTargets.from_batch(mb),
+                loss, metrics = mgsr_objective(student_logits, teacher, targets.from_column(first),
                                                clipnet=self.clipnet, settings=self.objective_settings,
                                                tp_group=self.tp_group, teacher_entropy=cached_entropy,
                                                grad_seq_first=True)  # GPTModel's logits: [s, b] transposed

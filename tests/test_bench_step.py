@@ -38,3 +38,18 @@ def test_bench_step_runs_and_reports_a_ratio(tmp_path):
     for phase in ("generation", "teacher_scoring", "cpu_user", "cpu_system"):
         assert re.search(rf"^{phase} +[0-9.]+ +[0-9.]+$", result.stdout, re.M), (phase, result.stdout)
     assert re.search(r"the teacher.s work per step .* [0-9.]+x less", result.stdout), result.stdout
+
+
+def test_timed_rotation_alternates_the_order_of_the_variants():
+    """Every other round runs the variants in reverse: neither is always the one run right after the other
+    (a step's cost can depend on what ran before it: the heap, the caches)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "tools" / "bench_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    results, seconds = bench.timed_rotation([lambda: calls.append("a") or {}, lambda: calls.append("b") or {}],
+                                            steps=4, warmup=1)
+    assert "".join(calls) == "ab" + "ab" + "ba" + "ab" + "ba"
+    assert [len(r) for r in results] == [4, 4] and [len(s) for s in seconds] == [4, 4]

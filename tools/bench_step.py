@@ -33,10 +33,11 @@ the reference measured in that run):
             about c of the rows are, as the (1 - c) quantile of the rows' largest candidate divergence d_j in
             one SCRG call; --scrg-delta sets it. The student trains at learning rate 0 here (the same work
             per step): a student that learns from its teacher during the run would leave ever fewer rows
-            corrected and drift the comparison towards the reuse's best case. Beside the ratio: the share of
-            the step the loss pass's teacher forward takes (what the reuse removes, less the suffix passes),
-            and the teacher's work per step on both sides (SCRG's scoring, timed around TeacherScores, plus
-            the loss pass).
+            corrected and drift the comparison towards the reuse's best case; and both variants run the same
+            step numbers, hence the same seeds: the same samples, corrections and regeneration lengths.
+            Beside the ratio: the share of the step the loss pass's teacher forward takes (what the reuse
+            removes, less the suffix passes), and the teacher's work per step on both sides (SCRG's scoring,
+            timed around TeacherScores, plus the loss pass).
             `--no-scrg` skips this comparison, `--scrg-only` runs only it.
 
     python tools/bench_step.py                      # CPU defaults (single process, ~5-6 minutes)
@@ -373,7 +374,8 @@ def step_flops(trainer, args) -> float:
 
 def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[list], list[list[float]]]:
     """Run `variants` (callables) in rotation, one step each (after `warmup` untimed rounds), so that a drift
-    of the machine's speed during the run does not land on one side. Returns, per variant, what each call
+    of the machine's speed during the run does not land on one side; every other round runs them in reverse
+    order, so that neither is always first after the other. Returns, per variant, what each call
     returned (its phases, with the process's CPU seconds of the step in user and kernel mode added as
     `cpu_user` / `cpu_system`: on a VM that hands freed memory back to its host, page faults show up as
     kernel time) and the seconds of each timed step."""
@@ -385,8 +387,9 @@ def timed_rotation(variants: list, steps: int, warmup: int) -> tuple[list[list],
         for fn in variants:
             fn()
     times, results = [[] for _ in variants], [[] for _ in variants]
-    for _ in range(steps):
-        for fn, bucket, returned in zip(variants, times, results):
+    for round_index in range(steps):
+        order = list(zip(variants, times, results))
+        for fn, bucket, returned in order if round_index % 2 == 0 else order[::-1]:
             platform.synchronize()
             start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             phases = fn()
@@ -492,8 +495,21 @@ def scrg_comparison(args, trainer, rank0: bool) -> None:
         delta = calibrated_delta(trainer, args.scrg_corrected)
     trainer.cfg.mgsr.scrg_delta = delta
     trainer.scrg_settings = dataclasses.replace(trainer.scrg_settings, delta=delta)
-    (phases_without, phases_with), seconds = timed_rotation(
-        [lambda: scrg_step(trainer, False), lambda: scrg_step(trainer, True)], args.steps, args.warmup)
+    first_step = trainer.step
+
+    def at_same_steps(reuse: bool):
+        """The variant's k-th call runs step first_step + k: the step sets the sampling seed, so both variants
+        sample, correct and regenerate the same rows each round (the regeneration's length follows each row's
+        j, 0.6-1.3 s per step here: with the steps of their own, the two sides did different work)."""
+        calls = iter(range(first_step, first_step + args.warmup + args.steps))
+
+        def run():
+            trainer.step = next(calls)
+            return scrg_step(trainer, reuse)
+        return run
+
+    (phases_without, phases_with), seconds = timed_rotation([at_same_steps(False), at_same_steps(True)],
+                                                            args.steps, args.warmup)
     without, with_reuse = (statistics.median(steps) for steps in seconds)
     recomputed = statistics.mean(s["teacher_recomputed"] for s in phases_with)
     corrected = statistics.mean(s["scrg_corrected"] for s in phases_with + phases_without)

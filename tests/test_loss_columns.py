@@ -90,6 +90,14 @@ def test_logits_from_equal_the_full_forward_sliced(root):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the hook is gone after the block
     assert model(tokens, positions, None).shape[1] == tokens.shape[1]
+    # with sequence parallelism (hidden states sharded over the sequence) the logits are sliced after the
+    # output layer instead: the same values (the branch's mechanics; this TP=1 layer does not shard)
+    model.config.sequence_parallel = True
+    try:
+        with logits_from(model, 7):
+            torch.testing.assert_close(model(tokens, positions, None).detach(), full[:, 7:], rtol=1e-5, atol=1e-6)
+    finally:
+        model.config.sequence_parallel = False
 
 
 def _run(root, source: str, restricted: bool, monkeypatch) -> tuple[list[dict], list[torch.Tensor], list[int]]:

@@ -38,3 +38,18 @@ class DistResults:
 @pytest.fixture(scope="session")
 def dist_results(tmp_path_factory):
     return DistResults(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """training/smoke.py's tiny setup (corpus, tokenizer, indexed rows, a non-random teacher) in a fresh
+    folder per test module; the module's single-process world is destroyed after it. No launcher variables
+    are set: they would leak into the modules that run after it (a SLURM launch took the port)."""
+    from mgsr_megatron import parallel
+    from mgsr_megatron.training.smoke import build_files, ensure_teacher
+
+    path = tmp_path_factory.mktemp("smoke")
+    build_files(path)
+    ensure_teacher(path)
+    yield path
+    parallel.destroy()

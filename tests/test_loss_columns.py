@@ -39,15 +39,8 @@ def test_first_column_is_the_first_read_position_of_any_row():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from mgsr_megatron import parallel
-    from mgsr_megatron.training.smoke import build_files, ensure_teacher
-
-    path = tmp_path_factory.mktemp("loss_columns")
-    build_files(path)
-    ensure_teacher(path)
-    yield path
-    parallel.destroy()
+def root(smoke_root):
+    return smoke_root  # conftest.py: the tiny smoke setup, one per module
 
 
 def _trainer(root, source: str):

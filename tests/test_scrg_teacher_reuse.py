@@ -17,17 +17,8 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from mgsr_megatron import parallel
-    from mgsr_megatron.training.smoke import build_files, ensure_teacher
-
-    # a single-process world on a free port (parallel.discover_env); no launcher variables are set here,
-    # because they would leak into the tests that run after this module (a SLURM launch took the port)
-    path = tmp_path_factory.mktemp("scrg_reuse")
-    build_files(path)
-    ensure_teacher(path)
-    yield path
-    parallel.destroy()
+def root(smoke_root):
+    return smoke_root  # conftest.py: the tiny smoke setup, one per module
 
 
 def _trainer(root, reuse: bool, delta: float):
